@@ -1,0 +1,5 @@
+"""``python -m nst_lightning`` runs the CLI."""
+
+from .cli import run
+
+run()

@@ -1,0 +1,185 @@
+"""The Python API: ``fit(config)`` loads the images, builds the module and the Trainer, and runs.
+
+The one place where config, images, features, module and Trainer are assembled; the CLI calls it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from .callbacks import FinalImage, ImageSnapshots, LossHistory, StepCheckpoint, StepProgressBar, write_text_atomic
+from .config import RunConfig, dump_config
+from .errors import CheckpointError, ConfigError
+from .images import load_image
+from .module import StyleTransferModule
+
+RUN_FILES = ("config.yaml", "final.png", "losses.csv")
+RUN_DIRS = ("checkpoints", "snapshots")
+
+
+@dataclass(frozen=True)
+class RunOutputs:
+    """Where a run's files are."""
+
+    root: Path
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final.png"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.ckpt"
+
+    @property
+    def snapshots(self) -> Path:
+        return self.root / "snapshots"
+
+    @property
+    def losses(self) -> Path:
+        return self.root / "losses.csv"
+
+
+def load_images(config: RunConfig) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The content image at the configured size and each style image scaled by ``style_scale``."""
+    content = load_image(config.content, config.image.size, config.image.fit)
+    style_side = max(8, round(max(content.shape[-2:]) * config.image.style_scale))
+    styles = [load_image(path, style_side, "long") for path in config.styles]
+    return content, styles
+
+
+def build_module(config: RunConfig, content: torch.Tensor, styles: list[torch.Tensor]) -> StyleTransferModule:
+    """The LightningModule for ``config`` and already loaded images."""
+    init: str | torch.Tensor = config.init
+    if config.init not in ("content", "noise", "style"):
+        init = load_image(config.init)
+    return StyleTransferModule(
+        content,
+        styles,
+        loss=config.loss,
+        optim=config.optim,
+        features=config.features,
+        init=init,
+        seed=config.seed,
+    )
+
+
+def build_trainer(config: RunConfig, outputs: RunOutputs, progress: bool = True, callbacks: list[Callback] | None = None) -> L.Trainer:
+    """A Trainer writing checkpoints, snapshots, the loss history and the final image under ``outputs``."""
+    t = config.trainer
+    ckpt = StepCheckpoint(
+        dirpath=outputs.checkpoints,
+        filename="step-{step:06d}",
+        every_n_train_steps=config.checkpoint.every_n_steps,
+        save_top_k=-1 if config.checkpoint.keep_all else 1,
+        save_last=True,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    own: list[Callback] = [ckpt, LossHistory(outputs.losses), FinalImage(outputs.final)]
+    if config.snapshot.every_n_steps:
+        own.append(ImageSnapshots(outputs.snapshots, config.snapshot.every_n_steps))
+    if progress:
+        own.append(StepProgressBar())
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        max_steps=t.max_steps,
+        max_epochs=-1,
+        log_every_n_steps=t.log_every_n_steps,
+        logger=False,
+        callbacks=own + list(callbacks or []),
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=outputs.root,
+    )
+
+
+def resolve_resume(resume: str | None, outputs: RunOutputs) -> Path | None:
+    """``last`` means this run's ``checkpoints/last.ckpt``; anything else is a checkpoint path."""
+    if resume is None:
+        return None
+    path = outputs.last_checkpoint if resume == "last" else Path(resume)
+    if not path.is_file():
+        hint = "run without --resume to start it" if resume == "last" else "give an existing .ckpt file or --resume last"
+        raise CheckpointError(f"no checkpoint at {path}; {hint}")
+    return path
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Load a checkpoint file for inspection, with a one-line error when it is not one."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(err).__name__}); it is corrupt or not a Lightning checkpoint, "
+            "resume from another one in the run's checkpoints/ folder"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} is not a Lightning checkpoint; resume from a .ckpt written by nst-lightning")
+    return checkpoint
+
+
+def prepare_output(config: RunConfig, outputs: RunOutputs, resuming: bool, overwrite: bool) -> None:
+    """Create the run directory; refuse to clobber a previous run unless resuming or ``overwrite``."""
+    root = outputs.root
+    inputs = {Path(p).resolve() for p in [config.content, *config.styles]}
+    if root.resolve() in inputs or root.is_file():
+        raise ConfigError(f"output {root} is a file (an input image?); give a directory for the run's outputs")
+    previous = outputs.config.exists() or outputs.checkpoints.exists()
+    if previous and not resuming:
+        if not overwrite:
+            raise ConfigError(
+                f"output {root} holds a previous run; add --resume last to continue it, "
+                "--overwrite to replace it, or choose another --output"
+            )
+        for name in RUN_FILES:
+            (root / name).unlink(missing_ok=True)
+        for name in RUN_DIRS:
+            shutil.rmtree(root / name, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+
+
+def fit(
+    config: RunConfig,
+    *,
+    resume: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    callbacks: list[Callback] | None = None,
+) -> RunOutputs:
+    """Run one style transfer as ``config`` describes; returns where its files are.
+
+    ``resume``: ``"last"`` or a checkpoint path continues that optimisation; ``overwrite`` replaces a
+    previous run in the same output directory.
+    """
+    outputs = RunOutputs(Path(config.output))
+    ckpt_path = resolve_resume(resume, outputs)
+    content, styles = load_images(config)
+    L.seed_everything(config.seed, workers=False, verbose=False)
+    module = build_module(config, content, styles)
+    if ckpt_path is not None:
+        module.check_checkpoint(read_checkpoint(ckpt_path))
+    prepare_output(config, outputs, resuming=ckpt_path is not None, overwrite=overwrite)
+    write_text_atomic(outputs.config, dump_config(config))
+    trainer = build_trainer(config, outputs, progress=progress, callbacks=callbacks)
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return outputs

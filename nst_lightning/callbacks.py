@@ -1,0 +1,120 @@
+"""Lightning callbacks that write what people look at: snapshots, the final image, the loss history.
+
+Each works with any Trainer holding a ``StyleTransferModule``; files are written by rank zero only.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+
+from .images import save_image
+
+LOSS_COLUMNS = ("step", "content", "style", "tv", "loss")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ImageSnapshots(Callback):
+    """Save the current image as ``DIR/step_000050.png`` every ``every_n_steps`` steps."""
+
+    def __init__(self, dirpath: str | os.PathLike[str], every_n_steps: int) -> None:
+        self.dirpath = Path(dirpath)
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and trainer.is_global_zero:
+            save_image(pl_module.result(), self.dirpath / f"step_{step:06d}.png")
+
+
+class FinalImage(Callback):
+    """Save the result to ``path`` when training ends (max_steps reached or stopped)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.is_global_zero:
+            save_image(pl_module.result(), self.path)
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that also refreshes ``last.ckpt`` at the final step, whatever ``every_n_train_steps``."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class LossHistory(Callback):
+    """Keep every step's loss terms in a CSV file that survives resumes (rows past the resume point are dropped)."""
+
+    def __init__(self, path: str | os.PathLike[str], flush_every_n_steps: int = 25) -> None:
+        self.path = Path(path)
+        self.flush_every_n_steps = flush_every_n_steps
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.rows = [r for r in self._read() if int(r["step"]) <= trainer.global_step]
+
+    def _read(self) -> list[dict[str, float]]:
+        if not self.path.is_file():
+            return []
+        with self.path.open(newline="", encoding="utf-8") as fh:
+            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        metrics = trainer.callback_metrics
+        row = {"step": float(trainer.global_step)}
+        row.update({k: float(metrics[k]) for k in LOSS_COLUMNS[1:] if k in metrics})
+        self.rows.append(row)
+        if trainer.global_step % self.flush_every_n_steps == 0:
+            self.flush(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.flush(trainer)
+
+    def flush(self, trainer: L.Trainer) -> None:
+        """Rewrite the CSV atomically with every row so far."""
+        if not trainer.is_global_zero:
+            return
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=LOSS_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({k: (int(v) if k == "step" else f"{v:.6g}") for k, v in row.items()})
+        write_text_atomic(self.path, buf.getvalue())
+
+
+class StepProgressBar(TQDMProgressBar):
+    """A progress bar that counts optimisation steps towards ``max_steps`` (the dataloader is endless)."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        max_steps = self.trainer.max_steps
+        return max_steps if max_steps and max_steps > 0 else super().total_train_batches
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        super().on_train_epoch_start(trainer)
+        self.train_progress_bar.initial = trainer.global_step
+        self.train_progress_bar.n = trainer.global_step
+        self.train_progress_bar.set_description("Stylising")

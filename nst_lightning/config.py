@@ -1,0 +1,322 @@
+"""The run configuration: a typed schema, YAML load/save, ``--set`` overrides and cross-field checks.
+
+Imports neither torch nor lightning, so ``--help``, ``print-config`` and config errors answer at once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .layers import LAYER_NAMES, canonical_layer
+
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+EXAMPLE_CONTENT = EXAMPLES_DIR / "astronaut.jpg"
+EXAMPLE_STYLE = EXAMPLES_DIR / "starry_night.jpg"
+
+DEFAULT_STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
+INIT_KEYWORDS = ("content", "noise", "style")
+
+PositiveFloat = Field(gt=0)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ImageConfig(_Section):
+    """Output size. ``size`` measures the side named by ``fit`` (the long side by default)."""
+
+    size: int = Field(512, ge=16, le=16384, description="pixels along the side named by `fit`")
+    fit: Literal["long", "height", "width"] = Field("long", description="which side `size` sets")
+    style_scale: float = Field(1.0, gt=0, le=8, description="style image size relative to `size`")
+
+
+class FeaturesConfig(_Section):
+    """Which VGG19 weights and pooling the extractor uses."""
+
+    weights: str = Field("caffe", description="caffe | torchvision | path to a .pth state dict")
+    pooling: Literal["max", "avg"] = "max"
+    preprocessing: Literal["auto", "caffe", "torchvision"] = Field(
+        "auto", description="input normalisation; auto follows the weights"
+    )
+    allow_download: bool = Field(False, description="let torchvision download its weights if not cached")
+
+
+class LossConfig(_Section):
+    """Loss terms: content + style + total variation, their layers and weights."""
+
+    content_layers: list[str] = Field(default_factory=lambda: ["relu4_2"], min_length=1)
+    style_layers: list[str] = Field(default_factory=lambda: list(DEFAULT_STYLE_LAYERS), min_length=1)
+    style_layer_weights: list[float] | None = Field(
+        None, description="one weight per style layer; default 1/len(style_layers) each"
+    )
+    content_weight: float = Field(1.0, ge=0)
+    style_weight: float = Field(1e3, ge=0)
+    tv_weight: float = Field(0.0, ge=0)
+    content_loss: Literal["mse", "paper", "sum", "relative"] = Field(
+        "mse", description="mse | paper (1/2 sum of squares) | sum (as Keras) | relative (over the target's norm)"
+    )
+    style_loss: Literal["paper", "keras", "relative"] = Field(
+        "paper",
+        description="paper: 1/(4 N^2 M^2) per layer | keras: N=3, M=image pixels | relative: |G-A|^2/|A|^2",
+    )
+    tv_loss: Literal["keras", "squared"] = Field(
+        "keras", description="keras: sum((dx^2+dy^2)^1.25) | squared: sum(dx^2)+sum(dy^2), pixels in 0..255"
+    )
+
+    @field_validator("content_layers", "style_layers")
+    @classmethod
+    def _known_layers(cls, names: list[str]) -> list[str]:
+        return [canonical_layer(n) for n in names]
+
+    @field_validator("style_layer_weights")
+    @classmethod
+    def _non_negative(cls, weights: list[float] | None) -> list[float] | None:
+        if weights is not None and any(w < 0 for w in weights):
+            raise ValueError("style layer weights must be >= 0")
+        return weights
+
+    @model_validator(mode="after")
+    def _weights_match_layers(self) -> LossConfig:
+        if self.style_layer_weights is not None and len(self.style_layer_weights) != len(self.style_layers):
+            raise ValueError(
+                f"style_layer_weights has {len(self.style_layer_weights)} entries but style_layers has "
+                f"{len(self.style_layers)}; give one weight per layer"
+            )
+        return self
+
+    def layer_weights(self) -> list[float]:
+        """Per-style-layer weights, defaulting to the paper's equal 1/L split."""
+        if self.style_layer_weights is not None:
+            return list(self.style_layer_weights)
+        return [1.0 / len(self.style_layers)] * len(self.style_layers)
+
+
+class OptimConfig(_Section):
+    """The optimiser of the image: L-BFGS (the paper's choice) or Adam."""
+
+    name: Literal["lbfgs", "adam"] = "lbfgs"
+    lr: float | None = Field(None, gt=0, description="default 1.0 for lbfgs, 4.0 for adam (pixel units, 0..255)")
+    max_iter: int = Field(1, ge=1, le=1000, description="L-BFGS loss evaluations per Trainer step")
+    history_size: int = Field(20, ge=1, le=1000, description="L-BFGS history (memory and checkpoint size)")
+    line_search: Literal["none", "strong_wolfe"] = "none"
+
+    @property
+    def learning_rate(self) -> float:
+        """The configured rate, or the optimiser's default."""
+        if self.lr is not None:
+            return self.lr
+        return 1.0 if self.name == "lbfgs" else 4.0
+
+
+class TrainerConfig(_Section):
+    """Arguments handed to ``lightning.Trainer``."""
+
+    max_steps: int = Field(300, ge=1)
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    accelerator: str = "auto"
+    devices: Union[int, str, list[int]] = "auto"
+    num_nodes: int = Field(1, ge=1)
+    strategy: str = "auto"
+    log_every_n_steps: int = Field(1, ge=1)
+
+
+class CheckpointConfig(_Section):
+    """Periodic checkpoints (plus ``last.ckpt``) in ``OUTPUT/checkpoints``."""
+
+    every_n_steps: int = Field(50, ge=1)
+    keep_all: bool = Field(False, description="keep every periodic checkpoint, not only the newest")
+
+
+class SnapshotConfig(_Section):
+    """Intermediate images in ``OUTPUT/snapshots``."""
+
+    every_n_steps: int = Field(50, ge=0, description="0 disables snapshots")
+
+
+class RunConfig(_Section):
+    """One style-transfer run: inputs, output directory and every setting."""
+
+    content: str = Field(str(EXAMPLE_CONTENT), description="content image path")
+    style: Union[str, list[str]] = Field(str(EXAMPLE_STYLE), description="style image path(s)")
+    output: str = Field("runs/example", description="run directory: final.png, snapshots, checkpoints")
+    seed: int = 0
+    init: str = Field("content", description="content | noise | style | path to an image")
+    image: ImageConfig = Field(default_factory=ImageConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
+
+    @field_validator("style")
+    @classmethod
+    def _some_style(cls, style: str | list[str]) -> str | list[str]:
+        if isinstance(style, list) and not style:
+            raise ValueError("give at least one style image")
+        return style
+
+    @model_validator(mode="after")
+    def _compatible(self) -> RunConfig:
+        if self.trainer.precision == "16-mixed" and self.optim.name == "lbfgs":
+            raise ValueError(
+                "trainer.precision=16-mixed cannot be used with optim.name=lbfgs (AMP's gradient scaler "
+                "breaks L-BFGS); use bf16-mixed or 32-true, or optim.name=adam"
+            )
+        return self
+
+    @property
+    def styles(self) -> list[str]:
+        """The style image paths as a list."""
+        return [self.style] if isinstance(self.style, str) else list(self.style)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Settings a checkpoint must share with the run that resumes it."""
+        return {
+            "image": self.image.model_dump(),
+            "features": {k: v for k, v in self.features.model_dump().items() if k != "allow_download"},
+            "content_layers": self.loss.content_layers,
+            "style_layers": self.loss.style_layers,
+            "optim": self.optim.name,
+        }
+
+
+_INPUT_PATH_KEYS = ("content", "style", "init")
+
+
+def _relative_to(base: Path, value: Any) -> Any:
+    if isinstance(value, list):
+        return [_relative_to(base, v) for v in value]
+    if isinstance(value, str) and value not in INIT_KEYWORDS and not os.path.isabs(os.path.expanduser(value)):
+        return str((base / value).resolve())
+    return value
+
+
+def _resolve_file_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Input paths written in a YAML file are relative to that file's folder."""
+    for key in _INPUT_PATH_KEYS:
+        if key in raw:
+            raw[key] = _relative_to(base, raw[key])
+    feats = raw.get("features")
+    if isinstance(feats, dict) and isinstance(feats.get("weights"), str):
+        if feats["weights"] not in ("caffe", "torchvision"):
+            feats["weights"] = _relative_to(base, feats["weights"])
+    return raw
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``key.sub=value`` into its key path and YAML-parsed value."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r} is not of the form key.sub=value (e.g. --set image.size=256)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set key.sub=value`` items to a raw config mapping, in order."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for depth, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                dotted = ".".join(path[: depth + 1])
+                raise ConfigError(f"--set {item!r}: {dotted} is a value, not a section; set {dotted}=... instead")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; " + _known_keys_hint(e["loc"])
+        parts.append(f"{loc}: {msg}")
+    return f"invalid config ({source}): " + "; ".join(parts)
+
+
+def _known_keys_hint(loc: tuple[Any, ...]) -> str:
+    from difflib import get_close_matches
+
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            break
+        model = ann
+    names = list(model.model_fields)
+    close = get_close_matches(str(loc[-1]), names, n=1)
+    prefix = f"did you mean {close[0]!r}? " if close else ""
+    return f"{prefix}valid keys here: {', '.join(names)}"
+
+
+def build_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a raw mapping into a RunConfig, turning schema errors into one-line ConfigErrors."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML mapping, with one-line errors for missing, unreadable or malformed files."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist; check the path (shipped configs are in configs/)")
+    if p.is_dir():
+        raise ConfigError(f"config path {p} is a directory; give a YAML file such as configs/example.yaml")
+    try:
+        text = p.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config {p}: {err}; give a readable UTF-8 YAML file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "malformed YAML"
+        raise ConfigError(f"config {p} is not valid YAML{where}: {problem}; fix the syntax") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {p} must be a mapping of keys (content:, style:, ...), not {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (or the defaults), apply ``--set`` overrides, and validate."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        raw = _resolve_file_paths(read_yaml(path), Path(path).resolve().parent)
+        source = str(path)
+    raw = apply_overrides(raw, list(overrides or []))
+    return build_config(raw, source)
+
+
+def dump_config(config: RunConfig) -> str:
+    """The config as YAML text, every key present."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def all_layers(config: RunConfig) -> list[str]:
+    """Every layer the loss needs, in network order."""
+    wanted = set(config.loss.content_layers) | set(config.loss.style_layers)
+    return [name for name in LAYER_NAMES if name in wanted]

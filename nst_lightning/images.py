@@ -1,0 +1,146 @@
+"""Image files in and out: load any common format as an RGB float tensor, resize, save atomically.
+
+Tensors are ``(1, 3, H, W)`` float32 RGB in ``[0, 1]``; preprocessing for the network lives in features.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+
+MAX_PIXELS = 178_956_970
+"""Largest source image accepted (Pillow's own decompression-bomb limit): about 179 megapixels."""
+
+SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def _open(path: Path) -> Image.Image:
+    if not path.exists():
+        raise ImageError(f"image {path} does not exist; check the path")
+    if path.is_dir():
+        raise ImageError(f"image path {path} is a directory; give an image file")
+    if path.stat().st_size == 0:
+        raise ImageError(f"image {path} is an empty file; give a real image")
+    old_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(
+            f"image {path} has more than {MAX_PIXELS / 1e6:.0f} megapixels; downscale it before use"
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path} is not an image Pillow can read; give a JPEG, PNG, WebP, TIFF or BMP") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageError(f"image {path} is truncated or corrupt ({err}); re-export or replace the file") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = old_limit
+    return img
+
+
+def _to_float_rgb(img: Image.Image, path: Path) -> np.ndarray:
+    """Any Pillow mode to an ``H x W x 3`` float32 array in ``[0, 1]``, alpha composited on white."""
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float32)
+        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr / top, 0.0, 1.0)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        top = 1.0 if arr.max(initial=0) <= 1.0 else (255.0 if arr.max() <= 255 else 65535.0)
+        return np.repeat(np.clip(arr / top, 0.0, 1.0)[..., None], 3, axis=2)
+    if mode == "P":
+        img = img.convert("RGBA")
+    elif mode in ("1", "L", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        img = img.convert("RGB")
+    elif mode in ("LA", "PA", "La", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img).convert("RGB")
+    if img.mode != "RGB":
+        raise ImageError(f"image {path} has unsupported mode {mode!r}; convert it to RGB (e.g. save as PNG)")
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
+    """Read ``path`` at full size as a ``(1, 3, H, W)`` RGB tensor in ``[0, 1]``, EXIF rotation applied."""
+    p = Path(path)
+    img = _open(p)
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a malformed EXIF block must not make the pixels unusable
+        pass
+    if min(img.size) < 2:
+        raise ImageError(f"image {p} is only {img.size[0]}x{img.size[1]} pixels; give a larger image")
+    arr = _to_float_rgb(img, p)
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def target_shape(height: int, width: int, size: int, fit: str = "long") -> tuple[int, int]:
+    """The ``(H, W)`` that scales ``height x width`` so the side named by ``fit`` equals ``size``."""
+    side = {"long": max(height, width), "height": height, "width": width}[fit]
+    scale = size / side
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize(image: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Resize a ``(1, 3, H, W)`` image to ``shape`` with antialiased bicubic, clamped to ``[0, 1]``."""
+    if tuple(image.shape[-2:]) == tuple(shape):
+        return image
+    out = F.interpolate(image, size=shape, mode="bicubic", align_corners=False, antialias=True)
+    return out.clamp_(0.0, 1.0)
+
+
+def load_image(path: str | os.PathLike[str], size: int | None = None, fit: str = "long") -> torch.Tensor:
+    """Read an image and scale it so its ``fit`` side is ``size`` pixels (full size when ``size`` is None)."""
+    image = read_image(path)
+    if size is None:
+        return image
+    return resize(image, target_shape(image.shape[-2], image.shape[-1], size, fit))
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A ``(1, 3, H, W)`` or ``(3, H, W)`` tensor in ``[0, 1]`` as an 8-bit RGB Pillow image."""
+    t = image.detach().float().cpu()
+    if t.dim() == 4:
+        t = t[0]
+    arr = (t.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(arr, mode="RGB")
+
+
+def save_pil(img: Image.Image, path: str | os.PathLike[str]) -> Path:
+    """Save a Pillow image atomically (temporary file, then rename); the format follows the suffix."""
+    p = Path(path)
+    fmt = SAVE_FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise ImageError(f"cannot save {p}: unknown image suffix; use one of {', '.join(SAVE_FORMATS)}")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+            img.save(fh, format=fmt, **options)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def save_image(image: torch.Tensor, path: str | os.PathLike[str]) -> Path:
+    """Save a ``[0, 1]`` RGB tensor as an 8-bit image file, atomically."""
+    return save_pil(to_pil(image), path)

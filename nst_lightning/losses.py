@@ -1,0 +1,168 @@
+"""The Gatys et al. loss: content, style (Gram matrices) and total variation, always computed in fp32.
+
+Functions hold the maths; ``StyleTransferLoss`` holds the fixed targets as buffers and returns the
+weighted terms by name. Plain PyTorch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+Features = Mapping[str, torch.Tensor]
+
+
+def gram_matrix(features: torch.Tensor) -> torch.Tensor:
+    """``F F^T / M`` per image: ``(B, C, H, W) -> (B, C, C)`` in fp32, M = H*W positions.
+
+    Dividing by M lets a style image of any size be compared with the output; for equal sizes the
+    style loss below equals the paper's ``1/(4 N^2 M^2) sum (G - A)^2`` on unnormalised Grams.
+    """
+    b, c, h, w = features.shape
+    x = features.float().reshape(b, c, h * w)
+    return torch.bmm(x, x.transpose(1, 2)) / (h * w)
+
+
+def content_loss(features: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """``mse``: mean squared error; ``paper``: 1/2 sum of squares (Gatys et al.); ``sum``: sum of squares;
+    ``relative``: squared error over the target's squared norm (scale-free, so weights carry across sizes)."""
+    sq = (features.float() - target.float()).pow(2)
+    if kind == "relative":
+        return sq.sum() / target.float().pow(2).sum().clamp_min(1e-12)
+    if kind == "mse":
+        return sq.mean()
+    if kind == "paper":
+        return 0.5 * sq.sum()
+    if kind == "sum":
+        return sq.sum()
+    raise ValueError(f"unknown content loss {kind!r}")
+
+
+def style_layer_loss(
+    gram: torch.Tensor, target: torch.Tensor, positions: int, image_pixels: int, kind: str = "paper"
+) -> torch.Tensor:
+    """Distance of two position-normalised Grams for one layer.
+
+    ``paper``: ``sum (G - A)^2 / (4 N^2)`` with N channels (the paper's normalisation);
+    ``keras``: the Keras example's ``sum (G' - A')^2 / (4 * 3^2 * P^2)`` on unnormalised Grams G', with
+    P the image's pixel count; ``relative``: ``|G - A|^2 / |A|^2``, the squared relative Gram error, so
+    every layer counts alike whatever its activation scale.
+    """
+    sq = (gram - target).pow(2).sum()
+    if kind == "relative":
+        return sq / target.pow(2).sum().clamp_min(1e-12)
+    if kind == "paper":
+        channels = gram.shape[-1]
+        return sq / (4.0 * channels**2)
+    if kind == "keras":
+        return sq * positions**2 / (4.0 * 9.0 * float(image_pixels) ** 2)
+    raise ValueError(f"unknown style loss {kind!r}")
+
+
+def tv_loss(image: torch.Tensor, kind: str = "keras") -> torch.Tensor:
+    """Total variation of an RGB ``[0, 1]`` image measured in 8-bit pixel units (0..255).
+
+    ``keras``: ``sum((dx^2 + dy^2)^1.25)`` as in the Keras example; ``squared``: ``sum(dx^2) + sum(dy^2)``.
+    """
+    x = image.float() * 255.0
+    if kind == "keras":
+        dy = (x[..., :-1, :-1] - x[..., 1:, :-1]).pow(2)
+        dx = (x[..., :-1, :-1] - x[..., :-1, 1:]).pow(2)
+        return (dx + dy).pow(1.25).sum()
+    if kind == "squared":
+        return (x[..., 1:, :] - x[..., :-1, :]).pow(2).sum() + (x[..., :, 1:] - x[..., :, :-1]).pow(2).sum()
+    raise ValueError(f"unknown total variation {kind!r}")
+
+
+def blend_grams(style_features: Sequence[Features], layers: Sequence[str], blend: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Per-layer Gram target mixing several style images with ``blend`` weights (normalised to sum 1).
+
+    ``sum_s b_s |G - A_s|^2`` and ``|G - sum_s b_s A_s|^2`` differ by a constant, so one blended target
+    gives the same gradients at a fraction of the cost.
+    """
+    if len(blend) != len(style_features):
+        raise ValueError(f"{len(blend)} blend weights for {len(style_features)} style images")
+    total = float(sum(blend))
+    if total <= 0:
+        raise ValueError("style blend weights must sum to more than 0")
+    out: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        out[layer] = sum(gram_matrix(f[layer]) * (b / total) for f, b in zip(style_features, blend))
+    return out
+
+
+class StyleTransferLoss(nn.Module):
+    """Weighted content + style + TV loss against fixed targets (kept as non-persistent buffers)."""
+
+    def __init__(
+        self,
+        content_layers: Sequence[str],
+        style_layers: Sequence[str],
+        style_layer_weights: Sequence[float],
+        content_weight: float = 1.0,
+        style_weight: float = 1e3,
+        tv_weight: float = 0.0,
+        content_loss: str = "mse",
+        style_loss: str = "paper",
+        tv_loss: str = "keras",
+    ) -> None:
+        super().__init__()
+        if len(style_layer_weights) != len(style_layers):
+            raise ValueError("give one weight per style layer")
+        self.content_layers = list(content_layers)
+        self.style_layers = list(style_layers)
+        self.style_layer_weights = [float(w) for w in style_layer_weights]
+        self.content_weight = float(content_weight)
+        self.style_weight = float(style_weight)
+        self.tv_weight = float(tv_weight)
+        self.content_kind = content_loss
+        self.style_kind = style_loss
+        self.tv_kind = tv_loss
+        for layer in self.content_layers:
+            self.register_buffer(f"content_{layer}", None, persistent=False)
+        for layer in self.style_layers:
+            self.register_buffer(f"gram_{layer}", None, persistent=False)
+
+    @property
+    def has_targets(self) -> bool:
+        """Whether ``set_targets`` has run."""
+        return all(getattr(self, f"gram_{layer}") is not None for layer in self.style_layers)
+
+    @torch.no_grad()
+    def set_targets(
+        self, content_features: Features, style_features: Sequence[Features], blend: Sequence[float] | None = None
+    ) -> None:
+        """Store the content activations and the (blended) style Grams the output is pulled towards."""
+        with torch.autocast(next(iter(content_features.values())).device.type, enabled=False):
+            for layer in self.content_layers:
+                setattr(self, f"content_{layer}", content_features[layer].detach().float().clone())
+            weights = list(blend) if blend is not None else [1.0] * len(style_features)
+            for layer, gram in blend_grams(style_features, self.style_layers, weights).items():
+                setattr(self, f"gram_{layer}", gram)
+
+    def forward(self, features: Features, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Weighted terms ``content``, ``style``, ``tv`` and their sum ``loss`` for ``image`` and its features."""
+        if not self.has_targets:
+            raise RuntimeError("call set_targets() before computing the loss")
+        with torch.autocast(image.device.type, enabled=False):
+            content = sum(
+                content_loss(features[layer], getattr(self, f"content_{layer}"), self.content_kind)
+                for layer in self.content_layers
+            ) / len(self.content_layers)
+            pixels = image.shape[-2] * image.shape[-1]
+            style = image.new_zeros((), dtype=torch.float32)
+            for layer, weight in zip(self.style_layers, self.style_layer_weights):
+                feat = features[layer]
+                positions = feat.shape[-2] * feat.shape[-1]
+                style = style + weight * style_layer_loss(
+                    gram_matrix(feat), getattr(self, f"gram_{layer}"), positions, pixels, self.style_kind
+                )
+            terms = {
+                "content": self.content_weight * content,
+                "style": self.style_weight * style,
+                "tv": self.tv_weight * tv_loss(image, self.tv_kind) if self.tv_weight else image.new_zeros(()),
+            }
+            terms["loss"] = terms["content"] + terms["style"] + terms["tv"]
+        return terms

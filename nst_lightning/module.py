@@ -1,0 +1,229 @@
+"""The LightningModule: the output image is its only trainable parameter.
+
+Works in any ``lightning.Trainer`` (the CLI's or the user's): it brings its own trivial dataloader,
+logs every loss term, keeps the image in ``[0, 1]`` after each step and refuses checkpoints of
+other runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from .config import FeaturesConfig, LossConfig, OptimConfig
+from .errors import CheckpointError, ConfigError
+from .features import VGGFeatures, build_extractor, min_side
+from .images import resize
+from .layers import LAYER_NAMES, deepest
+from .losses import StyleTransferLoss
+
+FINGERPRINT_KEY = "nst_lightning"
+
+# The frozen VGG stays in eval mode on purpose; Lightning >= 2.5.5 would warn about it on every fit.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha1(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def initial_image(init: str | torch.Tensor, content: torch.Tensor, styles: Sequence[torch.Tensor], seed: int) -> torch.Tensor:
+    """The starting image: a copy of the content, seeded noise, the first style resized, or a given tensor."""
+    shape = tuple(content.shape[-2:])
+    if isinstance(init, torch.Tensor):
+        return resize(init.detach().float(), shape).clone()
+    if init == "content":
+        return content.detach().clone()
+    if init == "noise":
+        gen = torch.Generator().manual_seed(seed)
+        return torch.rand(content.shape, generator=gen, dtype=torch.float32)
+    if init == "style":
+        return resize(styles[0].detach().float(), shape).clone()
+    raise ConfigError(f"init {init!r} is not content, noise, style or an image; load the image and pass a tensor")
+
+
+class StyleTransferModule(L.LightningModule):
+    """Neural style transfer (Gatys et al. 2015) as a LightningModule.
+
+    Args:
+        content: content image, ``(1, 3, H, W)`` RGB in ``[0, 1]``; the output has its size.
+        style: one style image or several (any sizes), same format.
+        loss, optim, features: settings (config sections or plain dicts); defaults follow the paper.
+        init: ``content``, ``noise``, ``style`` or an image tensor.
+        style_blend: weight of each style image (default equal).
+        extractor: a prebuilt ``VGGFeatures`` to share between modules; built from ``features`` otherwise.
+        seed: seeds the ``noise`` init.
+    """
+
+    pixel_scale: float = 255.0
+    """The parameter holds 8-bit pixel units, so L-BFGS's first step has the size the classic tools use."""
+
+    def __init__(
+        self,
+        content: torch.Tensor,
+        style: torch.Tensor | Sequence[torch.Tensor],
+        *,
+        loss: LossConfig | Mapping[str, Any] | None = None,
+        optim: OptimConfig | Mapping[str, Any] | None = None,
+        features: FeaturesConfig | Mapping[str, Any] | None = None,
+        init: str | torch.Tensor = "content",
+        style_blend: Sequence[float] | None = None,
+        extractor: VGGFeatures | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.loss_config = LossConfig.model_validate(loss or {})
+        self.optim_config = OptimConfig.model_validate(optim or {})
+        self.features_config = FeaturesConfig.model_validate(features or {})
+        styles = [style] if isinstance(style, torch.Tensor) else list(style)
+        if content.dim() != 4 or content.shape[:2] != (1, 3):
+            raise ValueError(f"content must be (1, 3, H, W), got {tuple(content.shape)}")
+        layers = [*self.loss_config.content_layers, *self.loss_config.style_layers]
+        need = min_side(layers)
+        for name, t in [("content", content), *[("style", s) for s in styles]]:
+            if min(t.shape[-2:]) < need:
+                raise ConfigError(
+                    f"{name} image is {t.shape[-1]}x{t.shape[-2]} px but layers down to "
+                    f"{LAYER_NAMES[deepest(layers)]} need at least {need} px per side; "
+                    "raise image.size or image.style_scale, or use a less elongated image"
+                )
+        self.save_hyperparameters(
+            {
+                "loss": self.loss_config.model_dump(),
+                "optim": self.optim_config.model_dump(),
+                "features": self.features_config.model_dump(),
+                "init": init if isinstance(init, str) else "tensor",
+                "style_blend": list(style_blend) if style_blend is not None else None,
+                "seed": seed,
+                "image_shape": list(content.shape),
+            }
+        )
+        self.extractor = extractor if extractor is not None else build_extractor(
+            layers,
+            weights=self.features_config.weights,
+            pooling=self.features_config.pooling,
+            preprocessing=self.features_config.preprocessing,
+            allow_download=self.features_config.allow_download,
+        )
+        missing = [n for n in layers if n not in self.extractor.layers]
+        if missing:
+            raise ConfigError(f"the given extractor does not return layers {missing}; build it with all loss layers")
+        self.register_buffer("content_image", content.detach().float().clone(), persistent=False)
+        self.style_images = [s.detach().float().clone() for s in styles]
+        self.style_blend = list(style_blend) if style_blend is not None else None
+        self.criterion = StyleTransferLoss(
+            self.loss_config.content_layers,
+            self.loss_config.style_layers,
+            self.loss_config.layer_weights(),
+            content_weight=self.loss_config.content_weight,
+            style_weight=self.loss_config.style_weight,
+            tv_weight=self.loss_config.tv_weight,
+            content_loss=self.loss_config.content_loss,
+            style_loss=self.loss_config.style_loss,
+            tv_loss=self.loss_config.tv_loss,
+        )
+        self.image = nn.Parameter(initial_image(init, content, styles, seed) * self.pixel_scale)
+        self.fingerprint = {
+            "content": _digest(content),
+            "styles": [_digest(s) for s in styles],
+            "style_blend": self.style_blend,
+            "image_shape": list(content.shape),
+            "layers": {"content": self.loss_config.content_layers, "style": self.loss_config.style_layers},
+            "weights": self.features_config.weights,
+            "preprocessing": self.extractor.preprocessing.name,
+            "pooling": self.extractor.pooling,
+            "optimizer": self.optim_config.name,
+        }
+        self.strict_loading = False
+
+    def forward(self, image: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Loss terms for ``image`` (default: the current output), computing targets on first use."""
+        self.prepare_targets()
+        x = self.image / self.pixel_scale if image is None else image
+        return self.criterion(self.extractor(x), x)
+
+    @torch.no_grad()
+    def prepare_targets(self) -> None:
+        """Compute content features and style Grams once, on the module's current device."""
+        if self.criterion.has_targets:
+            return
+        device = self.image.device
+        content_feats = self.extractor(self.content_image.to(device))
+        style_feats = [self.extractor(s.to(device)) for s in self.style_images]
+        self.criterion.set_targets(content_feats, style_feats, self.style_blend)
+
+    def result(self) -> torch.Tensor:
+        """The current output image, ``(1, 3, H, W)`` in ``[0, 1]``, detached on the CPU."""
+        return (self.image.detach() / self.pixel_scale).clamp(0.0, 1.0).cpu()
+
+    def on_fit_start(self) -> None:
+        self.prepare_targets()
+
+    def train_dataloader(self) -> Iterator[int]:
+        """The image is the only data: an endless stream of placeholders, stopped by ``max_steps``."""
+        return itertools.repeat(0)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        terms = self(None)
+        self.log_dict(terms, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+        return terms["loss"]
+
+    def on_after_backward(self) -> None:
+        """Project the gradient: pixels held at 0 or 255 are not pushed further out of range.
+
+        With the clamp after each step this is a simple projected method; it keeps L-BFGS's curvature
+        pairs consistent with the steps actually taken.
+        """
+        grad = self.image.grad
+        if grad is not None:
+            x = self.image.detach()
+            grad.masked_fill_(((x <= 0) & (grad > 0)) | ((x >= self.pixel_scale) & (grad < 0)), 0.0)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Step, then clamp the image to the valid pixel range (before callbacks save or show it)."""
+        super().optimizer_step(*args, **kwargs)
+        with torch.no_grad():
+            self.image.clamp_(0.0, self.pixel_scale)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep checkpoints small: the image and optimiser state, not the frozen VGG weights."""
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k == "image"}
+        checkpoint[FINGERPRINT_KEY] = self.fingerprint
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint written by a run with other images, size, layers or weights."""
+        self.check_checkpoint(checkpoint)
+
+    def check_checkpoint(self, checkpoint: Mapping[str, Any]) -> None:
+        """Raise CheckpointError unless ``checkpoint`` was written by a run of this module's images and settings."""
+        theirs = checkpoint.get(FINGERPRINT_KEY)
+        if not isinstance(theirs, Mapping) or "image" not in checkpoint.get("state_dict", {}):
+            raise CheckpointError("checkpoint was not written by nst-lightning; resume from a checkpoint of this run")
+        diffs = [k for k in self.fingerprint if theirs.get(k) != self.fingerprint[k]]
+        if diffs:
+            detail = ", ".join(f"{k} {theirs.get(k)} vs {self.fingerprint[k]}" for k in diffs[:3])
+            raise CheckpointError(
+                f"checkpoint belongs to another run ({detail}); resume with the same images and settings, "
+                "or start a fresh run in a new output directory"
+            )
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        cfg = self.optim_config
+        if cfg.name == "adam":
+            return torch.optim.Adam([self.image], lr=cfg.learning_rate)
+        return torch.optim.LBFGS(
+            [self.image],
+            lr=cfg.learning_rate,
+            max_iter=cfg.max_iter,
+            history_size=cfg.history_size,
+            line_search_fn=None if cfg.line_search == "none" else cfg.line_search,
+            tolerance_grad=0.0,
+            tolerance_change=0.0,
+        )

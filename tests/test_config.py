@@ -1,0 +1,132 @@
+"""The config schema: defaults, YAML files, --set overrides and one-line errors naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from nst_lightning.config import RunConfig, apply_overrides, dump_config, load_config
+from nst_lightning.errors import ConfigError
+
+from .conftest import CONFIGS
+
+
+def test_defaults_follow_the_paper():
+    cfg = load_config()
+    assert cfg.loss.content_layers == ["relu4_2"]
+    assert cfg.loss.style_layers == ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
+    assert cfg.optim.name == "lbfgs" and cfg.trainer.precision == "32-true"
+    assert cfg.loss.layer_weights() == [0.2] * 5
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates_and_points_at_real_images(path):
+    cfg = load_config(path)
+    from pathlib import Path
+
+    assert Path(cfg.content).is_file()
+    assert all(Path(s).is_file() for s in cfg.styles)
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in CONFIGS.glob("*.yaml")}
+    assert {"example.yaml", "gatys2015.yaml", "keras_example.yaml"} <= names
+
+
+def test_keras_aliases_become_canonical_layers():
+    cfg = load_config(CONFIGS / "keras_example.yaml")
+    assert cfg.loss.content_layers == ["relu5_2"]
+    assert cfg.loss.style_layers == ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
+
+
+def test_set_overrides_parse_yaml_values_and_nested_keys():
+    cfg = load_config(
+        None,
+        [
+            "image.size=96",
+            "optim.name=adam",
+            "optim.lr=0.05",
+            "loss.style_weight=1e4",
+            "style=[a.jpg, b.jpg]",
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+            "trainer.num_nodes=2",
+        ],
+    )
+    assert cfg.image.size == 96 and cfg.optim.name == "adam" and cfg.optim.learning_rate == 0.05
+    assert cfg.loss.style_weight == 1e4 and cfg.styles == ["a.jpg", "b.jpg"]
+    assert (cfg.trainer.devices, cfg.trainer.strategy, cfg.trainer.num_nodes) == (2, "ddp", 2)
+
+
+def test_yaml_input_paths_are_relative_to_the_file(tmp_path):
+    (tmp_path / "cfg").mkdir()
+    f = tmp_path / "cfg" / "run.yaml"
+    f.write_text("content: ../img/c.jpg\nstyle: [s1.jpg, /abs/s2.jpg]\ninit: noise\n")
+    cfg = load_config(f)
+    assert cfg.content == str(tmp_path / "img" / "c.jpg")
+    assert cfg.styles == [str(tmp_path / "cfg" / "s1.jpg"), "/abs/s2.jpg"]
+    assert cfg.init == "noise"
+
+
+def test_dumped_config_loads_back_identically(tmp_path):
+    cfg = load_config(None, ["image.size=200", "loss.tv_weight=0.5"])
+    f = tmp_path / "resolved.yaml"
+    f.write_text(dump_config(cfg))
+    assert load_config(f) == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["imagee.size=3"], "imagee: unknown key; did you mean 'image'?"),
+        (["image.sise=3"], "image.sise: unknown key; did you mean 'size'?"),
+        (["image.size=big"], "image.size"),
+        (["image.size=4"], "image.size"),
+        (["loss.style_weight=-1"], "loss.style_weight"),
+        (["trainer.max_steps=-5"], "trainer.max_steps"),
+        (["loss.content_layers=[relu9_9]"], "unknown VGG19 layer 'relu9_9'"),
+        (["loss.style_layer_weights=[1, 2]"], "one weight per layer"),
+        (["trainer.precision=16-mixed"], "16-mixed cannot be used with optim.name=lbfgs"),
+        (["optim.name=sgd"], "optim.name"),
+        (["style=[]"], "at least one style image"),
+        (["image=3"], "image"),
+        (["image.size=64", "image.size.x=3"], "image.size is a value, not a section"),
+        (["noequals"], "not of the form key.sub=value"),
+    ],
+)
+def test_bad_settings_raise_one_line_errors_naming_the_key(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    message = str(err.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_16_mixed_is_allowed_with_adam():
+    assert load_config(None, ["trainer.precision=16-mixed", "optim.name=adam"]).trainer.precision == "16-mixed"
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("content: [unclosed\n", "not valid YAML at line"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("loss:\n  style_weight: lots\n", "loss.style_weight"),
+    ],
+)
+def test_bad_files_raise_one_line_errors(tmp_path, text, fragment):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(f)
+
+
+def test_missing_and_directory_config_paths(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+
+
+def test_overrides_apply_in_order():
+    raw = apply_overrides({}, ["image.size=100", "image.size=120"])
+    assert RunConfig.model_validate(raw).image.size == 120

@@ -1,0 +1,101 @@
+"""Loss maths: Gram matrices, the paper's normalisations, the Keras TV, fp32 under autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nst_lightning.losses import (
+    StyleTransferLoss,
+    blend_grams,
+    content_loss,
+    gram_matrix,
+    style_layer_loss,
+    tv_loss,
+)
+
+
+def test_gram_is_feature_correlation_over_positions():
+    f = torch.randn(1, 4, 3, 5)
+    flat = f.reshape(4, 15)
+    torch.testing.assert_close(gram_matrix(f)[0], flat @ flat.T / 15)
+
+
+def test_paper_style_loss_equals_the_published_formula_on_unnormalised_grams():
+    f, s = torch.randn(1, 8, 6, 7), torch.randn(1, 8, 6, 7)
+    n, m = 8, 42
+    g, a = f.reshape(n, m) @ f.reshape(n, m).T, s.reshape(n, m) @ s.reshape(n, m).T
+    paper = ((g - a) ** 2).sum() / (4 * n**2 * m**2)
+    ours = style_layer_loss(gram_matrix(f), gram_matrix(s), m, 99, "paper")
+    torch.testing.assert_close(ours, paper)
+
+
+def test_keras_style_loss_uses_three_channels_and_image_pixels():
+    f, s = torch.randn(1, 8, 6, 7), torch.randn(1, 8, 6, 7)
+    m, pixels = 42, 24 * 28
+    g, a = f.reshape(8, m) @ f.reshape(8, m).T, s.reshape(8, m) @ s.reshape(8, m).T
+    keras = ((g - a) ** 2).sum() / (4.0 * 9 * pixels**2)
+    torch.testing.assert_close(style_layer_loss(gram_matrix(f), gram_matrix(s), m, pixels, "keras"), keras)
+
+
+def test_content_loss_kinds():
+    x, t = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0])
+    assert content_loss(x, t, "mse").item() == pytest.approx(2.5)
+    assert content_loss(x, t, "paper").item() == pytest.approx(2.5)
+    assert content_loss(x, t, "sum").item() == pytest.approx(5.0)
+
+
+def test_tv_is_measured_in_8bit_pixel_units():
+    img = torch.zeros(1, 3, 3, 3)
+    img[..., 1, 1] = 1.0
+    dx_dy = 255.0**2
+    # keras form: over the top-left 2x2 block, (dx^2 + dy^2)^1.25
+    expected_keras = 3 * ((2 * dx_dy) ** 1.25 + 2 * dx_dy**1.25)
+    assert tv_loss(img, "keras").item() == pytest.approx(expected_keras, rel=1e-5)
+    assert tv_loss(img, "squared").item() == pytest.approx(3 * 4 * dx_dy, rel=1e-5)
+    assert tv_loss(torch.full((1, 3, 4, 4), 0.3), "keras").item() == 0
+
+
+def test_blended_target_gives_the_same_gradient_as_the_blended_losses():
+    feats = [torch.randn(1, 4, 5, 5) for _ in range(2)]
+    x = torch.randn(1, 4, 5, 5, requires_grad=True)
+    blend = [0.7, 0.3]
+    target = blend_grams([{"l": f} for f in feats], ["l"], blend)["l"]
+    (g1,) = torch.autograd.grad(((gram_matrix(x) - target) ** 2).sum(), x)
+    separate = sum(b * ((gram_matrix(x) - gram_matrix(f)) ** 2).sum() for b, f in zip(blend, feats))
+    (g2,) = torch.autograd.grad(separate, x)
+    torch.testing.assert_close(g1, g2)
+
+
+def _criterion(**kw):
+    return StyleTransferLoss(["relu4_2"], ["relu1_1", "relu2_1"], [0.5, 0.5], **kw)
+
+
+def test_criterion_needs_targets(extractor, content_small):
+    with pytest.raises(RuntimeError, match="set_targets"):
+        _criterion()(extractor(content_small), content_small)
+
+
+def test_criterion_terms_are_weighted_and_sum_to_the_total(extractor, content_small, style_small):
+    crit = _criterion(content_weight=2.0, style_weight=3.0, tv_weight=1e-6)
+    crit.set_targets(extractor(content_small), [extractor(style_small)])
+    terms = crit(extractor(content_small), content_small)
+    assert terms["content"].item() == 0
+    assert terms["style"].item() > 0 and terms["tv"].item() > 0
+    torch.testing.assert_close(terms["loss"], terms["content"] + terms["style"] + terms["tv"])
+    assert {k: v.dtype for k, v in terms.items()} == dict.fromkeys(terms, torch.float32)
+
+
+def test_grams_and_losses_stay_fp32_under_bf16_autocast(extractor, content_small, style_small):
+    crit = _criterion()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        crit.set_targets(extractor(content_small), [extractor(style_small)])
+        feats = extractor(content_small)
+        terms = crit(feats, content_small)
+    assert feats["relu1_1"].dtype == torch.bfloat16
+    assert crit.gram_relu1_1.dtype == torch.float32
+    assert terms["loss"].dtype == torch.float32
+    ref = _criterion()
+    ref.set_targets(extractor(content_small), [extractor(style_small)])
+    exact = ref(extractor(content_small), content_small)["style"]
+    assert terms["style"].item() == pytest.approx(exact.item(), rel=0.05)

@@ -1,0 +1,151 @@
+"""The LightningModule and the fit API: one parameter, falling loss, frozen VGG, exact resume."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from nst_lightning.api import fit
+from nst_lightning.errors import CheckpointError, ConfigError
+from nst_lightning.images import read_image
+from nst_lightning.module import StyleTransferModule
+
+
+def test_the_image_is_the_only_trainable_parameter(content_small, style_small, extractor):
+    module = StyleTransferModule(content_small, style_small, extractor=extractor)
+    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+    assert trainable == ["image"]
+    assert module.image.shape == content_small.shape
+
+
+@pytest.mark.parametrize("init", ["content", "noise", "style"])
+def test_initial_image(content_small, style_small, extractor, init):
+    a = StyleTransferModule(content_small, style_small, extractor=extractor, init=init, seed=3).result()
+    b = StyleTransferModule(content_small, style_small, extractor=extractor, init=init, seed=3).result()
+    torch.testing.assert_close(a, b)
+    if init == "content":
+        torch.testing.assert_close(a, content_small, atol=1e-6, rtol=0)
+    elif init == "noise":
+        c = StyleTransferModule(content_small, style_small, extractor=extractor, init=init, seed=4).result()
+        assert not torch.equal(a, c)
+
+
+def test_too_small_image_for_the_layers_is_refused(extractor, style_small):
+    with pytest.raises(ConfigError, match="need at least 16 px per side"):
+        StyleTransferModule(torch.rand(1, 3, 8, 40), style_small, extractor=extractor)
+
+
+def _run(module, steps, **kw):
+    trainer = L.Trainer(
+        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, **kw,
+    )
+    trainer.fit(module)
+    return trainer
+
+
+@pytest.mark.parametrize("optim", [{"name": "lbfgs"}, {"name": "adam"}, {"name": "lbfgs", "line_search": "strong_wolfe", "max_iter": 3}])
+def test_loss_falls_and_vgg_is_unchanged(content_small, style_small, extractor, optim):
+    module = StyleTransferModule(content_small, style_small, extractor=extractor, optim=optim, init="noise")
+    before = {k: v.clone() for k, v in extractor.state_dict().items()}
+    start = module()["loss"].item()
+    _run(module, 8)
+    end = module()["loss"].item()
+    assert end < 0.8 * start
+    for k, v in extractor.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert module.image.min() >= 0 and module.image.max() <= module.pixel_scale
+
+
+def test_bf16_mixed_precision_runs_with_lbfgs(content_small, style_small, extractor):
+    module = StyleTransferModule(content_small, style_small, extractor=extractor)
+    start = module()["loss"].item()
+    _run(module, 5, precision="bf16-mixed")
+    assert module()["loss"].item() < start
+
+
+def test_fit_writes_the_run_directory(tiny_config):
+    cfg = tiny_config(steps=6)
+    out = fit(cfg, progress=False)
+    assert out.final.is_file() and read_image(out.final).shape[-2:] == (48, 48)
+    assert out.config.is_file() and out.last_checkpoint.is_file()
+    assert sorted(p.name for p in out.snapshots.iterdir()) == ["step_000003.png", "step_000006.png"]
+    rows = out.losses.read_text().splitlines()
+    assert rows[0] == "step,content,style,tv,loss" and len(rows) == 7
+    losses = [float(r.split(",")[-1]) for r in rows[1:]]
+    assert losses[-1] < losses[0]
+
+
+def test_resume_continues_the_same_optimisation(tiny_config, tmp_path):
+    whole = fit(tiny_config(steps=8, output=tmp_path / "whole"), progress=False)
+    first = fit(tiny_config(steps=4, output=tmp_path / "split"), progress=False)
+    second = fit(tiny_config(steps=8, output=tmp_path / "split"), resume="last", progress=False)
+    assert second.root == first.root
+    a, b = read_image(whole.final), read_image(second.final)
+    assert (a - b).abs().max() <= 2 / 255
+    rows = second.losses.read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 9))
+    torch.testing.assert_close(
+        torch.load(whole.last_checkpoint, weights_only=True)["state_dict"]["image"],
+        torch.load(second.last_checkpoint, weights_only=True)["state_dict"]["image"],
+        atol=1e-3, rtol=1e-4,
+    )
+
+
+def test_checkpoints_hold_the_image_not_the_vgg(tiny_config):
+    out = fit(tiny_config(steps=2), progress=False)
+    ckpt = torch.load(out.last_checkpoint, weights_only=True)
+    assert list(ckpt["state_dict"]) == ["image"]
+    assert ckpt["nst_lightning"]["image_shape"] == [1, 3, 48, 48]
+
+
+def test_a_checkpoint_from_another_run_is_refused(tiny_config, tmp_path):
+    other = fit(tiny_config(steps=2, output=tmp_path / "a"), progress=False)
+    cfg = tiny_config(steps=4, output=tmp_path / "b", **{"image.size": 64})
+    with pytest.raises(CheckpointError, match="belongs to another run .*image_shape"):
+        fit(cfg, resume=str(other.last_checkpoint), progress=False)
+    assert not (tmp_path / "b").exists()
+
+
+def test_unreadable_checkpoints_are_refused(tiny_config, tmp_path):
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        fit(tiny_config(), resume=str(junk), progress=False)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"weight": torch.zeros(2)}}, foreign)
+    with pytest.raises(CheckpointError, match="not written by nst-lightning"):
+        fit(tiny_config(), resume=str(foreign), progress=False)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        fit(tiny_config(), resume="last", progress=False)
+
+
+def test_a_previous_run_is_not_clobbered(tiny_config):
+    out = fit(tiny_config(steps=2), progress=False)
+    before = out.final.read_bytes()
+    with pytest.raises(ConfigError, match="holds a previous run; add --resume last"):
+        fit(tiny_config(steps=3), progress=False)
+    assert out.final.read_bytes() == before
+    fit(tiny_config(steps=3), overwrite=True, progress=False)
+    assert torch.load(out.last_checkpoint, weights_only=True)["global_step"] == 3
+
+
+def test_module_works_in_a_user_trainer_with_callbacks_and_csv_logger(content_small, style_small, extractor, tmp_path):
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import CSVLogger
+
+    seen = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(float(trainer.callback_metrics["style"]))
+
+    module = StyleTransferModule(content_small, style_small, extractor=extractor)
+    _run(module, 4, callbacks=[Record()], **{})
+    assert len(seen) == 4 and seen[-1] < seen[0]
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=CSVLogger(tmp_path), enable_progress_bar=False,
+                        enable_checkpointing=False, log_every_n_steps=1)
+    trainer.fit(StyleTransferModule(content_small, style_small, extractor=extractor))
+    metrics = next(tmp_path.rglob("metrics.csv")).read_text()
+    assert "content" in metrics and "style" in metrics

@@ -51,7 +51,10 @@ def _load(config: Optional[Path], overrides: Optional[list[str]], output: Option
 
 
 def _quiet_lightning() -> None:
-    """Hide Lightning's start-up chatter (accelerator lines, tips) and a known deprecation notice."""
+    """Hide Lightning's start-up chatter (accelerator lines, tips) and a known deprecation notice.
+
+    Call after importing lightning: its import sets its own logger to INFO.
+    """
     import logging
     import warnings
 
@@ -91,8 +94,9 @@ def fit(
     """Stylise the content image; writes OUTPUT/final.png, snapshots, checkpoints, config and losses."""
     try:
         cfg = _load(config, set_, output)
-        _quiet_lightning()
         from .api import fit as run_fit
+
+        _quiet_lightning()
 
         outputs = run_fit(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
     except NSTError as err:

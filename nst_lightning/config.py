@@ -57,13 +57,13 @@ class LossConfig(_Section):
         None, description="one weight per style layer; default 1/len(style_layers) each"
     )
     content_weight: float = Field(1.0, ge=0)
-    style_weight: float = Field(1e3, ge=0)
+    style_weight: float = Field(10.0, ge=0)
     tv_weight: float = Field(0.0, ge=0)
     content_loss: Literal["mse", "paper", "sum", "relative"] = Field(
-        "mse", description="mse | paper (1/2 sum of squares) | sum (as Keras) | relative (over the target's norm)"
+        "relative", description="mse | paper (1/2 sum of squares) | sum (as Keras) | relative (over the target's norm)"
     )
     style_loss: Literal["paper", "keras", "relative"] = Field(
-        "paper",
+        "relative",
         description="paper: 1/(4 N^2 M^2) per layer | keras: N=3, M=image pixels | relative: |G-A|^2/|A|^2",
     )
     tv_loss: Literal["keras", "squared"] = Field(

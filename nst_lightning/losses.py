@@ -102,10 +102,10 @@ class StyleTransferLoss(nn.Module):
         style_layers: Sequence[str],
         style_layer_weights: Sequence[float],
         content_weight: float = 1.0,
-        style_weight: float = 1e3,
+        style_weight: float = 10.0,
         tv_weight: float = 0.0,
-        content_loss: str = "mse",
-        style_loss: str = "paper",
+        content_loss: str = "relative",
+        style_loss: str = "relative",
         tv_loss: str = "keras",
     ) -> None:
         super().__init__()

@@ -158,7 +158,9 @@ class VGGFeatures(nn.Module):
         self.pooling = pooling
         self.normalize = Normalize(preprocessing)
         self.net = _vgg19_trunk(deepest(self.layers), pooling)
-        wanted = {k: v for k, v in state_dict.items() if int(k.split(".")[0]) < len(self.net)}
+        wanted = {
+            k: v for k, v in state_dict.items() if k.split(".")[0].isdigit() and int(k.split(".")[0]) < len(self.net)
+        }
         try:
             self.net.load_state_dict(wanted, strict=True)
         except RuntimeError as err:
@@ -167,13 +169,32 @@ class VGGFeatures(nn.Module):
         self.requires_grad_(False)
         self.eval()
         self._indices = {LAYER_INDEX[n]: n for n in self.layers}
+        self.channels_last = False
 
     def train(self, mode: bool = True) -> VGGFeatures:
         """Stay in eval mode: the extractor is frozen whatever the surrounding module does."""
         return super().train(False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the convolutions run in."""
+        return self.net[0].weight.dtype
+
+    def optimize(self, dtype: torch.dtype = torch.float32, channels_last: bool = True) -> VGGFeatures:
+        """Run the convolutions in ``dtype`` (bfloat16 halves CPU/GPU time) and NHWC layout; returns self.
+
+        Explicit casting, not autocast: the weights are converted once, and the caller computes Grams and
+        losses from ``.float()`` activations. The normalisation stays in fp32.
+        """
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.net.to(dtype=dtype, memory_format=fmt)
+        self.channels_last = channels_last
+        return self
+
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = self.normalize(image)
+        x = self.normalize(image.float()).to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         out: dict[str, torch.Tensor] = {}
         for index, layer in enumerate(self.net):
             x = layer(x)

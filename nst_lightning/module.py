@@ -163,6 +163,11 @@ class StyleTransferModule(L.LightningModule):
         """The current output image, ``(1, 3, H, W)`` in ``[0, 1]``, detached on the CPU."""
         return (self.image.detach() / self.pixel_scale).clamp(0.0, 1.0).cpu()
 
+    def setup(self, stage: str) -> None:
+        """Match the frozen VGG to the Trainer's precision: bf16 weights under bf16-mixed, NHWC layout."""
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        self.extractor.optimize(torch.bfloat16 if precision.startswith("bf16") else torch.float32)
+
     def on_fit_start(self) -> None:
         self.prepare_targets()
 

@@ -121,3 +121,18 @@ def test_min_side_counts_pools_on_the_way():
 def test_vggfeatures_needs_layers():
     with pytest.raises(ValueError):
         VGGFeatures([], caffe_state_dict())
+
+
+def test_bf16_channels_last_fast_path_stays_close_to_fp32(content_small):
+    ext = build_extractor(["relu1_1", "relu4_2"])
+    ref = {k: v.clone() for k, v in ext(content_small).items()}
+    ext.optimize(torch.float32, channels_last=True)
+    for k, v in ext(content_small).items():
+        torch.testing.assert_close(v, ref[k], rtol=1e-4, atol=1e-3)
+    ext.optimize(torch.bfloat16, channels_last=True)
+    assert ext.dtype == torch.bfloat16
+    fast = ext(content_small)
+    for k, v in fast.items():
+        assert v.dtype == torch.bfloat16
+        rel = (v.float() - ref[k]).norm() / ref[k].norm()
+        assert rel < 0.02, (k, rel)

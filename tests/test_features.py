@@ -128,7 +128,7 @@ def test_bf16_channels_last_fast_path_stays_close_to_fp32(content_small):
     ref = {k: v.clone() for k, v in ext(content_small).items()}
     ext.optimize(torch.float32, channels_last=True)
     for k, v in ext(content_small).items():
-        torch.testing.assert_close(v, ref[k], rtol=1e-4, atol=1e-3)
+        assert (v - ref[k]).norm() / ref[k].norm() < 1e-4, k
     ext.optimize(torch.bfloat16, channels_last=True)
     assert ext.dtype == torch.bfloat16
     fast = ext(content_small)

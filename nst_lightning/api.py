@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from .callbacks import FinalImage, ImageSnapshots, LossHistory, StepCheckpoint, StepProgressBar, write_text_atomic
 from .config import RunConfig, dump_config
 from .errors import CheckpointError, ConfigError
+from .hardware import resolve_precision
 from .images import load_image
 from .module import StyleTransferModule
 
@@ -100,7 +101,7 @@ def build_trainer(config: RunConfig, outputs: RunOutputs, progress: bool = True,
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=t.strategy,
-        precision=t.precision,
+        precision=resolve_precision(t.precision, t.accelerator),
         max_steps=t.max_steps,
         max_epochs=-1,
         log_every_n_steps=t.log_every_n_steps,

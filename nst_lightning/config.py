@@ -119,7 +119,9 @@ class TrainerConfig(_Section):
     """Arguments handed to ``lightning.Trainer``."""
 
     max_steps: int = Field(300, ge=1)
-    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
+        "auto", description="auto: bf16-mixed where the hardware has native bf16, else 32-true"
+    )
     accelerator: str = "auto"
     devices: Union[int, str, list[int]] = "auto"
     num_nodes: int = Field(1, ge=1)

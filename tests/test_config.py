@@ -14,7 +14,7 @@ def test_defaults_follow_the_paper():
     cfg = load_config()
     assert cfg.loss.content_layers == ["relu4_2"]
     assert cfg.loss.style_layers == ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
-    assert cfg.optim.name == "lbfgs" and cfg.trainer.precision == "32-true"
+    assert cfg.optim.name == "lbfgs" and cfg.trainer.precision == "auto"
     assert cfg.loss.layer_weights() == [0.2] * 5
 
 

@@ -66,12 +66,15 @@ class StepCheckpoint(ModelCheckpoint):
 
 
 class LossHistory(Callback):
-    """Keep every step's loss terms in a CSV file that survives resumes (rows past the resume point are dropped)."""
+    """Keep every step's loss terms in a CSV file that survives resumes (rows past the resume point are dropped).
+
+    Values stay device tensors until a flush, so a GPU run is not synchronised on every step.
+    """
 
     def __init__(self, path: str | os.PathLike[str], flush_every_n_steps: int = 25) -> None:
         self.path = Path(path)
         self.flush_every_n_steps = flush_every_n_steps
-        self.rows: list[dict[str, float]] = []
+        self.rows: list[dict[str, Any]] = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.rows = [r for r in self._read() if int(r["step"]) <= trainer.global_step]
@@ -84,8 +87,8 @@ class LossHistory(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         metrics = trainer.callback_metrics
-        row = {"step": float(trainer.global_step)}
-        row.update({k: float(metrics[k]) for k in LOSS_COLUMNS[1:] if k in metrics})
+        row: dict[str, Any] = {"step": trainer.global_step}
+        row.update({k: metrics[k].detach().clone() for k in LOSS_COLUMNS[1:] if k in metrics})
         self.rows.append(row)
         if trainer.global_step % self.flush_every_n_steps == 0:
             self.flush(trainer)
@@ -97,6 +100,7 @@ class LossHistory(Callback):
         """Rewrite the CSV atomically with every row so far."""
         if not trainer.is_global_zero:
             return
+        self.rows = [{k: float(v) for k, v in row.items()} for row in self.rows]
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=LOSS_COLUMNS, extrasaction="ignore")
         writer.writeheader()

@@ -16,6 +16,8 @@ from . import __version__
 from .errors import NSTError
 
 EXIT_USAGE = 2
+EXIT_MISMATCH = 1
+"""validate-onnx ran but the graph is past the tolerance (bad input exits with EXIT_USAGE)."""
 
 app = typer.Typer(
     name="nst-lightning",
@@ -63,6 +65,18 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
+def _show_api_messages() -> None:
+    """Print the API's INFO messages (logger ``nst_lightning``: ONNX providers, validation) to stderr as plain lines."""
+    import logging
+
+    logger = logging.getLogger("nst_lightning")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"nst-lightning {__version__}")
@@ -97,6 +111,7 @@ def fit(
         from .api import fit as run_fit
 
         _quiet_lightning()
+        _show_api_messages()
 
         outputs = run_fit(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
     except NSTError as err:
@@ -114,6 +129,76 @@ def print_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     except NSTError as err:
         raise fail(str(err)) from None
     typer.echo(dump_config(cfg), nl=False)
+
+
+@app.command()
+def export(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--output",
+            "-o",
+            help="Graph path (default export/vgg19_<weights>_<pooling>_to_<layer>.onnx).",
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing graph.")] = False,
+) -> None:
+    """Export the configured VGG19 feature extractor as an ONNX graph (opset 18) plus a JSON sidecar."""
+    try:
+        cfg = _load(config, set_)
+        from .api import export_features
+
+        path, info = export_features(cfg, output, overwrite=overwrite)
+    except NSTError as err:
+        raise fail(str(err)) from None
+    from .export import sidecar_path
+
+    spec = info.extractor
+    typer.echo(
+        f"wrote {path} and {sidecar_path(path).name}: outputs {', '.join(spec.layers)}; weights {spec.weights}, "
+        f"{spec.preprocessing.name} preprocessing, {spec.pooling} pooling; height and width >= {info.min_side} px; "
+        f"opset {info.opset}; onnx.checker full check passed"
+    )
+
+
+@app.command("validate-onnx")
+def validate_onnx(
+    model: Annotated[Path, typer.Argument(help="Graph written by `nst-lightning export`.", show_default=False)],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    size: Annotated[
+        Optional[list[int]],
+        typer.Option(
+            "--size", help="Image size to compare at (repeatable; default image.size and half of it).", show_default=False
+        ),
+    ] = None,
+    rtol: Annotated[
+        Optional[float],
+        typer.Option(
+            "--rtol",
+            min=0.0,
+            help="Max abs error allowed per layer, relative to its largest activation (default 1e-3).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Compare an exported graph (onnxruntime) with the torch extractor per layer; exit 1 past the tolerance."""
+    try:
+        cfg = _load(config, set_)
+        from .api import validate_graph
+
+        report = validate_graph(cfg, model, size, rtol)
+    except NSTError as err:
+        raise fail(str(err)) from None
+    for line in report.lines():
+        typer.echo(line)
+    if not report.ok:
+        worst = ", ".join(e.layer for e in report.failed)
+        typer.echo(f"error: {model} disagrees with the torch extractor past rtol {report.rtol:g} at {worst}", err=True)
+        raise typer.Exit(EXIT_MISMATCH)
 
 
 def run() -> None:

@@ -46,6 +46,18 @@ class FeaturesConfig(_Section):
         "auto", description="input normalisation; auto follows the weights"
     )
     allow_download: bool = Field(False, description="let torchvision download its weights if not cached")
+    onnx: str | None = Field(
+        None, description="graph from `nst-lightning export` computing the fixed targets with onnxruntime"
+    )
+    validate_onnx: bool = Field(False, description="check the graph against the torch extractor on the run's images first")
+
+    @model_validator(mode="after")
+    def _validation_needs_a_graph(self) -> FeaturesConfig:
+        if self.validate_onnx and not self.onnx:
+            raise ValueError(
+                "features.validate_onnx=true needs features.onnx, a graph written by `nst-lightning export --config ...`"
+            )
+        return self
 
 
 class LossConfig(_Section):
@@ -183,7 +195,7 @@ class RunConfig(_Section):
         """Settings a checkpoint must share with the run that resumes it."""
         return {
             "image": self.image.model_dump(),
-            "features": {k: v for k, v in self.features.model_dump().items() if k != "allow_download"},
+            "features": {k: v for k, v in self.features.model_dump().items() if k not in _RUNTIME_ONLY_FEATURES},
             "content_layers": self.loss.content_layers,
             "style_layers": self.loss.style_layers,
             "optim": self.optim.name,
@@ -191,6 +203,8 @@ class RunConfig(_Section):
 
 
 _INPUT_PATH_KEYS = ("content", "style", "init")
+_RUNTIME_ONLY_FEATURES = ("allow_download", "onnx", "validate_onnx")
+"""Feature settings that change how a run gets its weights or targets, not what it optimises."""
 
 
 def _relative_to(base: Path, value: Any) -> Any:
@@ -210,6 +224,8 @@ def _resolve_file_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     if isinstance(feats, dict) and isinstance(feats.get("weights"), str):
         if feats["weights"] not in ("caffe", "torchvision"):
             feats["weights"] = _relative_to(base, feats["weights"])
+    if isinstance(feats, dict) and isinstance(feats.get("onnx"), str):
+        feats["onnx"] = _relative_to(base, feats["onnx"])
     return raw
 
 

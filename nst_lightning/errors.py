@@ -19,3 +19,7 @@ class WeightsError(NSTError):
 
 class CheckpointError(NSTError):
     """A checkpoint is unreadable or belongs to another run."""
+
+
+class OnnxError(NSTError):
+    """An ONNX graph is missing, unreadable, or does not match the configured feature extractor."""

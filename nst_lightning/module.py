@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -150,13 +150,18 @@ class StyleTransferModule(L.LightningModule):
         return self.criterion(self.extractor(x), x)
 
     @torch.no_grad()
-    def prepare_targets(self) -> None:
-        """Compute content features and style Grams once, on the module's current device."""
+    def prepare_targets(self, features: Callable[[torch.Tensor], Mapping[str, torch.Tensor]] | None = None) -> None:
+        """Compute content features and style Grams once, on the module's current device.
+
+        ``features`` computes the activations instead of the module's extractor, e.g. an exported ONNX
+        graph run by onnxruntime; the optimisation itself always uses the torch extractor (it needs gradients).
+        """
         if self.criterion.has_targets:
             return
+        extract = features if features is not None else self.extractor
         device = self.image.device
-        content_feats = self.extractor(self.content_image.to(device))
-        style_feats = [self.extractor(s.to(device)) for s in self.style_images]
+        content_feats = extract(self.content_image.to(device))
+        style_feats = [extract(s.to(device)) for s in self.style_images]
         self.criterion.set_targets(content_feats, style_feats, self.style_blend)
 
     def result(self) -> torch.Tensor:

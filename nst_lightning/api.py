@@ -15,7 +15,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from .callbacks import FinalImage, ImageSnapshots, LossHistory, StepCheckpoint, StepProgressBar, write_text_atomic
+from .callbacks import FinalImage, ImageSnapshots, LossHistory, StepCheckpoint, StepProgressBar
+from .files import write_text_atomic
 from .config import RunConfig, all_layers, dump_config
 from .errors import CheckpointError, ConfigError, OnnxError
 from .export import DEFAULT_RTOL, ExportInfo, ExtractorSpec, OnnxFeatures, ValidationReport, export_onnx, validate_onnx

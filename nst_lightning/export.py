@@ -13,7 +13,7 @@ import json
 import math
 import os
 import platform
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from torch import nn
 from . import __version__
 from .errors import OnnxError
 from .features import Preprocessing, VGGFeatures, min_side
+from .files import replace_atomically, write_text_atomic
 from .layers import LAYER_INDEX
 
 OPSET = 18
@@ -180,18 +181,6 @@ class _LayerTuple(nn.Module):
         return tuple(out[name] for name in self.layers)
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Let ``write`` fill a temporary file beside ``path``, then rename it over ``path``: no half-written files."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # created by ``write``, so it gets the umask's mode
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _versions() -> dict[str, str]:
     import onnx
     import onnxscript
@@ -239,10 +228,8 @@ def export_onnx(extractor: VGGFeatures, path: str | os.PathLike[str], weights: s
         program.save(tmp, external_data=False)
         onnx.checker.check_model(str(tmp), full_check=True)
 
-    _replace_atomically(path, write_graph)
-    _replace_atomically(
-        sidecar_path(path), lambda tmp: tmp.write_text(json.dumps(info.to_dict(), indent=2) + "\n", encoding="utf-8")
-    )
+    replace_atomically(path, write_graph)
+    write_text_atomic(sidecar_path(path), json.dumps(info.to_dict(), indent=2) + "\n")
     return info
 
 

@@ -6,7 +6,6 @@ Tensors are ``(1, 3, H, W)`` float32 RGB in ``[0, 1]``; preprocessing for the ne
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
+from .files import replace_atomically
 
 MAX_PIXELS = 178_956_970
 """Largest source image accepted (Pillow's own decompression-bomb limit): about 179 megapixels."""
@@ -128,17 +128,8 @@ def save_pil(img: Image.Image, path: str | os.PathLike[str]) -> Path:
     fmt = SAVE_FORMATS.get(p.suffix.lower())
     if fmt is None:
         raise ImageError(f"cannot save {p}: unknown image suffix; use one of {', '.join(SAVE_FORMATS)}")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
-            img.save(fh, format=fmt, **options)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    return replace_atomically(p, lambda tmp: img.save(tmp, format=fmt, **options))
 
 
 def save_image(image: torch.Tensor, path: str | os.PathLike[str]) -> Path:

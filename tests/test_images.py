@@ -148,3 +148,12 @@ def test_one_pixel_image_is_refused(tmp_path):
     Image.new("RGB", (1, 1)).save(path)
     with pytest.raises(ImageError, match="1x1 pixels"):
         read_image(path)
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path, rgb):
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    out = save_image(read_image(rgb), tmp_path / "perm.png")
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -50,6 +50,9 @@ class FeaturesConfig(_Section):
         None, description="graph from `nst-lightning export` computing the fixed targets with onnxruntime"
     )
     validate_onnx: bool = Field(False, description="check the graph against the torch extractor on the run's images first")
+    checkpoint_blocks: int = Field(
+        0, ge=0, le=5, description="recompute the first N VGG blocks in backward to save activation memory"
+    )
 
     @model_validator(mode="after")
     def _validation_needs_a_graph(self) -> FeaturesConfig:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .errors import WeightsError
 from .layers import CONV_INDICES, KERAS_CONV_NAMES, LAYER_INDEX, LAYER_NAMES, canonical_layer, deepest
@@ -170,6 +171,7 @@ class VGGFeatures(nn.Module):
         self.eval()
         self._indices = {LAYER_INDEX[n]: n for n in self.layers}
         self.channels_last = False
+        self.checkpointed_blocks = 0
 
     def train(self, mode: bool = True) -> VGGFeatures:
         """Stay in eval mode: the extractor is frozen whatever the surrounding module does."""
@@ -191,15 +193,45 @@ class VGGFeatures(nn.Module):
         self.channels_last = channels_last
         return self
 
+    def checkpoint_blocks(self, blocks: int) -> VGGFeatures:
+        """Recompute the first ``blocks`` VGG blocks in the backward pass instead of storing their activations.
+
+        Trades one extra forward of those blocks for most of their activation memory, which dominates at
+        large sizes (block 1 holds 64 channels at full resolution). 0 turns it off; returns self.
+        """
+        self.checkpointed_blocks = max(0, blocks)
+        return self
+
+    def _segments(self) -> list[tuple[int, int, bool]]:
+        """``(start, stop, checkpointed)`` ranges of ``self.net``: one per checkpointed block, then the rest."""
+        pools = [i for i, layer in enumerate(self.net) if isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d))]
+        ends = [p + 1 for p in pools[: self.checkpointed_blocks]]
+        starts = [0, *ends]
+        segments = [(a, b, True) for a, b in zip(starts, ends)]
+        if starts[-1] < len(self.net):
+            segments.append((starts[-1], len(self.net), False))
+        return segments
+
+    def _run(self, x: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        taken: list[torch.Tensor] = []
+        for index in range(start, stop):
+            x = self.net[index](x)
+            if index in self._indices:
+                taken.append(x)
+        return x, taken
+
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.normalize(image.float()).to(self.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out: dict[str, torch.Tensor] = {}
-        for index, layer in enumerate(self.net):
-            x = layer(x)
-            if index in self._indices:
-                out[self._indices[index]] = x
+        for start, stop, recompute in self._segments():
+            names = [self._indices[i] for i in range(start, stop) if i in self._indices]
+            if recompute and x.requires_grad:
+                x, taken = checkpoint(self._run, x, start, stop, use_reentrant=False)
+            else:
+                x, taken = self._run(x, start, stop)
+            out.update(zip(names, taken))
         return out
 
 

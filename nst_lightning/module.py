@@ -112,6 +112,7 @@ class StyleTransferModule(L.LightningModule):
             preprocessing=self.features_config.preprocessing,
             allow_download=self.features_config.allow_download,
         )
+        self.extractor.checkpoint_blocks(self.features_config.checkpoint_blocks)
         missing = [n for n in layers if n not in self.extractor.layers]
         if missing:
             raise ConfigError(f"the given extractor does not return layers {missing}; build it with all loss layers")

@@ -136,3 +136,23 @@ def test_bf16_channels_last_fast_path_stays_close_to_fp32(content_small):
         assert v.dtype == torch.bfloat16
         rel = (v.float() - ref[k]).norm() / ref[k].norm()
         assert rel < 0.02, (k, rel)
+
+
+def test_checkpointed_blocks_give_the_same_features_and_gradients(content_small):
+    ext = build_extractor(["relu1_1", "relu2_1", "relu3_1", "relu4_2", "relu5_1"])
+
+    def loss_and_grad():
+        x = content_small.clone().requires_grad_(True)
+        feats = ext(x)
+        loss = sum(f.float().pow(2).mean() for f in feats.values())
+        loss.backward()
+        return {k: v.detach() for k, v in feats.items()}, x.grad
+
+    ref_feats, ref_grad = loss_and_grad()
+    for blocks in (1, 2, 4, 5):
+        ext.checkpoint_blocks(blocks)
+        feats, grad = loss_and_grad()
+        assert feats.keys() == ref_feats.keys()
+        for k in feats:
+            torch.testing.assert_close(feats[k], ref_feats[k])
+        torch.testing.assert_close(grad, ref_grad)

@@ -5,13 +5,14 @@ Run by benchmark.py in its own process so peak RSS and whole-process wall time a
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
 import warnings
 
 T0 = time.perf_counter()
+
+from worker_args import worker_parser  # noqa: E402
 
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
@@ -34,13 +35,7 @@ class StepClock(Callback):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--content", required=True)
-    p.add_argument("--style", required=True)
-    p.add_argument("--size", type=int, required=True)
-    p.add_argument("--evals", type=int, required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--snapshot-every", type=int, default=0)
+    p = worker_parser()
     p.add_argument("--set", action="append", default=[])
     args = p.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)

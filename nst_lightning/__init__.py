@@ -19,6 +19,10 @@ _LAZY = {
     "load_image": ".images",
     "save_image": ".images",
     "fit": ".api",
+    "fit_batch": ".batch",
+    "BatchStylizer": ".batch",
+    "StylePairsDataModule": ".data",
+    "ImageLogger": ".image_logging",
     "RunConfig": ".config",
     "load_config": ".config",
 }

@@ -18,6 +18,7 @@ from .config import RunConfig, dump_config
 from .errors import CheckpointError, ConfigError
 from .images import load_image
 from .module import StyleTransferModule
+from .pairs import is_batch
 
 RUN_FILES = ("config.yaml", "final.png", "losses.csv")
 RUN_DIRS = ("checkpoints", "snapshots")
@@ -171,6 +172,8 @@ def fit(
     ``resume``: ``"last"`` or a checkpoint path continues that optimisation; ``overwrite`` replaces a
     previous run in the same output directory.
     """
+    if is_batch(config):
+        raise ConfigError("the config names a folder, glob or list of images; run it with nst_lightning.fit_batch(config)")
     outputs = RunOutputs(Path(config.output))
     ckpt_path = resolve_resume(resume, outputs)
     content, styles = load_images(config)

@@ -23,6 +23,7 @@ _LAZY = {
     "BatchStylizer": ".batch",
     "StylePairsDataModule": ".data",
     "ImageLogger": ".image_logging",
+    "expand_pairs": ".pairs",
     "RunConfig": ".config",
     "load_config": ".config",
 }

@@ -173,7 +173,9 @@ def fit(
     previous run in the same output directory.
     """
     if is_batch(config):
-        raise ConfigError("the config names a folder, glob or list of images; run it with nst_lightning.fit_batch(config)")
+        raise ConfigError(
+            "the config names a folder, glob or list of images; run it with nst_lightning.fit_batch(config)"
+        )
     outputs = RunOutputs(Path(config.output))
     ckpt_path = resolve_resume(resume, outputs)
     content, styles = load_images(config)

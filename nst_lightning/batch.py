@@ -146,7 +146,8 @@ class BatchStylizer(L.LightningModule):
         x = torch.cat([p.image for p in problems]) / StyleTransferModule.pixel_scale
         feats = self.extractor(x)
         losses = [
-            p.criterion({k: v[i : i + 1] for k, v in feats.items()}, x[i : i + 1])["loss"] for i, p in enumerate(problems)
+            p.criterion({k: v[i : i + 1] for k, v in feats.items()}, x[i : i + 1])["loss"]
+            for i, p in enumerate(problems)
         ]
         torch.stack(losses).sum().backward()
         for p in problems:
@@ -205,9 +206,12 @@ class BatchProgressBar(Callback):
         total = sum(dataset.group_size(i) for i in loader.sampler) if hasattr(dataset, "group_size") else None
         label = "images" if trainer.world_size == 1 else f"images (rank 0 of {trainer.world_size})"
         self.images = tqdm(total=total, desc=label, unit="img", position=0, dynamic_ncols=True)
-        self.steps = tqdm(total=getattr(pl_module, "steps", None), desc="steps", position=1, leave=False, dynamic_ncols=True)
+        steps = getattr(pl_module, "steps", None)
+        self.steps = tqdm(total=steps, desc="steps", position=1, leave=False, dynamic_ncols=True)
 
-    def on_predict_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_predict_batch_start(
+        self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         if self.steps is not None:
             self.steps.reset()
 

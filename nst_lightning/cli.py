@@ -93,7 +93,9 @@ def fit(
     output: Annotated[
         Optional[Path], typer.Option("--output", "-o", help="Run directory (overrides `output`).", show_default=False)
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in the output directory.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a previous run in the output directory (batch: redo finished images).")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Stylise the content image; writes OUTPUT/final.png, snapshots, checkpoints, config and losses.
@@ -120,7 +122,9 @@ def fit(
 def _fit_batch(cfg: RunConfig, resume: Optional[str], overwrite: bool, quiet: bool) -> None:
     """Many pairs: rank zero prints the summary; exit code 1 when any image failed."""
     if resume is not None:
-        raise NSTError("--resume is for single runs; rerun a batch as it was to continue it (finished images are skipped)")
+        raise NSTError(
+            "--resume is for single runs; rerun a batch as it was to continue it (finished images are skipped)"
+        )
     from .batch import fit_batch
 
     _quiet_lightning()

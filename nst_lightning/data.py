@@ -133,7 +133,9 @@ class StylePairsDataModule(L.LightningDataModule):
         self.dataset: StylePairsDataset | None = None
 
     @classmethod
-    def from_config(cls, config: RunConfig, pairs: Sequence[Pair], images_per_device: int | None = None) -> StylePairsDataModule:
+    def from_config(
+        cls, config: RunConfig, pairs: Sequence[Pair], images_per_device: int | None = None
+    ) -> StylePairsDataModule:
         """The data module for ``pairs`` with the config's image sizes and batching."""
         return cls(
             pairs,

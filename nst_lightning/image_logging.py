@@ -1,4 +1,4 @@
-"""Progress images for the user's own loggers: TensorBoard when it is installed, PNG files in the logger's folder otherwise."""
+"""Progress images for the user's own loggers: TensorBoard when installed, else PNG files in the logger's folder."""
 
 from __future__ import annotations
 

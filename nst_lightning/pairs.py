@@ -66,8 +66,8 @@ def expand_pairs(config: RunConfig) -> list[Pair]:
         other = seen.setdefault(pair.output, pair)
         if other is not pair:
             raise ConfigError(
-                f"{other.content} x {' + '.join(other.styles)} and {pair.content} x {' + '.join(pair.styles)} would both "
-                f"write {pair.output}; rename one of the images (outputs are named <content>__<style>.png)"
+                f"{other.content} x {' + '.join(other.styles)} and {pair.content} x {' + '.join(pair.styles)} would "
+                f"both write {pair.output}; rename one of the images (outputs are named <content>__<style>.png)"
             )
     return pairs
 

@@ -66,7 +66,10 @@ def test_a_style_list_of_files_stays_one_blended_style(tmp_path):
     [
         (lambda t: {"content": t / "empty"}, "content folder .* holds no images"),
         (lambda t: {"content": f"'{t}/nowhere/*.jpg'"}, "content glob .* matches no images"),
-        (lambda t: {"content": t / "c", "style": f"[{t / 's'}, a.jpg]"}, "entry .* is a folder or glob, but a style list is blended"),
+        (
+            lambda t: {"content": t / "c", "style": f"[{t / 's'}, a.jpg]"},
+            "is a folder or glob, but a style list is blended",
+        ),
         (lambda t: {"content": t / "clash"}, "would both write .*a__starry_night.png; rename one"),
     ],
 )

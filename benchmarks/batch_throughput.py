@@ -6,7 +6,9 @@ Runs ``fit_batch`` end to end on crops of the bundled photo, in a temporary fold
     python benchmarks/batch_throughput.py --accelerator cuda --images 32 --size 256 --per-device 16
 
 ``optimising`` counts the optimisation loops only (what batching changes); ``end to end`` is the wall
-time of the whole call (Trainer start, weights, image loading and writing included).
+time of the whole call (Trainer start, weights, image loading and writing included). The settings
+alternate over ``--repeats`` rounds and each shows its best round, as other load on a shared machine
+only ever slows a round down.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def main() -> None:
     parser.add_argument("--per-device", type=int, default=8, help="images per VGG pass with batching on")
     parser.add_argument("--optim", choices=["lbfgs", "adam"], default="lbfgs")
     parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; the best rate of each setting is shown")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -75,10 +78,15 @@ def main() -> None:
             measure(root, args, per_device, 1, f"warmup_{per_device}")
         print(
             f"batch throughput ({args.accelerator}, {args.images} images {args.size}x{args.size}, "
-            f"{args.steps} {args.optim} steps each): images/min optimising | end to end"
+            f"{args.steps} {args.optim} steps each, best of {args.repeats}): images/min optimising | end to end"
         )
-        for label, per_device in [("batching off", 1), (f"batching on ({args.per_device} per pass)", args.per_device)]:
-            loop, total = measure(root, args, per_device, args.steps, f"out_{per_device}")
+        settings = {"batching off": 1, f"batching on ({args.per_device} per pass)": args.per_device}
+        best = {label: (0.0, 0.0) for label in settings}
+        for repeat in range(args.repeats):  # alternate the settings so load from elsewhere hits both alike
+            for label, per_device in settings.items():
+                rates = measure(root, args, per_device, args.steps, f"out_{per_device}_{repeat}")
+                best[label] = (max(best[label][0], rates[0]), max(best[label][1], rates[1]))
+        for label, (loop, total) in best.items():
             print(f"  {label:<28} {loop:8.1f} | {total:8.1f}")
 
 

@@ -19,6 +19,11 @@ _LAZY = {
     "load_image": ".images",
     "save_image": ".images",
     "fit": ".api",
+    "fit_batch": ".batch",
+    "BatchStylizer": ".batch",
+    "StylePairsDataModule": ".data",
+    "ImageLogger": ".image_logging",
+    "expand_pairs": ".pairs",
     "RunConfig": ".config",
     "load_config": ".config",
 }

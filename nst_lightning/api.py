@@ -24,6 +24,7 @@ from .features import VGGFeatures, build_extractor, min_side
 from .hardware import resolve_precision
 from .images import load_image
 from .module import StyleTransferModule
+from .pairs import is_batch
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,10 @@ def fit(
     ``resume``: ``"last"`` or a checkpoint path continues that optimisation; ``overwrite`` replaces a
     previous run in the same output directory.
     """
+    if is_batch(config):
+        raise ConfigError(
+            "the config names a folder, glob or list of images; run it with nst_lightning.fit_batch(config)"
+        )
     outputs = RunOutputs(Path(config.output))
     ckpt_path = resolve_resume(resume, outputs)
     content, styles = load_images(config)

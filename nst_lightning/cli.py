@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from . import __version__
 from .errors import NSTError
 
+if TYPE_CHECKING:
+    from .config import RunConfig
+
 EXIT_USAGE = 2
 EXIT_MISMATCH = 1
 """validate-onnx ran but the graph is past the tolerance (bad input exits with EXIT_USAGE)."""
+EXIT_SOME_FAILED = 1
+"""A batch run finished but some of its images failed (listed in the summary)."""
 
 app = typer.Typer(
     name="nst-lightning",
@@ -61,6 +66,7 @@ def _quiet_lightning() -> None:
     import warnings
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
@@ -102,12 +108,22 @@ def fit(
     output: Annotated[
         Optional[Path], typer.Option("--output", "-o", help="Run directory (overrides `output`).", show_default=False)
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in the output directory.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a previous run in the output directory (batch: redo finished images).")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Stylise the content image; writes OUTPUT/final.png, snapshots, checkpoints, config and losses."""
+    """Stylise the content image; writes OUTPUT/final.png, snapshots, checkpoints, config and losses.
+
+    With a folder, glob or list of images: one OUTPUT/<content>__<style>.png per pair, finished ones skipped.
+    """
     try:
         cfg = _load(config, set_, output)
+        from .pairs import is_batch
+
+        if is_batch(cfg):
+            _fit_batch(cfg, resume, overwrite, quiet)
+            return
         from .api import fit as run_fit
 
         _quiet_lightning()
@@ -117,6 +133,22 @@ def fit(
     except NSTError as err:
         raise fail(str(err)) from None
     typer.echo(f"wrote {outputs.final}")
+
+
+def _fit_batch(cfg: RunConfig, resume: Optional[str], overwrite: bool, quiet: bool) -> None:
+    """Many pairs: rank zero prints the summary; exit code 1 when any image failed."""
+    if resume is not None:
+        raise NSTError(
+            "--resume is for single runs; rerun a batch as it was to continue it (finished images are skipped)"
+        )
+    from .batch import fit_batch
+
+    _quiet_lightning()
+    report = fit_batch(cfg, overwrite=overwrite, progress=not quiet)
+    if report.is_global_zero:
+        typer.echo("\n".join(report.lines()))
+    if report.failed:
+        raise typer.Exit(EXIT_SOME_FAILED)
 
 
 @app.command("print-config")

@@ -157,11 +157,24 @@ class SnapshotConfig(_Section):
     every_n_steps: int = Field(50, ge=0, description="0 disables snapshots")
 
 
+class BatchConfig(_Section):
+    """Runs over many content x style pairs (``content`` or ``style`` a folder, a glob or a list)."""
+
+    images_per_device: int = Field(
+        4, ge=1, le=1024, description="same-size images optimised together in one batched forward pass"
+    )
+
+
 class RunConfig(_Section):
     """One style-transfer run: inputs, output directory and every setting."""
 
-    content: str = Field(str(EXAMPLE_CONTENT), description="content image path")
-    style: Union[str, list[str]] = Field(str(EXAMPLE_STYLE), description="style image path(s)")
+    content: Union[str, list[str]] = Field(
+        str(EXAMPLE_CONTENT), description="content image path, or a folder, a glob or a list of them (one output each)"
+    )
+    style: Union[str, list[str]] = Field(
+        str(EXAMPLE_STYLE),
+        description="style image path, a list of files blended into one style, or a folder or glob (one output each)",
+    )
     output: str = Field("runs/example", description="run directory: final.png, snapshots, checkpoints")
     seed: int = 0
     init: str = Field("content", description="content | noise | style | path to an image")
@@ -172,6 +185,14 @@ class RunConfig(_Section):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+
+    @field_validator("content")
+    @classmethod
+    def _some_content(cls, content: str | list[str]) -> str | list[str]:
+        if isinstance(content, list) and not content:
+            raise ValueError("give at least one content image")
+        return content
 
     @field_validator("style")
     @classmethod
@@ -188,6 +209,11 @@ class RunConfig(_Section):
                 "breaks L-BFGS); use bf16-mixed or 32-true, or optim.name=adam"
             )
         return self
+
+    @property
+    def contents(self) -> list[str]:
+        """The content entries (files, folders or globs) as a list."""
+        return [self.content] if isinstance(self.content, str) else list(self.content)
 
     @property
     def styles(self) -> list[str]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
 
 from nst_lightning.api import fit
 from nst_lightning.errors import CheckpointError, ConfigError
+from nst_lightning.image_logging import ImageLogger
 from nst_lightning.images import read_image
 from nst_lightning.module import StyleTransferModule
 
@@ -147,7 +150,12 @@ def test_module_works_in_a_user_trainer_with_callbacks_and_csv_logger(content_sm
     _run(module, 4, callbacks=[Record()], **{})
     assert len(seen) == 4 and seen[-1] < seen[0]
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=CSVLogger(tmp_path), enable_progress_bar=False,
-                        enable_checkpointing=False, log_every_n_steps=1)
-    trainer.fit(StyleTransferModule(content_small, style_small, extractor=extractor))
+                        enable_checkpointing=False, log_every_n_steps=1, callbacks=[ImageLogger(every_n_steps=2)])
+    module = StyleTransferModule(content_small, style_small, extractor=extractor)
+    trainer.fit(module)
     metrics = next(tmp_path.rglob("metrics.csv")).read_text()
     assert "content" in metrics and "style" in metrics
+    images = sorted(tmp_path.rglob("images/*.png"))
+    assert [p.name for p in images] == ["image_step_000002.png", "image_step_000003.png"]
+    assert images[0].parent.parent == Path(trainer.logger.log_dir)
+    assert (read_image(images[-1]) - module.result()).abs().max() <= 1 / 255

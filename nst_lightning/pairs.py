@@ -1,0 +1,130 @@
+"""The content x style pairs of a batch run: expand folders, globs and lists, name each output, skip finished ones.
+
+Imports no torch, so the CLI can tell a batch run from a single run (and report bad inputs) at once.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import NamedTuple
+
+from .config import RunConfig
+from .errors import ConfigError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
+PAIR_SEPARATOR = "__"
+OUTPUT_SUFFIX = ".png"
+
+
+class Pair(NamedTuple):
+    """One output image: a content file, the style file(s) blended for it, and the file it is written to."""
+
+    content: str
+    styles: tuple[str, ...]
+    output: str
+
+    @property
+    def name(self) -> str:
+        """The output's file name, ``<content-stem>__<style-stem>.png``: it says which pair it is."""
+        return Path(self.output).name
+
+
+def names_many(entry: str) -> bool:
+    """Whether an input entry is a folder or a glob (so it may name several images)."""
+    return _is_glob(entry) or Path(os.path.expanduser(entry)).is_dir()
+
+
+def is_batch(config: RunConfig) -> bool:
+    """A batch run writes one file per pair: content is a list, or content or style is a folder or glob.
+
+    The form of the input decides, not the number of matches, so a folder of one image still writes
+    ``OUTPUT/<content>__<style>.png`` and reruns keep finding it.
+    """
+    return isinstance(config.content, list) or any(names_many(e) for e in [*config.contents, *config.styles])
+
+
+def expand_pairs(config: RunConfig) -> list[Pair]:
+    """Every content x style pair the config names, in a stable order, each with its output path."""
+    out_dir = Path(config.output)
+    contents = _unique(p for entry in config.contents for p in _expand(entry, "content"))
+    for path in contents:
+        if path.parent.resolve() == out_dir.resolve():
+            raise ConfigError(
+                f"content image {path} is inside the output folder {out_dir}; results would become inputs on the "
+                "next run, so choose another --output"
+            )
+    pairs = [
+        Pair(str(c), styles, str(out_dir / f"{c.stem}{PAIR_SEPARATOR}{_styles_stem(styles)}{OUTPUT_SUFFIX}"))
+        for c in contents
+        for styles in _style_sets(config.styles)
+    ]
+    seen: dict[str, Pair] = {}
+    for pair in pairs:
+        other = seen.setdefault(pair.output, pair)
+        if other is not pair:
+            raise ConfigError(
+                f"{other.content} x {' + '.join(other.styles)} and {pair.content} x {' + '.join(pair.styles)} would "
+                f"both write {pair.output}; rename one of the images (outputs are named <content>__<style>.png)"
+            )
+    return pairs
+
+
+def pending(pairs: list[Pair], overwrite: bool = False) -> tuple[list[Pair], list[Pair]]:
+    """Split pairs into (to do, already complete). Outputs are written atomically, so existing means complete."""
+    if overwrite:
+        return list(pairs), []
+    done = [p for p in pairs if Path(p.output).is_file()]
+    todo = [p for p in pairs if not Path(p.output).is_file()]
+    return todo, done
+
+
+def _is_glob(entry: str) -> bool:
+    return any(ch in entry for ch in "*?[")
+
+
+def _expand(entry: str, role: str) -> list[Path]:
+    """The image files an entry names: itself, a folder's images (not recursive) or a glob's matches."""
+    path = Path(os.path.expanduser(entry))
+    if _is_glob(entry):
+        found = [Path(p) for p in glob.glob(os.path.expanduser(entry), recursive=True)]
+        what = f"{role} glob {entry!r} matches"
+    elif path.is_dir():
+        found = [p for p in path.iterdir() if not p.name.startswith(".")]
+        what = f"{role} folder {path} holds"
+    else:
+        return [path]
+    images = sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ConfigError(f"{what} no images ({', '.join(IMAGE_SUFFIXES)}); check the path or the pattern")
+    return images
+
+
+def _style_sets(entries: list[str]) -> list[tuple[str, ...]]:
+    """One style per image of a folder or glob; a list of files stays one blended style (as in single runs)."""
+    if len(entries) == 1 and names_many(entries[0]):
+        return [(str(p),) for p in _expand(entries[0], "style")]
+    many = [e for e in entries if names_many(e)]
+    if many:
+        raise ConfigError(
+            f"style list entry {many[0]!r} is a folder or glob, but a style list is blended into one style; "
+            "give the folder or glob alone for one output per style, or list image files to blend"
+        )
+    return [tuple(entries)]
+
+
+def _styles_stem(styles: tuple[str, ...]) -> str:
+    return "+".join(Path(s).stem for s in styles)
+
+
+def _unique(paths: Iterable[Path]) -> list[Path]:
+    seen: set[Path] = set()
+    out = []
+    for p in paths:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out

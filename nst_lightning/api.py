@@ -13,9 +13,11 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from .atomic import remove_stale_temps
 from .callbacks import FinalImage, ImageSnapshots, LossHistory, StepCheckpoint, StepProgressBar, write_text_atomic
-from .config import RunConfig, dump_config
+from .config import INIT_KEYWORDS, RunConfig, dump_config
 from .errors import CheckpointError, ConfigError
+from .faults import AtomicCheckpointIO
 from .images import load_image
 from .module import StyleTransferModule
 
@@ -95,22 +97,30 @@ def build_trainer(config: RunConfig, outputs: RunOutputs, progress: bool = True,
         own.append(ImageSnapshots(outputs.snapshots, config.snapshot.every_n_steps))
     if progress:
         own.append(StepProgressBar())
-    return L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        precision=t.precision,
-        max_steps=t.max_steps,
-        max_epochs=-1,
-        log_every_n_steps=t.log_every_n_steps,
-        logger=False,
-        callbacks=own + list(callbacks or []),
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=outputs.root,
-    )
+    try:
+        return L.Trainer(
+            accelerator=t.accelerator,
+            devices=t.devices,
+            num_nodes=t.num_nodes,
+            strategy=t.strategy,
+            precision=t.precision,
+            max_steps=t.max_steps,
+            max_epochs=-1,
+            log_every_n_steps=t.log_every_n_steps,
+            logger=False,
+            callbacks=own + list(callbacks or []),
+            plugins=[AtomicCheckpointIO()],
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=outputs.root,
+        )
+    except Exception as err:  # Lightning validates accelerator, devices, strategy here, each with its own type
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"Lightning rejects trainer settings (accelerator={t.accelerator}, devices={t.devices}, "
+            f"strategy={t.strategy}): {first}; fix the trainer section"
+        ) from None
 
 
 def resolve_resume(resume: str | None, outputs: RunOutputs) -> Path | None:
@@ -138,24 +148,54 @@ def read_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-def prepare_output(config: RunConfig, outputs: RunOutputs, resuming: bool, overwrite: bool) -> None:
-    """Create the run directory; refuse to clobber a previous run unless resuming or ``overwrite``."""
-    root = outputs.root
-    inputs = {Path(p).resolve() for p in [config.content, *config.styles]}
-    if root.resolve() in inputs or root.is_file():
-        raise ConfigError(f"output {root} is a file (an input image?); give a directory for the run's outputs")
-    previous = outputs.config.exists() or outputs.checkpoints.exists()
-    if previous and not resuming:
-        if not overwrite:
+def input_paths(config: RunConfig) -> list[Path]:
+    """Every file the run reads: content, styles, an init image and a weights file."""
+    paths = [config.content, *config.styles]
+    if config.init not in INIT_KEYWORDS:
+        paths.append(config.init)
+    if config.features.weights not in ("caffe", "torchvision"):
+        paths.append(config.features.weights)
+    return [Path(p).expanduser().resolve() for p in paths]
+
+
+def check_output(config: RunConfig, outputs: RunOutputs, resuming: bool, overwrite: bool) -> None:
+    """Refuse an output directory that would overwrite or delete an input, or clobber a previous run."""
+    root = outputs.root.expanduser().resolve()
+    if outputs.root.is_file():
+        raise ConfigError(f"output {outputs.root} is a file (an input image?); give a directory for the run's outputs")
+    written = {root / name for name in RUN_FILES}
+    for path in input_paths(config):
+        if path == root or path in written or any(path.is_relative_to(root / d) for d in RUN_DIRS):
             raise ConfigError(
-                f"output {root} holds a previous run; add --resume last to continue it, "
-                "--overwrite to replace it, or choose another --output"
+                f"input {path} is where the run writes its outputs (final.png, snapshots/, ...) and would be "
+                "overwritten; choose another --output or move the input"
             )
+    previous = any((root / name).exists() for name in (*RUN_FILES, *RUN_DIRS))
+    if previous and not resuming and not overwrite:
+        raise ConfigError(
+            f"output {outputs.root} holds a previous run; add --resume last to continue it, "
+            "--overwrite to replace it, or choose another --output"
+        )
+
+
+def prepare_output(outputs: RunOutputs, resuming: bool, overwrite: bool) -> None:
+    """Create the run directory; with ``overwrite`` (and not resuming) remove a previous run's files first.
+
+    Temporary files that a killed run left half-written are removed; finished files are never touched.
+    """
+    root = outputs.root
+    if overwrite and not resuming:
         for name in RUN_FILES:
             (root / name).unlink(missing_ok=True)
         for name in RUN_DIRS:
             shutil.rmtree(root / name, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create output directory {root} ({err.strerror}); choose another --output") from None
+    remove_stale_temps(root, RUN_FILES)
+    for name in RUN_DIRS:
+        remove_stale_temps(root / name)
 
 
 def fit(
@@ -169,17 +209,18 @@ def fit(
     """Run one style transfer as ``config`` describes; returns where its files are.
 
     ``resume``: ``"last"`` or a checkpoint path continues that optimisation; ``overwrite`` replaces a
-    previous run in the same output directory.
+    previous run in the same output directory. Everything is checked before the first file is written.
     """
     outputs = RunOutputs(Path(config.output))
+    check_output(config, outputs, resuming=resume is not None, overwrite=overwrite)
     ckpt_path = resolve_resume(resume, outputs)
     content, styles = load_images(config)
     L.seed_everything(config.seed, workers=False, verbose=False)
+    trainer = build_trainer(config, outputs, progress=progress, callbacks=callbacks)
     module = build_module(config, content, styles)
     if ckpt_path is not None:
         module.check_checkpoint(read_checkpoint(ckpt_path))
-    prepare_output(config, outputs, resuming=ckpt_path is not None, overwrite=overwrite)
+    prepare_output(outputs, resuming=ckpt_path is not None, overwrite=overwrite)
     write_text_atomic(outputs.config, dump_config(config))
-    trainer = build_trainer(config, outputs, progress=progress, callbacks=callbacks)
     trainer.fit(module, ckpt_path=ckpt_path)
     return outputs

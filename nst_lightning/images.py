@@ -6,7 +6,6 @@ Tensors are ``(1, 3, H, W)`` float32 RGB in ``[0, 1]``; preprocessing for the ne
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from .atomic import atomic_write
 from .errors import ImageError
 
 MAX_PIXELS = 178_956_970
@@ -152,17 +152,8 @@ def save_pil(img: Image.Image, path: str | os.PathLike[str]) -> Path:
     fmt = SAVE_FORMATS.get(p.suffix.lower())
     if fmt is None:
         raise ImageError(f"cannot save {p}: unknown image suffix; use one of {', '.join(SAVE_FORMATS)}")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
-            img.save(fh, format=fmt, **options)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
+    return atomic_write(p, lambda fh: img.save(fh, format=fmt, **options))
 
 
 def save_image(image: torch.Tensor, path: str | os.PathLike[str]) -> Path:

@@ -208,7 +208,10 @@ class StyleTransferModule(L.LightningModule):
             raise CheckpointError("checkpoint was not written by nst-lightning; resume from a checkpoint of this run")
         diffs = [k for k in self.fingerprint if theirs.get(k) != self.fingerprint[k]]
         if diffs:
-            detail = ", ".join(f"{k} {theirs.get(k)} vs {self.fingerprint[k]}" for k in diffs[:3])
+            # settings first: a new size also changes the images' digests, which say nothing readable
+            images = {"content": "another content image", "styles": "other style images"}
+            settings = [f"{k} {theirs.get(k)} vs {self.fingerprint[k]}" for k in diffs if k not in images]
+            detail = ", ".join(settings[:3]) if settings else ", ".join(images[k] for k in diffs)
             raise CheckpointError(
                 f"checkpoint belongs to another run ({detail}); resume with the same images and settings, "
                 "or start a fresh run in a new output directory"

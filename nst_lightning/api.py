@@ -6,6 +6,7 @@ The one place where config, images, features, module and Trainer are assembled; 
 from __future__ import annotations
 
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +17,12 @@ from lightning.pytorch.callbacks import Callback
 from .atomic import remove_stale_temps
 from .callbacks import FinalImage, ImageSnapshots, LossHistory, StepCheckpoint, StepProgressBar, write_text_atomic
 from .config import INIT_KEYWORDS, RunConfig, dump_config
-from .errors import CheckpointError, ConfigError
-from .faults import AtomicCheckpointIO
+from .errors import CheckpointError, ConfigError, NSTError, RunInterrupted
+from .faults import AtomicCheckpointIO, GracefulStop
 from .images import load_image
 from .module import StyleTransferModule
 
-RUN_FILES = ("config.yaml", "final.png", "losses.csv")
+RUN_FILES = ("config.yaml", "final.png", "interrupted.png", "losses.csv")
 RUN_DIRS = ("checkpoints", "snapshots")
 
 
@@ -38,6 +39,11 @@ class RunOutputs:
     @property
     def config(self) -> Path:
         return self.root / "config.yaml"
+
+    @property
+    def interrupted(self) -> Path:
+        """The image saved when a run stops early (signal or failure); final.png only ever holds a finished run."""
+        return self.root / "interrupted.png"
 
     @property
     def checkpoints(self) -> Path:
@@ -198,6 +204,35 @@ def prepare_output(outputs: RunOutputs, resuming: bool, overwrite: bool) -> None
         remove_stale_temps(root / name)
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint holds (read memory-mapped, so a large file costs nothing); None if it is unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # unreadable for any reason: report it as no checkpoint, never fail the report itself
+        return None
+
+
+def _interrupted(stop: GracefulStop, outputs: RunOutputs) -> RunInterrupted:
+    signum = stop.signum if stop.signum is not None else signal.SIGINT
+    saved = " and ".join(str(p) for p in stop.saved) or "nothing"
+    step = checkpoint_step(outputs.last_checkpoint)
+    if stop.at_once:
+        held = f"; {outputs.last_checkpoint} holds step {step}" if step is not None else ""
+        summary = f"stopped at once by a second signal during step {(stop.step or 0) + 1}; saved {saved}{held}"
+    else:
+        summary = f"interrupted by {signal.Signals(signum).name} at step {stop.step}; saved {saved}"
+    return RunInterrupted(summary, signum, resumable=step is not None)
+
+
+def _as_nst_error(err: BaseException, stop: GracefulStop, outputs: RunOutputs) -> NSTError | None:
+    """The user-facing error for a run that failed inside the Trainer, saying what was kept; None if unforeseen."""
+    if stop.stopped_by_signal and GracefulStop.is_stop(err):
+        return _interrupted(stop, outputs)
+    return None
+
+
 def fit(
     config: RunConfig,
     *,
@@ -210,17 +245,27 @@ def fit(
 
     ``resume``: ``"last"`` or a checkpoint path continues that optimisation; ``overwrite`` replaces a
     previous run in the same output directory. Everything is checked before the first file is written.
+    SIGINT or SIGTERM stop at the end of the step, saving ``last.ckpt`` and ``interrupted.png``
+    (RunInterrupted).
     """
     outputs = RunOutputs(Path(config.output))
     check_output(config, outputs, resuming=resume is not None, overwrite=overwrite)
     ckpt_path = resolve_resume(resume, outputs)
     content, styles = load_images(config)
     L.seed_everything(config.seed, workers=False, verbose=False)
-    trainer = build_trainer(config, outputs, progress=progress, callbacks=callbacks)
+    stop = GracefulStop(outputs.last_checkpoint, outputs.interrupted)
+    trainer = build_trainer(config, outputs, progress=progress, callbacks=[stop, *(callbacks or [])])
     module = build_module(config, content, styles)
     if ckpt_path is not None:
         module.check_checkpoint(read_checkpoint(ckpt_path))
     prepare_output(outputs, resuming=ckpt_path is not None, overwrite=overwrite)
     write_text_atomic(outputs.config, dump_config(config))
-    trainer.fit(module, ckpt_path=ckpt_path)
+    with stop.handling_signals():
+        try:
+            trainer.fit(module, ckpt_path=ckpt_path)
+        except BaseException as err:
+            known = _as_nst_error(err, stop, outputs)
+            if known is None:
+                raise
+            raise known from None
     return outputs

@@ -58,7 +58,10 @@ class StepCheckpoint(ModelCheckpoint):
 
 
 class LossHistory(Callback):
-    """Keep every step's loss terms in a CSV file that survives resumes (rows past the resume point are dropped)."""
+    """Keep every step's loss terms in a CSV file that survives resumes (rows past the resume point are dropped).
+
+    The file is rewritten every ``flush_every_n_steps`` steps, with every checkpoint and when the run ends or fails.
+    """
 
     def __init__(self, path: str | os.PathLike[str], flush_every_n_steps: int = 25) -> None:
         self.path = Path(path)
@@ -84,6 +87,16 @@ class LossHistory(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.flush(trainer)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Write the rows with every checkpoint, so a resume after a kill finds the history up to its step."""
+        self.flush(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
+        try:
+            self.flush(trainer)
+        except OSError:  # the failure may be a full disk: keep the file as last written and let it be reported
+            pass
 
     def flush(self, trainer: L.Trainer) -> None:
         """Rewrite the CSV atomically with every row so far."""

@@ -6,6 +6,8 @@ the commands that need them, so ``--help`` and config errors answer at once.
 
 from __future__ import annotations
 
+import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,9 +15,11 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__
-from .errors import NSTError
+from .errors import NSTError, RunInterrupted
 
 EXIT_USAGE = 2
+EXIT_SIGNAL = 128
+"""Runs stopped by a signal exit with 128 + its number, as shells report it (130 for Ctrl-C)."""
 
 app = typer.Typer(
     name="nst-lightning",
@@ -35,10 +39,23 @@ SetOpt = Annotated[
 ]
 
 
-def fail(message: str) -> typer.Exit:
-    """Print a one-line error to stderr and return the exit to raise."""
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(EXIT_USAGE)
+def fail(message: str, code: int = EXIT_USAGE, prefix: str = "error: ") -> typer.Exit:
+    """Print a one-line message to stderr (newlines escaped) and return the exit to raise."""
+    one_line = message.replace("\r", "\\r").replace("\n", "\\n")
+    typer.echo(f"{prefix}{one_line}", err=True)
+    return typer.Exit(code)
+
+
+def _resume_command(config: Optional[Path], overrides: Optional[list[str]], output: Optional[Path]) -> str:
+    """The command that continues this run: the same config, overrides and output, plus --resume last."""
+    args = ["nst-lightning", "fit"]
+    if config is not None:
+        args += ["--config", str(config)]
+    for item in overrides or []:
+        args += ["--set", item]
+    if output is not None:
+        args += ["--output", str(output)]
+    return shlex.join([*args, "--resume", "last"])
 
 
 def _load(config: Optional[Path], overrides: Optional[list[str]], output: Optional[Path] = None):
@@ -91,7 +108,11 @@ def fit(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in the output directory.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Stylise the content image; writes OUTPUT/final.png, snapshots, checkpoints, config and losses."""
+    """Stylise the content image; writes OUTPUT/final.png, snapshots, checkpoints, config and losses.
+
+    Ctrl-C or SIGTERM stops after the current step, saving checkpoints/last.ckpt and interrupted.png
+    (exit code 130 or 143); bad input or a failure exits with code 2.
+    """
     try:
         cfg = _load(config, set_, output)
         from .api import fit as run_fit
@@ -99,8 +120,13 @@ def fit(
         _quiet_lightning()
 
         outputs = run_fit(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
+    except RunInterrupted as err:
+        hint = f"resume with: {_resume_command(config, set_, output)}" if err.resumable else err.hint
+        raise fail(f"{err.summary}; {hint}", EXIT_SIGNAL + err.signum, prefix="") from None
     except NSTError as err:
         raise fail(str(err)) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted; the files written so far are intact", EXIT_SIGNAL + signal.SIGINT) from None
     typer.echo(f"wrote {outputs.final}")
 
 

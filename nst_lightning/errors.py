@@ -1,4 +1,4 @@
-"""User-facing errors: the CLI prints their message on one line and exits with code 2."""
+"""User-facing errors: the CLI prints their message on one line and exits with code 2 (128 + signal for RunInterrupted)."""
 
 
 class NSTError(Exception):
@@ -19,3 +19,18 @@ class WeightsError(NSTError):
 
 class CheckpointError(NSTError):
     """A checkpoint is unreadable or belongs to another run."""
+
+
+class RunInterrupted(NSTError):
+    """A stop signal (Ctrl-C, SIGTERM) ended the run after saving what it could; exit code 128 + signal.
+
+    ``summary`` says when it stopped and what was saved, ``hint`` how to go on; ``resumable`` whether a
+    checkpoint exists to resume from.
+    """
+
+    def __init__(self, summary: str, signum: int, resumable: bool) -> None:
+        self.summary = summary
+        self.signum = signum
+        self.resumable = resumable
+        self.hint = "resume with --resume last" if resumable else "no checkpoint was written yet; start again with --overwrite"
+        super().__init__(f"{summary}; {self.hint}")

@@ -1,17 +1,59 @@
-"""Runs that stop early keep their work: atomic checkpoints, and no half-written files after a kill."""
+"""Runs that stop early keep their work: atomic checkpoints, signals and kills.
+
+In-process tests send signals to this process from a callback (the handler runs at once, so they are
+deterministic); the subprocess tests drive the real command and poll for files, never sleep blindly.
+"""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
+from nst_lightning.api import fit
+from nst_lightning.errors import RunInterrupted
 from nst_lightning.faults import AtomicCheckpointIO
+from nst_lightning.images import read_image, to_pil
+
+from .conftest import ROOT, tiny_overrides
 
 
 def _ckpt(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _checkpoint_image(path: Path) -> torch.Tensor:
+    """The image a checkpoint holds, as the 8-bit file it would be saved as."""
+    pixels = np.asarray(to_pil(_ckpt(path)["state_dict"]["image"] / 255.0), dtype=np.float32) / 255.0
+    return torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
+
+
+def _steps(losses: Path) -> list[int]:
+    return [int(line.split(",")[0]) for line in losses.read_text().splitlines()[1:]]
+
+
+class SignalAt(Callback):
+    """Send ``signals`` to this process at the start of step ``step`` (1-based), as a user or a scheduler would."""
+
+    def __init__(self, step: int, *signals: int) -> None:
+        self.step, self.signals = step, signals
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step + 1 == self.step:
+            for s in self.signals:
+                os.kill(os.getpid(), s)
+
+
+# --- atomic checkpoints -------------------------------------------------------------------------
 
 
 def test_checkpoint_writes_are_atomic_and_stay_in_the_checkpoint_folder(tmp_path, monkeypatch):
@@ -48,3 +90,106 @@ def test_half_written_files_of_a_killed_run_are_cleared_on_the_next_start(tmp_pa
         path.write_bytes(b"x")
     prepare_output(outputs, resuming=True, overwrite=False)
     assert [p.exists() for p in stale] == [False, False] and all(p.read_bytes() == b"x" for p in kept)
+
+
+# --- signals, in process ------------------------------------------------------------------------
+
+
+def test_sigterm_stops_at_the_step_end_and_resume_matches_an_uninterrupted_run(tiny_config, tmp_path):
+    whole = fit(tiny_config(steps=6, output=tmp_path / "whole"), progress=False)
+    cfg = tiny_config(steps=6, output=tmp_path / "split", **{"checkpoint.every_n_steps": 100})
+    with pytest.raises(RunInterrupted) as err:
+        fit(cfg, progress=False, callbacks=[SignalAt(3, signal.SIGTERM)])
+    assert err.value.signum == signal.SIGTERM and err.value.resumable
+    assert "interrupted by SIGTERM at step 3" in str(err.value) and "--resume last" in str(err.value)
+    run = tmp_path / "split"
+    assert not (run / "final.png").exists()
+    assert _ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 3
+    torch.testing.assert_close(read_image(run / "interrupted.png"), _checkpoint_image(run / "checkpoints" / "last.ckpt"))
+    assert _steps(run / "losses.csv") == [1, 2, 3]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+    resumed = fit(cfg, resume="last", progress=False)
+    assert _steps(resumed.losses) == [1, 2, 3, 4, 5, 6]
+    assert (read_image(resumed.final) - read_image(whole.final)).abs().max() <= 2 / 255
+
+
+def test_a_second_signal_stops_at_once_keeping_the_last_checkpoint(tiny_config):
+    cfg = tiny_config(steps=8, **{"checkpoint.every_n_steps": 2})
+    with pytest.raises(RunInterrupted) as err:
+        fit(cfg, progress=False, callbacks=[SignalAt(4, signal.SIGTERM, signal.SIGINT)])
+    message = str(err.value)
+    assert "stopped at once by a second signal during step 4" in message
+    assert "holds step 2" in message and err.value.resumable
+    run = Path(cfg.output)
+    assert _ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 2
+    assert (run / "interrupted.png").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+# --- the real command, killed and interrupted ------------------------------------------------------
+
+
+def _start(output: Path, steps: int, *flags: str, **extra: object) -> subprocess.Popen[str]:
+    """``nst-lightning fit`` on the tiny settings, in its own process (the environment passed through)."""
+    items = tiny_overrides(output, steps, **extra)
+    args = [a for item in items for a in ("--set", item)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "nst_lightning", "fit", "-q", *flags, *args],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _wait_for(predicate, proc: subprocess.Popen[str], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.05)
+
+
+def test_ctrl_c_to_the_command_saves_checkpoint_and_image_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out, 10_000, **{"checkpoint.every_n_steps": 10_000, "snapshot.every_n_steps": 1})
+    _wait_for(lambda: (out / "snapshots" / "step_000002.png").exists(), proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    last = stderr.strip().splitlines()[-1]
+    match = re.fullmatch(r"interrupted by SIGINT at step (\d+); saved .*; resume with: "
+                         r"nst-lightning fit .* --resume last", last)
+    assert match and f"--set output={out} " in last, stderr
+    step = int(match.group(1))
+    assert "Traceback" not in stderr
+    ckpt = out / "checkpoints" / "last.ckpt"
+    assert _ckpt(ckpt)["global_step"] == step >= 2
+    torch.testing.assert_close(read_image(out / "interrupted.png"), _checkpoint_image(ckpt))
+    assert _steps(out / "losses.csv") == list(range(1, step + 1))
+
+
+def test_a_killed_run_resumes_to_a_valid_final_image(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out, 10_000, **{"checkpoint.every_n_steps": 1, "snapshot.every_n_steps": 0})
+    ckpt = out / "checkpoints" / "last.ckpt"
+
+    def checkpointed_twice() -> bool:
+        return ckpt.exists() and _ckpt(ckpt)["global_step"] >= 2
+
+    _wait_for(checkpointed_twice, proc)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    step = _ckpt(ckpt)["global_step"]
+
+    resumed = _start(out, step + 3, "--resume", "last", **{"checkpoint.every_n_steps": 1, "snapshot.every_n_steps": 0})
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    final = read_image(out / "final.png")
+    assert final.shape[-2:] == (48, 48) and final.std() > 0.05
+    assert _ckpt(ckpt)["global_step"] == step + 3
+    assert _steps(out / "losses.csv") == list(range(1, step + 4))

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from .atomic import remove_stale_temps
 from .callbacks import FinalImage, ImageSnapshots, LossHistory, StepCheckpoint, StepProgressBar, write_text_atomic
 from .config import INIT_KEYWORDS, RunConfig, dump_config
-from .errors import CheckpointError, ConfigError, NSTError, RunInterrupted
+from .errors import CheckpointError, ConfigError, NSTError, NumericalError, RunInterrupted
 from .faults import AtomicCheckpointIO, GracefulStop
 from .images import load_image
 from .module import StyleTransferModule
@@ -214,6 +214,15 @@ def checkpoint_step(path: Path) -> int | None:
         return None
 
 
+def _kept(stop: GracefulStop, outputs: RunOutputs) -> str:
+    """What a failed run left on disk and where to go on from."""
+    image = f"the last good image is in {outputs.interrupted}" if outputs.interrupted in stop.saved else "no image was saved"
+    step = checkpoint_step(outputs.last_checkpoint)
+    if step is None:
+        return f"{image}; no checkpoint was written yet, so start again with --overwrite"
+    return f"{image}; {outputs.last_checkpoint} holds step {step}: continue with --resume last"
+
+
 def _interrupted(stop: GracefulStop, outputs: RunOutputs) -> RunInterrupted:
     signum = stop.signum if stop.signum is not None else signal.SIGINT
     saved = " and ".join(str(p) for p in stop.saved) or "nothing"
@@ -230,6 +239,8 @@ def _as_nst_error(err: BaseException, stop: GracefulStop, outputs: RunOutputs) -
     """The user-facing error for a run that failed inside the Trainer, saying what was kept; None if unforeseen."""
     if stop.stopped_by_signal and GracefulStop.is_stop(err):
         return _interrupted(stop, outputs)
+    if isinstance(err, NumericalError):
+        return NumericalError(f"{err}; {_kept(stop, outputs)}")
     return None
 
 
@@ -246,7 +257,7 @@ def fit(
     ``resume``: ``"last"`` or a checkpoint path continues that optimisation; ``overwrite`` replaces a
     previous run in the same output directory. Everything is checked before the first file is written.
     SIGINT or SIGTERM stop at the end of the step, saving ``last.ckpt`` and ``interrupted.png``
-    (RunInterrupted).
+    (RunInterrupted); a NaN or an infinity keeps the last good image and checkpoint.
     """
     outputs = RunOutputs(Path(config.output))
     check_output(config, outputs, resuming=resume is not None, overwrite=overwrite)

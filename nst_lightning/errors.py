@@ -34,3 +34,7 @@ class RunInterrupted(NSTError):
         self.resumable = resumable
         self.hint = "resume with --resume last" if resumable else "no checkpoint was written yet; start again with --overwrite"
         super().__init__(f"{summary}; {self.hint}")
+
+
+class NumericalError(NSTError):
+    """The loss or the image became NaN or infinite; the last good image and checkpoint are kept."""

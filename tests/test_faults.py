@@ -1,4 +1,4 @@
-"""Runs that stop early keep their work: atomic checkpoints, signals and kills.
+"""Runs that stop early keep their work: atomic checkpoints, signals, kills and NaNs.
 
 In-process tests send signals to this process from a callback (the handler runs at once, so they are
 deterministic); the subprocess tests drive the real command and poll for files, never sleep blindly.
@@ -20,9 +20,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from nst_lightning.api import fit
-from nst_lightning.errors import RunInterrupted
+from nst_lightning.errors import NumericalError, RunInterrupted
 from nst_lightning.faults import AtomicCheckpointIO
 from nst_lightning.images import read_image, to_pil
+from nst_lightning.losses import StyleTransferLoss
 
 from .conftest import ROOT, tiny_overrides
 
@@ -53,7 +54,7 @@ class SignalAt(Callback):
                 os.kill(os.getpid(), s)
 
 
-# --- atomic checkpoints -------------------------------------------------------------------------
+# --- atomic checkpoints ---------------------------------------------------------------------------
 
 
 def test_checkpoint_writes_are_atomic_and_stay_in_the_checkpoint_folder(tmp_path, monkeypatch):
@@ -92,7 +93,7 @@ def test_half_written_files_of_a_killed_run_are_cleared_on_the_next_start(tmp_pa
     assert [p.exists() for p in stale] == [False, False] and all(p.read_bytes() == b"x" for p in kept)
 
 
-# --- signals, in process ------------------------------------------------------------------------
+# --- signals, in process --------------------------------------------------------------------------
 
 
 def test_sigterm_stops_at_the_step_end_and_resume_matches_an_uninterrupted_run(tiny_config, tmp_path):
@@ -128,7 +129,56 @@ def test_a_second_signal_stops_at_once_keeping_the_last_checkpoint(tiny_config):
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
-# --- the real command, killed and interrupted ------------------------------------------------------
+# --- numerical faults, in process -----------------------------------------------------------------
+
+
+def _fail_from_call(monkeypatch, call: int, make_error) -> None:
+    """Make the loss misbehave from its ``call``-th evaluation on (one evaluation per step here)."""
+    real = StyleTransferLoss.forward
+    calls = {"n": 0}
+
+    def forward(self, features, image):
+        calls["n"] += 1
+        terms = real(self, features, image)
+        if calls["n"] >= call:
+            return make_error(terms)
+        return terms
+
+    monkeypatch.setattr(StyleTransferLoss, "forward", forward)
+
+
+def _nan_terms(terms):
+    return {k: v * float("nan") for k, v in terms.items()}
+
+
+def test_a_nan_loss_stops_with_advice_and_keeps_the_last_good_image_and_checkpoint(tiny_config, monkeypatch):
+    cfg = tiny_config(steps=8, **{"checkpoint.every_n_steps": 2, "snapshot.every_n_steps": 1})
+    _fail_from_call(monkeypatch, 6, _nan_terms)  # evaluation 6 is step 6 (the targets pass is not a forward call)
+    with pytest.raises(NumericalError) as err:
+        fit(cfg, progress=False)
+    message = str(err.value)
+    assert "NaN or infinite at step 6" in message and "lower optim.lr (now 1)" in message
+    assert "holds step 4: continue with --resume last" in message
+    run = Path(cfg.output)
+    assert _ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 4
+    assert torch.isfinite(_ckpt(run / "checkpoints" / "last.ckpt")["state_dict"]["image"]).all()
+    torch.testing.assert_close(read_image(run / "interrupted.png"), read_image(run / "snapshots" / "step_000005.png"))
+    assert not (run / "final.png").exists()
+
+    monkeypatch.undo()
+    lrs = []
+
+    class RecordLR(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    fixed = tiny_config(steps=8, **{"checkpoint.every_n_steps": 2, "optim.lr": 0.5})
+    out = fit(fixed, resume="last", progress=False, callbacks=[RecordLR()])
+    assert lrs == [0.5] * 4 and read_image(out.final).isfinite().all()
+    assert _steps(out.losses) == list(range(1, 9))
+
+
+# --- the real command, killed and interrupted -----------------------------------------------------
 
 
 def _start(output: Path, steps: int, *flags: str, **extra: object) -> subprocess.Popen[str]:

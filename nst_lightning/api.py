@@ -5,6 +5,7 @@ The one place where config, images, features, module and Trainer are assembled; 
 
 from __future__ import annotations
 
+import errno
 import shutil
 import signal
 from dataclasses import dataclass
@@ -17,10 +18,11 @@ from lightning.pytorch.callbacks import Callback
 from .atomic import remove_stale_temps
 from .callbacks import FinalImage, ImageSnapshots, LossHistory, StepCheckpoint, StepProgressBar, write_text_atomic
 from .config import INIT_KEYWORDS, RunConfig, dump_config
-from .errors import CheckpointError, ConfigError, NSTError, NumericalError, RunInterrupted
+from .errors import CheckpointError, ConfigError, NSTError, NumericalError, ResourceError, RunInterrupted
 from .faults import AtomicCheckpointIO, GracefulStop
-from .images import load_image
+from .images import load_image, read_size
 from .module import StyleTransferModule
+from .resources import Shape, check_fits, is_out_of_memory, out_of_memory_message
 
 RUN_FILES = ("config.yaml", "final.png", "interrupted.png", "losses.csv")
 RUN_DIRS = ("checkpoints", "snapshots")
@@ -235,12 +237,25 @@ def _interrupted(stop: GracefulStop, outputs: RunOutputs) -> RunInterrupted:
     return RunInterrupted(summary, signum, resumable=step is not None)
 
 
-def _as_nst_error(err: BaseException, stop: GracefulStop, outputs: RunOutputs) -> NSTError | None:
+def _as_nst_error(
+    err: BaseException,
+    config: RunConfig,
+    shapes: tuple[Shape, list[Shape]],
+    stop: GracefulStop,
+    outputs: RunOutputs,
+) -> NSTError | None:
     """The user-facing error for a run that failed inside the Trainer, saying what was kept; None if unforeseen."""
     if stop.stopped_by_signal and GracefulStop.is_stop(err):
         return _interrupted(stop, outputs)
     if isinstance(err, NumericalError):
         return NumericalError(f"{err}; {_kept(stop, outputs)}")
+    if is_out_of_memory(err):
+        return ResourceError(f"{out_of_memory_message(config, *shapes)}; {_kept(stop, outputs)}")
+    if isinstance(err, OSError) and (err.errno in (errno.ENOSPC, errno.EDQUOT) or err.filename is not None):
+        where = err.filename or f"the run's files in {outputs.root}"  # a failed write() names no file
+        return ResourceError(
+            f"cannot write {where} ({err.strerror}); free disk space or fix permissions; {_kept(stop, outputs)}"
+        )
     return None
 
 
@@ -257,11 +272,13 @@ def fit(
     ``resume``: ``"last"`` or a checkpoint path continues that optimisation; ``overwrite`` replaces a
     previous run in the same output directory. Everything is checked before the first file is written.
     SIGINT or SIGTERM stop at the end of the step, saving ``last.ckpt`` and ``interrupted.png``
-    (RunInterrupted); a NaN or an infinity keeps the last good image and checkpoint.
+    (RunInterrupted); a NaN, an infinity or running out of memory keep the last good image and checkpoint.
     """
     outputs = RunOutputs(Path(config.output))
     check_output(config, outputs, resuming=resume is not None, overwrite=overwrite)
     ckpt_path = resolve_resume(resume, outputs)
+    shapes = (read_size(config.content), [read_size(p) for p in config.styles])
+    check_fits(config, *shapes)
     content, styles = load_images(config)
     L.seed_everything(config.seed, workers=False, verbose=False)
     stop = GracefulStop(outputs.last_checkpoint, outputs.interrupted)
@@ -275,7 +292,7 @@ def fit(
         try:
             trainer.fit(module, ckpt_path=ckpt_path)
         except BaseException as err:
-            known = _as_nst_error(err, stop, outputs)
+            known = _as_nst_error(err, config, shapes, stop, outputs)
             if known is None:
                 raise
             raise known from None

@@ -142,6 +142,20 @@ def print_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     typer.echo(dump_config(cfg), nl=False)
 
 
+@app.command()
+def estimate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Estimate a run's peak memory from the image headers (nothing decoded) and the largest size that fits."""
+    try:
+        cfg = _load(config, set_)
+        from .images import read_size
+        from .resources import summary
+
+        text = summary(cfg, read_size(cfg.content), [read_size(s) for s in cfg.styles])
+    except NSTError as err:
+        raise fail(str(err)) from None
+    typer.echo(text)
+
+
 def run() -> None:
     """Console-script entry point."""
     sys.exit(app())

@@ -21,6 +21,7 @@ EXAMPLE_STYLE = EXAMPLES_DIR / "starry_night.jpg"
 
 DEFAULT_STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
 INIT_KEYWORDS = ("content", "noise", "style")
+MAX_IMAGE_SIZE = 16384
 
 PositiveFloat = Field(gt=0)
 
@@ -32,7 +33,7 @@ class _Section(BaseModel):
 class ImageConfig(_Section):
     """Output size. ``size`` measures the side named by ``fit`` (the long side by default)."""
 
-    size: int = Field(512, ge=16, le=16384, description="pixels along the side named by `fit`")
+    size: int = Field(512, ge=16, le=MAX_IMAGE_SIZE, description="pixels along the side named by `fit`")
     fit: Literal["long", "height", "width"] = Field("long", description="which side `size` sets")
     style_scale: float = Field(1.0, gt=0, le=8, description="style image size relative to `size`")
 

@@ -38,3 +38,7 @@ class RunInterrupted(NSTError):
 
 class NumericalError(NSTError):
     """The loss or the image became NaN or infinite; the last good image and checkpoint are kept."""
+
+
+class ResourceError(NSTError):
+    """The run needs more memory than the machine has (found before the run, or when it ran out), or disk."""

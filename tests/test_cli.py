@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -40,7 +41,7 @@ def test_help_answers_fast_without_importing_torch():
     assert float(out.stdout.strip()) < 1.0
 
 
-@pytest.mark.parametrize("command", ["fit", "print-config"])
+@pytest.mark.parametrize("command", ["fit", "print-config", "estimate"])
 def test_every_command_has_help(command):
     r = cli(command, "--help")
     assert r.returncode == 0 and "--config" in r.stdout and "--set" in r.stdout
@@ -143,11 +144,12 @@ def _bomb(tmp_path: Path) -> Path:
         (lambda t: ["--set", f"content={_thin_image(t)}", "--set", "image.size=300"], "need at least 16 px per side"),
         (lambda t: ["--set", f"style={_thin_image(t)}"], "style image is 48x2 px"),
         (lambda t: ["--set", "loss.style_weight=.inf"], "loss.style_weight: Input should be a finite number"),
+        (lambda t: ["--set", "image.size=16384"], "image.size=16384 needs about"),
         (lambda t: ["--set", "features.weights=/nonexistent/vgg.pth"], "weights file /nonexistent/vgg.pth does not exist"),
         (lambda t: ["--set", f"output={(t / 'file').write_text('') or t / 'file' / 'run'}"], "cannot create output directory"),
     ],
     ids=["accelerator", "strategy", "directory", "text-file", "empty-file", "bomb", "thin-content", "thin-style",
-         "inf-weight", "weights-file", "output-under-a-file"],
+         "inf-weight", "too-large", "weights-file", "output-under-a-file"],
 )
 def test_bad_input_through_the_command_is_one_line_and_writes_nothing(tmp_path, make_args, fragment):
     out = tmp_path / "run"
@@ -209,3 +211,13 @@ def test_a_numerical_fault_through_the_command_is_one_line(tmp_path):
     assert not (out / "final.png").exists()
     kept = read_image(out / "interrupted.png")
     assert (kept - load_image(EXAMPLE_CONTENT, 48)).abs().max() <= 1 / 255 + 1e-6  # the starting image, unharmed
+
+
+def test_estimate_reports_the_need_and_the_largest_size_that_fits():
+    r = invoke("estimate", "--config", str(CONFIGS / "example.yaml"), "--set", "image.size=200", "--set", "trainer.accelerator=cpu")
+    assert r.exit_code == 0, r.output
+    shape, need, free = r.stdout.strip().splitlines()
+    assert shape.startswith("image 200x200, styles 200x125; 32-true, lbfgs (history 20)")
+    assert re.match(r"needs about \d+\.\d GiB \(activations", need)
+    assert re.fullmatch(r"cpu has \d+\.\d GiB free; largest image.size that fits: \d+", free)
+    assert_one_line_error(invoke("estimate", "--set", "content=/nonexistent.jpg"), "does not exist")

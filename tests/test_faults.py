@@ -1,4 +1,4 @@
-"""Runs that stop early keep their work: atomic checkpoints, signals, kills and NaNs.
+"""Runs that stop early keep their work: atomic checkpoints, signals, kills, NaNs, no memory or disk left.
 
 In-process tests send signals to this process from a callback (the handler runs at once, so they are
 deterministic); the subprocess tests drive the real command and poll for files, never sleep blindly.
@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from nst_lightning.api import fit
-from nst_lightning.errors import NumericalError, RunInterrupted
+from nst_lightning.errors import NumericalError, ResourceError, RunInterrupted
 from nst_lightning.faults import AtomicCheckpointIO
 from nst_lightning.images import read_image, to_pil
 from nst_lightning.losses import StyleTransferLoss
@@ -129,7 +129,7 @@ def test_a_second_signal_stops_at_once_keeping_the_last_checkpoint(tiny_config):
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
-# --- numerical faults, in process -----------------------------------------------------------------
+# --- numerical faults and memory, in process ------------------------------------------------------
 
 
 def _fail_from_call(monkeypatch, call: int, make_error) -> None:
@@ -176,6 +176,45 @@ def test_a_nan_loss_stops_with_advice_and_keeps_the_last_good_image_and_checkpoi
     out = fit(fixed, resume="last", progress=False, callbacks=[RecordLR()])
     assert lrs == [0.5] * 4 and read_image(out.final).isfinite().all()
     assert _steps(out.losses) == list(range(1, 9))
+
+
+def test_running_out_of_memory_mid_run_is_reported_with_advice(tiny_config, monkeypatch):
+    from nst_lightning import resources
+
+    def oom(terms):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    cfg = tiny_config(steps=6, **{"checkpoint.every_n_steps": 2})
+    _fail_from_call(monkeypatch, 4, oom)
+    monkeypatch.setattr(resources, "available_cpu_memory", lambda: 10**12)
+    with pytest.raises(ResourceError) as err:
+        fit(cfg, progress=False)
+    message = str(err.value)
+    assert message.startswith("ran out of memory on cpu at image.size=48")
+    assert "lower image.size" in message and "use trainer.precision=bf16-mixed" in message
+    assert "holds step 2" in message and (Path(cfg.output) / "interrupted.png").is_file()
+
+
+def test_a_full_disk_mid_run_is_reported_and_keeps_the_last_checkpoint(tiny_config, monkeypatch):
+    import errno
+
+    from nst_lightning import images
+
+    real = images.atomic_write
+
+    def full_from_step_3(path, write, **kw):
+        if "step_000003" in str(path) or "interrupted" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")  # as write() raises it: no file name
+        return real(path, write, **kw)
+
+    monkeypatch.setattr(images, "atomic_write", full_from_step_3)
+    cfg = tiny_config(steps=6, **{"checkpoint.every_n_steps": 2, "snapshot.every_n_steps": 1})
+    with pytest.raises(ResourceError) as err:
+        fit(cfg, progress=False)
+    message = str(err.value)
+    assert message.startswith(f"cannot write the run's files in {cfg.output} (No space left on device)")
+    assert "no image was saved" in message and "holds step 2: continue with --resume last" in message
+    assert _ckpt(Path(cfg.output) / "checkpoints" / "last.ckpt")["global_step"] == 2
 
 
 # --- the real command, killed and interrupted -----------------------------------------------------

@@ -5,8 +5,10 @@ The one place where config, images, features, module and Trainer are assembled; 
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,20 +17,22 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from .atomic import remove_stale_temps, write_text_atomic
 from .callbacks import FinalImage, ImageSnapshots, LossHistory, StepCheckpoint, StepProgressBar
-from .files import write_text_atomic
-from .config import RunConfig, all_layers, dump_config
-from .errors import CheckpointError, ConfigError, OnnxError
+from .config import INIT_KEYWORDS, RunConfig, all_layers, dump_config
+from .errors import CheckpointError, ConfigError, NSTError, NumericalError, OnnxError, ResourceError, RunInterrupted
 from .export import DEFAULT_RTOL, ExportInfo, ExtractorSpec, OnnxFeatures, ValidationReport, export_onnx, validate_onnx
+from .faults import AtomicCheckpointIO, GracefulStop
 from .features import VGGFeatures, build_extractor, min_side
 from .hardware import resolve_precision
-from .images import load_image
+from .images import load_image, read_size
 from .module import StyleTransferModule
 from .pairs import is_batch
+from .resources import Shape, check_fits, is_out_of_memory, out_of_memory_message
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = ("config.yaml", "final.png", "losses.csv")
+RUN_FILES = ("config.yaml", "final.png", "interrupted.png", "losses.csv")
 RUN_DIRS = ("checkpoints", "snapshots")
 
 
@@ -45,6 +49,11 @@ class RunOutputs:
     @property
     def config(self) -> Path:
         return self.root / "config.yaml"
+
+    @property
+    def interrupted(self) -> Path:
+        """The image saved when a run stops early (signal or failure); final.png only ever holds a finished run."""
+        return self.root / "interrupted.png"
 
     @property
     def checkpoints(self) -> Path:
@@ -88,8 +97,19 @@ def build_module(config: RunConfig, content: torch.Tensor, styles: list[torch.Te
 
 
 def build_trainer(config: RunConfig, outputs: RunOutputs, progress: bool = True, callbacks: list[Callback] | None = None) -> L.Trainer:
-    """A Trainer writing checkpoints, snapshots, the loss history and the final image under ``outputs``."""
+    """A Trainer writing checkpoints, snapshots, the loss history and the final image under ``outputs``.
+
+    One image is one optimisation on one device: ``devices: auto`` means one here, and several devices or
+    nodes are refused (DDP would average one image's gradients across ranks); batch runs use them.
+    """
     t = config.trainer
+    devices = 1 if t.devices == "auto" else t.devices
+    if _device_count(devices) != 1 or t.num_nodes > 1:
+        raise ConfigError(
+            f"a single image is optimised on one device, but trainer.devices={t.devices}, "
+            f"trainer.num_nodes={t.num_nodes}; set trainer.devices=1, or give a folder, glob or list of content "
+            "images to spread a batch over devices and nodes"
+        )
     ckpt = StepCheckpoint(
         dirpath=outputs.checkpoints,
         filename="step-{step:06d}",
@@ -104,22 +124,43 @@ def build_trainer(config: RunConfig, outputs: RunOutputs, progress: bool = True,
         own.append(ImageSnapshots(outputs.snapshots, config.snapshot.every_n_steps))
     if progress:
         own.append(StepProgressBar())
-    return L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        precision=resolve_precision(t.precision, t.accelerator),
-        max_steps=t.max_steps,
-        max_epochs=-1,
-        log_every_n_steps=t.log_every_n_steps,
-        logger=False,
-        callbacks=own + list(callbacks or []),
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=outputs.root,
-    )
+    try:
+        return L.Trainer(
+            accelerator=t.accelerator,
+            devices=devices,
+            num_nodes=t.num_nodes,
+            strategy=t.strategy,
+            precision=resolve_precision(t.precision, t.accelerator),
+            max_steps=t.max_steps,
+            max_epochs=-1,
+            log_every_n_steps=t.log_every_n_steps,
+            logger=False,
+            callbacks=own + list(callbacks or []),
+            plugins=[AtomicCheckpointIO()],
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=outputs.root,
+        )
+    except Exception as err:  # Lightning validates accelerator, devices, strategy here, each with its own type
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"Lightning rejects trainer settings (accelerator={t.accelerator}, devices={t.devices}, "
+            f"strategy={t.strategy}): {first}; fix the trainer section"
+        ) from None
+
+
+def _device_count(devices: int | str | list[int]) -> int:
+    """How many devices a Trainer ``devices`` value asks for (-1 or "-1": all, counted as many)."""
+    if isinstance(devices, list):
+        return len(devices)
+    text = str(devices).strip()
+    if "," in text:
+        return len([d for d in text.split(",") if d.strip()])
+    if text.lstrip("-").isdigit():
+        n = int(text)
+        return 2 if n < 0 else n
+    return 1
 
 
 def resolve_resume(resume: str | None, outputs: RunOutputs) -> Path | None:
@@ -147,24 +188,107 @@ def read_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-def prepare_output(config: RunConfig, outputs: RunOutputs, resuming: bool, overwrite: bool) -> None:
-    """Create the run directory; refuse to clobber a previous run unless resuming or ``overwrite``."""
-    root = outputs.root
-    inputs = {Path(p).resolve() for p in [config.content, *config.styles]}
-    if root.resolve() in inputs or root.is_file():
-        raise ConfigError(f"output {root} is a file (an input image?); give a directory for the run's outputs")
-    previous = outputs.config.exists() or outputs.checkpoints.exists()
-    if previous and not resuming:
-        if not overwrite:
+def input_paths(config: RunConfig) -> list[Path]:
+    """Every file the run reads: content, styles, an init image and a weights file."""
+    paths = [config.content, *config.styles]
+    if config.init not in INIT_KEYWORDS:
+        paths.append(config.init)
+    if config.features.weights not in ("caffe", "torchvision"):
+        paths.append(config.features.weights)
+    return [Path(p).expanduser().resolve() for p in paths]
+
+
+def check_output(config: RunConfig, outputs: RunOutputs, resuming: bool, overwrite: bool) -> None:
+    """Refuse an output directory that would overwrite or delete an input, or clobber a previous run."""
+    root = outputs.root.expanduser().resolve()
+    if outputs.root.is_file():
+        raise ConfigError(f"output {outputs.root} is a file (an input image?); give a directory for the run's outputs")
+    written = {root / name for name in RUN_FILES}
+    for path in input_paths(config):
+        if path == root or path in written or any(path.is_relative_to(root / d) for d in RUN_DIRS):
             raise ConfigError(
-                f"output {root} holds a previous run; add --resume last to continue it, "
-                "--overwrite to replace it, or choose another --output"
+                f"input {path} is where the run writes its outputs (final.png, snapshots/, ...) and would be "
+                "overwritten; choose another --output or move the input"
             )
+    previous = any((root / name).exists() for name in (*RUN_FILES, *RUN_DIRS))
+    if previous and not resuming and not overwrite:
+        raise ConfigError(
+            f"output {outputs.root} holds a previous run; add --resume last to continue it, "
+            "--overwrite to replace it, or choose another --output"
+        )
+
+
+def prepare_output(outputs: RunOutputs, resuming: bool, overwrite: bool) -> None:
+    """Create the run directory; with ``overwrite`` (and not resuming) remove a previous run's files first.
+
+    Temporary files that a killed run left half-written are removed; finished files are never touched.
+    """
+    root = outputs.root
+    if overwrite and not resuming:
         for name in RUN_FILES:
             (root / name).unlink(missing_ok=True)
         for name in RUN_DIRS:
             shutil.rmtree(root / name, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create output directory {root} ({err.strerror}); choose another --output") from None
+    remove_stale_temps(root, RUN_FILES)
+    for name in RUN_DIRS:
+        remove_stale_temps(root / name)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint holds (read memory-mapped, so a large file costs nothing); None if it is unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # unreadable for any reason: report it as no checkpoint, never fail the report itself
+        return None
+
+
+def _kept(stop: GracefulStop, outputs: RunOutputs) -> str:
+    """What a failed run left on disk and where to go on from."""
+    image = f"the last good image is in {outputs.interrupted}" if outputs.interrupted in stop.saved else "no image was saved"
+    step = checkpoint_step(outputs.last_checkpoint)
+    if step is None:
+        return f"{image}; no checkpoint was written yet, so start again with --overwrite"
+    return f"{image}; {outputs.last_checkpoint} holds step {step}: continue with --resume last"
+
+
+def _interrupted(stop: GracefulStop, outputs: RunOutputs) -> RunInterrupted:
+    signum = stop.signum if stop.signum is not None else signal.SIGINT
+    saved = " and ".join(str(p) for p in stop.saved) or "nothing"
+    step = checkpoint_step(outputs.last_checkpoint)
+    if stop.at_once:
+        held = f"; {outputs.last_checkpoint} holds step {step}" if step is not None else ""
+        summary = f"stopped at once by a second signal during step {(stop.step or 0) + 1}; saved {saved}{held}"
+    else:
+        summary = f"interrupted by {signal.Signals(signum).name} at step {stop.step}; saved {saved}"
+    return RunInterrupted(summary, signum, resumable=step is not None)
+
+
+def _as_nst_error(
+    err: BaseException,
+    config: RunConfig,
+    shapes: tuple[Shape, list[Shape]],
+    stop: GracefulStop,
+    outputs: RunOutputs,
+) -> NSTError | None:
+    """The user-facing error for a run that failed inside the Trainer, saying what was kept; None if unforeseen."""
+    if stop.stopped_by_signal and GracefulStop.is_stop(err):
+        return _interrupted(stop, outputs)
+    if isinstance(err, NumericalError):
+        return NumericalError(f"{err}; {_kept(stop, outputs)}")
+    if is_out_of_memory(err):
+        return ResourceError(f"{out_of_memory_message(config, *shapes)}; {_kept(stop, outputs)}")
+    if isinstance(err, OSError) and (err.errno in (errno.ENOSPC, errno.EDQUOT) or err.filename is not None):
+        where = err.filename or f"the run's files in {outputs.root}"  # a failed write() names no file
+        return ResourceError(
+            f"cannot write {where} ({err.strerror}); free disk space or fix permissions; {_kept(stop, outputs)}"
+        )
+    return None
 
 
 def fit(
@@ -178,25 +302,38 @@ def fit(
     """Run one style transfer as ``config`` describes; returns where its files are.
 
     ``resume``: ``"last"`` or a checkpoint path continues that optimisation; ``overwrite`` replaces a
-    previous run in the same output directory.
+    previous run in the same output directory. Everything is checked before the first file is written.
+    SIGINT or SIGTERM stop at the end of the step, saving ``last.ckpt`` and ``interrupted.png``
+    (RunInterrupted); a NaN, an infinity or running out of memory keep the last good image and checkpoint.
     """
     if is_batch(config):
         raise ConfigError(
             "the config names a folder, glob or list of images; run it with nst_lightning.fit_batch(config)"
         )
     outputs = RunOutputs(Path(config.output))
+    check_output(config, outputs, resuming=resume is not None, overwrite=overwrite)
     ckpt_path = resolve_resume(resume, outputs)
+    shapes = (read_size(config.content), [read_size(p) for p in config.styles])
+    check_fits(config, *shapes)
     content, styles = load_images(config)
     L.seed_everything(config.seed, workers=False, verbose=False)
+    stop = GracefulStop(outputs.last_checkpoint, outputs.interrupted)
+    trainer = build_trainer(config, outputs, progress=progress, callbacks=[stop, *(callbacks or [])])
     module = build_module(config, content, styles)
     if ckpt_path is not None:
         module.check_checkpoint(read_checkpoint(ckpt_path))
     if config.features.onnx:
         onnx_targets(config, module)
-    prepare_output(config, outputs, resuming=ckpt_path is not None, overwrite=overwrite)
+    prepare_output(outputs, resuming=ckpt_path is not None, overwrite=overwrite)
     write_text_atomic(outputs.config, dump_config(config))
-    trainer = build_trainer(config, outputs, progress=progress, callbacks=callbacks)
-    trainer.fit(module, ckpt_path=ckpt_path)
+    with stop.handling_signals():
+        try:
+            trainer.fit(module, ckpt_path=ckpt_path)
+        except BaseException as err:
+            known = _as_nst_error(err, config, shapes, stop, outputs)
+            if known is None:
+                raise
+            raise known from None
     return outputs
 
 

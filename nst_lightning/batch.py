@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
-from .callbacks import write_text_atomic
+from .atomic import write_text_atomic
 from .config import FeaturesConfig, LossConfig, OptimConfig, RunConfig, dump_config
 from .data import PairItem, StylePairsDataModule
 from .errors import ConfigError, NSTError

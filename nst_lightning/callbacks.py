@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 
-from .files import write_text_atomic
+from .atomic import write_text_atomic
 from .images import save_image
 
 LOSS_COLUMNS = ("step", "content", "style", "tv", "loss")
@@ -55,7 +55,8 @@ class StepCheckpoint(ModelCheckpoint):
 class LossHistory(Callback):
     """Keep every step's loss terms in a CSV file that survives resumes (rows past the resume point are dropped).
 
-    Values stay device tensors until a flush, so a GPU run is not synchronised on every step.
+    The file is rewritten every ``flush_every_n_steps`` steps, with every checkpoint and when the run ends or
+    fails. Values stay device tensors until a flush, so a GPU run is not synchronised on every step.
     """
 
     def __init__(self, path: str | os.PathLike[str], flush_every_n_steps: int = 25) -> None:
@@ -82,6 +83,16 @@ class LossHistory(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.flush(trainer)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Write the rows with every checkpoint, so a resume after a kill finds the history up to its step."""
+        self.flush(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
+        try:
+            self.flush(trainer)
+        except OSError:  # the failure may be a full disk: keep the file as last written and let it be reported
+            pass
 
     def flush(self, trainer: L.Trainer) -> None:
         """Rewrite the CSV atomically with every row so far."""

@@ -6,6 +6,8 @@ the commands that need them, so ``--help`` and config errors answer at once.
 
 from __future__ import annotations
 
+import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -13,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from . import __version__
-from .errors import NSTError
+from .errors import NSTError, RunInterrupted
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -23,6 +25,8 @@ EXIT_MISMATCH = 1
 """validate-onnx ran but the graph is past the tolerance (bad input exits with EXIT_USAGE)."""
 EXIT_SOME_FAILED = 1
 """A batch run finished but some of its images failed (listed in the summary)."""
+EXIT_SIGNAL = 128
+"""Runs stopped by a signal exit with 128 + its number, as shells report it (130 for Ctrl-C)."""
 
 app = typer.Typer(
     name="nst-lightning",
@@ -42,10 +46,23 @@ SetOpt = Annotated[
 ]
 
 
-def fail(message: str) -> typer.Exit:
-    """Print a one-line error to stderr and return the exit to raise."""
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(EXIT_USAGE)
+def fail(message: str, code: int = EXIT_USAGE, prefix: str = "error: ") -> typer.Exit:
+    """Print a one-line message to stderr (newlines escaped) and return the exit to raise."""
+    one_line = message.replace("\r", "\\r").replace("\n", "\\n")
+    typer.echo(f"{prefix}{one_line}", err=True)
+    return typer.Exit(code)
+
+
+def _resume_command(config: Optional[Path], overrides: Optional[list[str]], output: Optional[Path]) -> str:
+    """The command that continues this run: the same config, overrides and output, plus --resume last."""
+    args = ["nst-lightning", "fit"]
+    if config is not None:
+        args += ["--config", str(config)]
+    for item in overrides or []:
+        args += ["--set", item]
+    if output is not None:
+        args += ["--output", str(output)]
+    return shlex.join([*args, "--resume", "last"])
 
 
 def _load(config: Optional[Path], overrides: Optional[list[str]], output: Optional[Path] = None):
@@ -116,6 +133,8 @@ def fit(
     """Stylise the content image; writes OUTPUT/final.png, snapshots, checkpoints, config and losses.
 
     With a folder, glob or list of images: one OUTPUT/<content>__<style>.png per pair, finished ones skipped.
+    Ctrl-C or SIGTERM stops after the current step, saving checkpoints/last.ckpt and interrupted.png
+    (exit code 130 or 143); bad input or a failure exits with code 2.
     """
     try:
         cfg = _load(config, set_, output)
@@ -130,8 +149,13 @@ def fit(
         _show_api_messages()
 
         outputs = run_fit(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
+    except RunInterrupted as err:
+        hint = f"resume with: {_resume_command(config, set_, output)}" if err.resumable else err.hint
+        raise fail(f"{err.summary}; {hint}", EXIT_SIGNAL + err.signum, prefix="") from None
     except NSTError as err:
         raise fail(str(err)) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted; the files written so far are intact", EXIT_SIGNAL + signal.SIGINT) from None
     typer.echo(f"wrote {outputs.final}")
 
 
@@ -231,6 +255,20 @@ def validate_onnx(
         worst = ", ".join(e.layer for e in report.failed)
         typer.echo(f"error: {model} disagrees with the torch extractor past rtol {report.rtol:g} at {worst}", err=True)
         raise typer.Exit(EXIT_MISMATCH)
+
+
+@app.command()
+def estimate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Estimate a run's peak memory from the image headers (nothing decoded) and the largest size that fits."""
+    try:
+        cfg = _load(config, set_)
+        from .images import read_size
+        from .resources import summary
+
+        text = summary(cfg, read_size(cfg.content), [read_size(s) for s in cfg.styles])
+    except NSTError as err:
+        raise fail(str(err)) from None
+    typer.echo(text)
 
 
 def run() -> None:

@@ -21,18 +21,19 @@ EXAMPLE_STYLE = EXAMPLES_DIR / "starry_night.jpg"
 
 DEFAULT_STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
 INIT_KEYWORDS = ("content", "noise", "style")
+MAX_IMAGE_SIZE = 16384
 
 PositiveFloat = Field(gt=0)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ImageConfig(_Section):
     """Output size. ``size`` measures the side named by ``fit`` (the long side by default)."""
 
-    size: int = Field(512, ge=16, le=16384, description="pixels along the side named by `fit`")
+    size: int = Field(512, ge=16, le=MAX_IMAGE_SIZE, description="pixels along the side named by `fit`")
     fit: Literal["long", "height", "width"] = Field("long", description="which side `size` sets")
     style_scale: float = Field(1.0, gt=0, le=8, description="style image size relative to `size`")
 
@@ -291,12 +292,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def _format_validation_error(err: ValidationError, source: str) -> str:
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join(_key(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key; " + _known_keys_hint(e["loc"])
         parts.append(f"{loc}: {msg}")
     return f"invalid config ({source}): " + "; ".join(parts)
+
+
+def _key(part: Any) -> str:
+    """A key as written, or quoted when it holds line breaks or other unprintable characters."""
+    text = str(part)
+    return text if text.isprintable() else repr(text)
 
 
 def _known_keys_hint(loc: tuple[Any, ...]) -> str:
@@ -333,6 +340,8 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         text = p.read_text(encoding="utf-8")
         raw = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"config {p} nests too deeply; write it as a flat mapping of sections") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read config {p}: {err}; give a readable UTF-8 YAML file") from None
     except yaml.YAMLError as err:
@@ -351,11 +360,17 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     """Load a YAML config (or the defaults), apply ``--set`` overrides, and validate."""
     raw: dict[str, Any] = {}
     source = "defaults"
-    if path is not None:
-        raw = _resolve_file_paths(read_yaml(path), Path(path).resolve().parent)
-        source = str(path)
-    raw = apply_overrides(raw, list(overrides or []))
-    return build_config(raw, source)
+    try:
+        if path is not None:
+            raw = _resolve_file_paths(read_yaml(path), Path(path).resolve().parent)
+            source = str(path)
+        raw = apply_overrides(raw, list(overrides or []))
+        return build_config(raw, source)
+    except RecursionError:
+        raise ConfigError(
+            f"config ({source}) refers to itself (a YAML alias inside its own anchor) or nests too deeply; "
+            "write the values out"
+        ) from None
 
 
 def dump_config(config: RunConfig) -> str:

@@ -1,4 +1,4 @@
-"""User-facing errors: the CLI prints their message on one line and exits with code 2."""
+"""User-facing errors: the CLI prints their message on one line and exits with code 2 (128 + signal for RunInterrupted)."""
 
 
 class NSTError(Exception):
@@ -23,3 +23,26 @@ class CheckpointError(NSTError):
 
 class OnnxError(NSTError):
     """An ONNX graph is missing, unreadable, or does not match the configured feature extractor."""
+
+
+class RunInterrupted(NSTError):
+    """A stop signal (Ctrl-C, SIGTERM) ended the run after saving what it could; exit code 128 + signal.
+
+    ``summary`` says when it stopped and what was saved, ``hint`` how to go on; ``resumable`` whether a
+    checkpoint exists to resume from.
+    """
+
+    def __init__(self, summary: str, signum: int, resumable: bool) -> None:
+        self.summary = summary
+        self.signum = signum
+        self.resumable = resumable
+        self.hint = "resume with --resume last" if resumable else "no checkpoint was written yet; start again with --overwrite"
+        super().__init__(f"{summary}; {self.hint}")
+
+
+class NumericalError(NSTError):
+    """The loss or the image became NaN or infinite; the last good image and checkpoint are kept."""
+
+
+class ResourceError(NSTError):
+    """The run needs more memory than the machine has (found before the run, or when it ran out), or disk."""

@@ -24,7 +24,7 @@ from torch import nn
 from . import __version__
 from .errors import OnnxError
 from .features import Preprocessing, VGGFeatures, min_side
-from .files import replace_atomically, write_text_atomic
+from .atomic import replace_atomically, write_text_atomic
 from .layers import LAYER_INDEX
 
 OPSET = 18

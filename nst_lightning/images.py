@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from .atomic import replace_atomically
 from .errors import ImageError
-from .files import replace_atomically
 
 MAX_PIXELS = 178_956_970
 """Largest source image accepted (Pillow's own decompression-bomb limit): about 179 megapixels."""
@@ -23,7 +23,8 @@ MAX_PIXELS = 178_956_970
 SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
 
 
-def _open(path: Path) -> Image.Image:
+def _open(path: Path, decode: bool = True) -> Image.Image:
+    """Open ``path`` with one-line errors for every way a file can fail; ``decode=False`` reads the header only."""
     if not path.exists():
         raise ImageError(f"image {path} does not exist; check the path")
     if path.is_dir():
@@ -34,20 +35,43 @@ def _open(path: Path) -> Image.Image:
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's notes on odd metadata; real problems raise below
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
-            img.load()
+            if decode:
+                img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(
-            f"image {path} has more than {MAX_PIXELS / 1e6:.0f} megapixels; downscale it before use"
+            f"image {path} has more than {MAX_PIXELS / 1e6:.0f} megapixels (or claims to); downscale it before use"
         ) from None
     except UnidentifiedImageError:
-        raise ImageError(f"{path} is not an image Pillow can read; give a JPEG, PNG, WebP, TIFF or BMP") from None
+        raise ImageError(
+            f"{path} is not an image Pillow can read (unknown format, or an unsupported pixel format such as "
+            "32-bit float RGB); give or convert to a JPEG, PNG, WebP, TIFF or BMP"
+        ) from None
+    except PermissionError:
+        raise ImageError(f"cannot read image {path}: permission denied; fix its permissions") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError(f"image {path} is truncated or corrupt ({err}); re-export or replace the file") from None
     finally:
         Image.MAX_IMAGE_PIXELS = old_limit
     return img
+
+
+def read_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """The ``(H, W)`` that ``read_image`` will return (EXIF rotation applied), from the header only.
+
+    Lets a run check sizes and memory before decoding anything; refuses the files ``read_image`` refuses
+    up to the pixel data (missing, not an image, over the pixel limit).
+    """
+    p = Path(path)
+    with _open(p, decode=False) as img:
+        width, height = img.size
+        try:
+            orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+        except Exception:  # as in read_image: a malformed EXIF block is ignored
+            orientation = 1
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
 def _to_float_rgb(img: Image.Image, path: Path) -> np.ndarray:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import FeaturesConfig, LossConfig, OptimConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, NumericalError
 from .features import VGGFeatures, build_extractor, min_side
 from .images import resize
 from .layers import LAYER_NAMES, deepest
@@ -143,6 +143,7 @@ class StyleTransferModule(L.LightningModule):
             "optimizer": self.optim_config.name,
         }
         self.strict_loading = False
+        self._losses_finite: torch.Tensor | None = None
 
     def forward(self, image: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Loss terms for ``image`` (default: the current output), computing targets on first use."""
@@ -184,6 +185,8 @@ class StyleTransferModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         terms = self(None)
         self.log_dict(terms, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+        finite = torch.isfinite(terms["loss"].detach())
+        self._losses_finite = finite if self._losses_finite is None else self._losses_finite & finite
         return terms["loss"]
 
     def on_after_backward(self) -> None:
@@ -198,10 +201,31 @@ class StyleTransferModule(L.LightningModule):
             grad.masked_fill_(((x <= 0) & (grad > 0)) | ((x >= self.pixel_scale) & (grad < 0)), 0.0)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """Step, then clamp the image to the valid pixel range (before callbacks save or show it)."""
+        """Step, then clamp the image to the valid pixel range (before callbacks save or show it).
+
+        A NaN or infinite loss in any evaluation of the step, or a NaN in the image, puts the image back as
+        it was before the step and raises NumericalError, so nothing non-finite is ever saved. One host
+        sync per step; the per-evaluation checks stay on the device.
+        """
+        before = self.image.detach().clone()
+        self._losses_finite = None
         super().optimizer_step(*args, **kwargs)
         with torch.no_grad():
             self.image.clamp_(0.0, self.pixel_scale)
+            finite = torch.isfinite(self.image).all()
+            if self._losses_finite is not None:
+                finite &= self._losses_finite
+            if not bool(finite):
+                self.image.copy_(before)
+                raise NumericalError(self._numerical_advice())
+
+    def _numerical_advice(self) -> str:
+        loss = self.loss_config
+        return (
+            f"the loss or the image became NaN or infinite at step {self.global_step + 1}; lower optim.lr "
+            f"(now {self.optim_config.learning_rate:g}) or the loss weights (content_weight {loss.content_weight:g}, "
+            f"style_weight {loss.style_weight:g}, tv_weight {loss.tv_weight:g})"
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep checkpoints small: the image and optimiser state, not the frozen VGG weights."""
@@ -209,8 +233,15 @@ class StyleTransferModule(L.LightningModule):
         checkpoint[FINGERPRINT_KEY] = self.fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint written by a run with other images, size, layers or weights."""
+        """Refuse a checkpoint written by a run with other images, size, layers or weights.
+
+        The configured learning rate replaces the saved one, so a run resumed after a NaN with a lower
+        ``optim.lr`` really uses it.
+        """
         self.check_checkpoint(checkpoint)
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state.get("param_groups", []):
+                group["lr"] = self.optim_config.learning_rate
 
     def check_checkpoint(self, checkpoint: Mapping[str, Any]) -> None:
         """Raise CheckpointError unless ``checkpoint`` was written by a run of this module's images and settings."""
@@ -219,7 +250,10 @@ class StyleTransferModule(L.LightningModule):
             raise CheckpointError("checkpoint was not written by nst-lightning; resume from a checkpoint of this run")
         diffs = [k for k in self.fingerprint if theirs.get(k) != self.fingerprint[k]]
         if diffs:
-            detail = ", ".join(f"{k} {theirs.get(k)} vs {self.fingerprint[k]}" for k in diffs[:3])
+            # settings first: a new size also changes the images' digests, which say nothing readable
+            images = {"content": "another content image", "styles": "other style images"}
+            settings = [f"{k} {theirs.get(k)} vs {self.fingerprint[k]}" for k in diffs if k not in images]
+            detail = ", ".join(settings[:3]) if settings else ", ".join(images[k] for k in diffs)
             raise CheckpointError(
                 f"checkpoint belongs to another run ({detail}); resume with the same images and settings, "
                 "or start a fresh run in a new output directory"

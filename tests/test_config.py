@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from nst_lightning.config import RunConfig, apply_overrides, dump_config, load_config
+from nst_lightning.config import RunConfig, apply_overrides, build_config, dump_config, load_config
 from nst_lightning.errors import ConfigError
 
 from .conftest import CONFIGS
@@ -130,3 +132,91 @@ def test_missing_and_directory_config_paths(tmp_path):
 def test_overrides_apply_in_order():
     raw = apply_overrides({}, ["image.size=100", "image.size=120"])
     assert RunConfig.model_validate(raw).image.size == 120
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("content: &a [*a]\n", "refers to itself"),
+        ("style: &a [x, *a]\n", "refers to itself"),
+        ("[" * 3000 + "]" * 3000 + "\n", "nests too deeply"),
+        ("loss:\n  style_weight: .inf\n", "loss.style_weight: Input should be a finite number"),
+        ("optim:\n  lr: .nan\n", "optim.lr"),
+        ('"bad\\nkey": 1\n', "'bad\\nkey': unknown key"),
+    ],
+    ids=["self-alias", "nested-self-alias", "deep-nesting", "inf-weight", "nan-lr", "newline-key"],
+)
+def test_hostile_yaml_gets_one_line_config_errors(tmp_path, text, fragment):
+    f = tmp_path / "hostile.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(f)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def _one_line_config_error_or_valid(load) -> None:
+    try:
+        load()
+    except ConfigError as err:
+        assert "\n" not in str(err)
+
+
+TOP = st.sampled_from(["content", "style", "init", "output", "seed", "image", "loss", "optim", "trainer", "features", "bogus"])
+NAMES = st.sampled_from(["size", "fit", "style_weight", "style_layers", "content_layers", "lr", "name", "precision",
+                         "devices", "max_steps", "weights", "pooling", "x"])
+WORDS = st.sampled_from(["1", "-3", "0.5", "1e400", ".inf", ".nan", "null", "true", "relu4_2", "x.jpg", "''",
+                         "16-mixed", "lbfgs", "!!binary aGk=", "2001-01-01"])
+FLOW = st.recursive(
+    st.one_of(st.just("@"), WORDS),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3).map(lambda xs: "[" + ", ".join(xs) + "]"),
+        st.lists(st.tuples(NAMES, inner), max_size=3).map(lambda kv: "{" + ", ".join(f"{k}: {v}" for k, v in kv) + "}"),
+    ),
+    max_leaves=10,
+)
+
+
+@st.composite
+def documents(draw) -> str:
+    """Well-formed YAML over the schema's names; one value may carry an anchor, and each ``@`` becomes an
+    alias to it when it comes after the anchor (inside the anchored value, a self-reference) or null before."""
+    entries = draw(st.lists(st.tuples(TOP, FLOW), max_size=4))
+    anchor = draw(st.integers(0, len(entries)))  # len(entries): no anchor
+    lines = []
+    for index, (key, value) in enumerate(entries):
+        if index == anchor:
+            value = "&a " + value
+        lines.append(f"{key}: {value.replace('@', '*a' if index >= anchor else 'null')}\n")
+    return "".join(lines)
+
+
+JUNK = st.lists(st.sampled_from(list("ab_01.-+ \n\t:,[]{}&*!|>'\"#%@`?~") + ["image", "size", "&a", "*a"]), max_size=60).map("".join)
+"""YAML-ish character soup: every kind of syntax error."""
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.one_of(documents(), JUNK))
+def test_random_yaml_text_gives_a_config_or_a_config_error(tmp_path, text):
+    f = tmp_path / "fuzz.yaml"
+    f.write_text(text, encoding="utf-8")
+    _one_line_config_error_or_valid(lambda: load_config(f))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=300))
+def test_random_bytes_as_a_config_file_give_a_config_error(tmp_path, data):
+    f = tmp_path / "fuzz.yaml"
+    f.write_bytes(data)
+    _one_line_config_error_or_valid(lambda: load_config(f))
+
+
+KEYS = st.sampled_from(["image", "size", "fit", "loss", "style_weight", "style_layers", "optim", "name", "lr",
+                        "trainer", "devices", "precision", "content", "style", "init", "features", "weights", "x"])
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20), st.floats(), st.text(max_size=8))
+TREES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(KEYS, inner, max_size=4)), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.dictionaries(KEYS, TREES, max_size=5), overrides=st.lists(st.text(max_size=20), max_size=3))
+def test_random_mappings_and_overrides_give_a_config_or_a_config_error(raw, overrides):
+    _one_line_config_error_or_valid(lambda: build_config(apply_overrides(dict(raw), overrides)))

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import io
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
+from nst_lightning import images
 from nst_lightning.errors import ImageError
-from nst_lightning.images import load_image, read_image, save_image, target_shape
+from nst_lightning.images import load_image, read_image, read_size, save_image, target_shape
 
 
 def _gradient(w: int = 40, h: int = 24) -> np.ndarray:
@@ -157,3 +164,127 @@ def test_saved_files_get_ordinary_permissions(tmp_path, rgb):
     os.umask(umask)
     out = save_image(read_image(rgb), tmp_path / "perm.png")
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def _png(width: int, height: int, depth: int, colour_type: int, rows: bytes) -> bytes:
+    """A PNG file written by hand, so headers can claim anything (sizes, 16-bit colour)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(("channels", "colour_type"), [(3, 2), (4, 6)], ids=["rgb16", "rgba16"])
+def test_sixteen_bit_colour_pngs_load(tmp_path, channels, colour_type):
+    pixels = np.full((4, 6, channels), 40000, ">u2")
+    rows = b"".join(b"\x00" + row.tobytes() for row in pixels)
+    path = tmp_path / "c16.png"
+    path.write_bytes(_png(6, 4, 16, colour_type, rows))
+    t = read_image(path)
+    expected = 40000 / 65535 if channels == 3 else 1 - (40000 / 65535) * (1 - 40000 / 65535)  # alpha over white
+    assert t.shape == (1, 3, 4, 6) and t.mean().item() == pytest.approx(expected, abs=2 / 255)
+
+
+def test_palette_with_transparency_is_composited_on_white(tmp_path):
+    path = tmp_path / "pt.png"
+    img = Image.new("P", (8, 8), 0)
+    img.putpalette([255, 0, 0, 0, 0, 255])
+    img.paste(1, (0, 4, 8, 8))
+    img.save(path, transparency=0)
+    t = read_image(path)
+    assert torch.allclose(t[0, :, 0, 0], torch.ones(3)) and torch.allclose(t[0, :, 7, 0], torch.tensor([0.0, 0.0, 1.0]))
+
+
+@pytest.mark.parametrize("side", [20_000, 15_000], ids=["over-twice-the-limit", "just-over-the-limit"])
+def test_a_decompression_bomb_is_refused_from_its_header(tmp_path, side):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png(side, side, 8, 0, b"\x00" * 64))  # a few bytes claiming hundreds of megapixels
+    assert path.stat().st_size < 200
+    for reader in (read_image, read_size):
+        with pytest.raises(ImageError, match="more than 179 megapixels"):
+            reader(path)
+
+
+def test_the_pixel_limit_applies_to_real_images(tmp_path, rgb, monkeypatch):
+    monkeypatch.setattr(images, "MAX_PIXELS", 500)
+    with pytest.raises(ImageError, match="megapixels .*; downscale it before use"):
+        read_image(rgb)
+
+
+def test_a_float_rgb_tiff_is_named_as_unsupported(tmp_path):
+    # TIFF header, one IFD: 2x2, 3 samples of 32-bit IEEE float (SampleFormat 3), RGB, uncompressed
+    w = h = 2
+    entries = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, 3, 122), (259, 3, 1, 1), (262, 3, 1, 2),
+               (273, 4, 1, 134), (277, 3, 1, 3), (279, 4, 1, w * h * 12), (339, 3, 3, 128)]
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHI", tag, kind, count) + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
+        for tag, kind, count, value in entries
+    ) + b"\x00\x00\x00\x00"
+    data = b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<3H", 32, 32, 32) + struct.pack("<3H", 3, 3, 3)
+    path = tmp_path / "hdr.tif"
+    path.write_bytes(data + np.ones((h, w, 3), "<f4").tobytes())
+    with pytest.raises(ImageError, match="unsupported pixel format such as 32-bit float RGB"):
+        read_image(path)
+
+
+def test_read_size_matches_the_decoded_image_including_exif_rotation(tmp_path, rgb):
+    rotated = tmp_path / "rot.jpg"
+    img = Image.fromarray(np.zeros((20, 40, 3), np.uint8))
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(rotated, exif=exif)
+    for path in (rgb, rotated):
+        assert read_size(path) == tuple(read_image(path).shape[-2:])
+
+
+def _sample_files() -> dict[str, bytes]:
+    pixels = _gradient(12, 10).astype(np.uint8)
+    out = {}
+    for fmt, mode in [("PNG", "RGB"), ("PNG", "P"), ("PNG", "LA"), ("JPEG", "RGB"), ("GIF", "P"), ("BMP", "RGB"),
+                      ("TIFF", "CMYK"), ("WEBP", "RGB"), ("PNG", "I;16")]:
+        img = Image.fromarray(pixels)
+        img = img.convert("L").convert(mode) if mode == "I;16" else img.convert(mode)
+        buf = io.BytesIO()
+        img.save(buf, format=fmt)
+        out[f"{fmt}-{mode}"] = buf.getvalue()
+    return out
+
+
+SAMPLES = _sample_files()
+
+
+def _assert_loads_or_refuses(path) -> None:
+    try:
+        t = read_image(path)
+    except ImageError as err:
+        assert "\n" not in str(err)
+        return
+    assert t.dim() == 4 and t.shape[:2] == (1, 3) and min(t.shape[-2:]) >= 2
+    assert torch.isfinite(t).all() and t.min() >= 0 and t.max() <= 1
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=2048))
+def test_random_bytes_never_escape_as_anything_but_image_errors(tmp_path, data):
+    path = tmp_path / "fuzz.img"
+    path.write_bytes(data)
+    _assert_loads_or_refuses(path)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    kind=st.sampled_from(sorted(SAMPLES)),
+    edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=8),
+    cut=st.one_of(st.none(), st.integers(1, 10**6)),
+)
+def test_damaged_real_images_load_or_fail_cleanly(tmp_path, kind, edits, cut):
+    data = bytearray(SAMPLES[kind])
+    for position, value in edits:
+        data[position % len(data)] = value
+    if cut is not None:
+        data = data[: cut % len(data) + 1]
+    path = tmp_path / "damaged.img"
+    path.write_bytes(bytes(data))
+    _assert_loads_or_refuses(path)

@@ -159,3 +159,11 @@ def test_module_works_in_a_user_trainer_with_callbacks_and_csv_logger(content_sm
     assert [p.name for p in images] == ["image_step_000002.png", "image_step_000003.png"]
     assert images[0].parent.parent == Path(trainer.logger.log_dir)
     assert (read_image(images[-1]) - module.result()).abs().max() <= 1 / 255
+
+
+@pytest.mark.parametrize("overrides", [{"trainer.devices": 2}, {"trainer.num_nodes": 2}, {"trainer.devices": "[0, 1]"}])
+def test_a_single_image_refuses_several_devices_before_writing(tiny_config, overrides):
+    cfg = tiny_config(**overrides)
+    with pytest.raises(ConfigError, match="single image is optimised on one device"):
+        fit(cfg, progress=False)
+    assert not Path(cfg.output).exists()

@@ -1,0 +1,126 @@
+"""Keeping a run's work when it stops early: atomic checkpoints, Ctrl-C and SIGTERM, failures mid-run.
+
+``GracefulStop`` turns the first SIGINT or SIGTERM into a stop at the end of the current step, where the
+image and the optimiser agree, and saves ``last.ckpt`` and the image there. A second signal stops at once.
+Any other failure saves the image only: a checkpoint of a failed state (NaN, half a step) must not
+replace the last good one.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from .atomic import atomic_write
+from .images import save_image
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint writes that are atomic on local disk: a temporary file beside the target, fsync, rename.
+
+    Lightning's default goes through an fsspec transaction, whose local temporary file is made in
+    ``$TMPDIR`` and moved into place: a copy (not atomic) when ``$TMPDIR`` is another filesystem, and a
+    stray file there after a kill. Remote URLs keep Lightning's behaviour.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        atomic_write(path, lambda fh: torch.save(checkpoint, fh), fsync=True)
+
+
+class _StopRequested(Exception):
+    """Raised at the end of a step after a stop signal, so Lightning unwinds through ``on_exception``."""
+
+
+class GracefulStop(Callback):
+    """Stop cleanly on SIGINT or SIGTERM, and save what is safe to save when a run fails.
+
+    Use ``with stop.handling_signals(): trainer.fit(...)``; after an early stop, ``signum``, ``at_once``,
+    ``step`` and ``saved`` say what happened and what was written.
+    """
+
+    def __init__(self, checkpoint_path: str | Path, image_path: str | Path) -> None:
+        self.checkpoint_path = Path(checkpoint_path)
+        self.image_path = Path(image_path)
+        self.signum: int | None = None
+        self.at_once = False
+        self.started = False
+        self.step: int | None = None
+        self.saved: list[Path] = []
+
+    @contextmanager
+    def handling_signals(self) -> Iterator[None]:
+        """Route SIGINT and SIGTERM to this callback while the block runs (main thread only), then restore."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+        for s in STOP_SIGNALS:
+            signal.signal(s, self._on_signal)
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:
+            self.at_once = True
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(
+            f"\n{signal.Signals(signum).name} received: stopping after the current step "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.started = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.signum is not None:
+            raise _StopRequested
+
+    def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
+        """Save the image if training had started and it is finite; after a requested stop (a step boundary)
+        save the checkpoint too. Before training starts a resumed image is not restored yet: nothing is saved."""
+        self.step = trainer.global_step
+        if not self.started:
+            return
+        image = pl_module.result()
+        try:
+            if trainer.is_global_zero and bool(torch.isfinite(image).all()):
+                save_image(image, self.image_path)
+                self.saved.append(self.image_path)
+            if isinstance(exception, (_StopRequested, SIGTERMException)):
+                trainer.save_checkpoint(self.checkpoint_path)
+                self.saved.append(self.checkpoint_path)
+        except OSError:  # e.g. the disk that failed the run is still full: report the first problem, not this one
+            pass
+
+    @property
+    def stopped_by_signal(self) -> bool:
+        """Whether a stop signal ended the run."""
+        return self.signum is not None
+
+    @staticmethod
+    def is_stop(exception: BaseException) -> bool:
+        """Whether ``exception`` is how Lightning or this callback unwinds a stopped run."""
+        return isinstance(exception, (_StopRequested, SystemExit, KeyboardInterrupt))

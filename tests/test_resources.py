@@ -1,0 +1,123 @@
+"""The memory estimate: its shape, its match with a measured peak, and the early refusal it drives."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from nst_lightning import resources
+from nst_lightning.api import fit
+from nst_lightning.config import DEFAULT_STYLE_LAYERS, load_config
+from nst_lightning.errors import ResourceError
+from nst_lightning.images import read_size
+from nst_lightning.resources import (
+    available_cpu_memory,
+    estimate_for,
+    estimate_memory,
+    is_out_of_memory,
+    largest_size,
+)
+
+LAYERS = [*DEFAULT_STYLE_LAYERS, "relu4_2"]
+
+
+def _total(size: int, **kw: object) -> int:
+    return estimate_memory((size, size), [(size, size)], LAYERS, **kw).total
+
+
+def test_estimate_grows_with_size_history_and_falls_with_bf16():
+    totals = [_total(s) for s in (64, 128, 256, 512, 1024, 2048)]
+    assert totals == sorted(totals) and totals[-1] > 12 * totals[-3]  # activations scale with pixels
+    assert _total(512, history_size=50) > _total(512, history_size=10)
+    assert _total(512, precision="bf16-mixed") < 0.9 * _total(512)
+    assert _total(512, optimizer="adam") < _total(512, optimizer="lbfgs", history_size=20)
+    shallow = estimate_memory((512, 512), [(512, 512)], ["relu1_1", "relu2_1"], ["relu2_1"]).activations
+    assert shallow < estimate_memory((512, 512), [(512, 512)], LAYERS).activations
+
+
+def test_large_sources_and_style_scale_raise_the_peak():
+    base = estimate_memory((256, 256), [(256, 256)], LAYERS)
+    big_style = estimate_memory((256, 256), [(2048, 2048)], LAYERS)
+    huge_source = estimate_memory((256, 256), [(256, 256)], LAYERS, source_pixels=100_000_000)
+    assert big_style.total > base.total and huge_source.total > 2 * 1024**3
+
+
+MEASURE = textwrap.dedent(
+    """
+    import json, sys, torch
+    from nst_lightning.images import load_image
+    from nst_lightning.config import EXAMPLE_CONTENT, EXAMPLE_STYLE
+    from nst_lightning.module import StyleTransferModule
+    torch.set_num_threads(1)
+    def status(key):
+        return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+    content, style = load_image(EXAMPLE_CONTENT, 256), load_image(EXAMPLE_STYLE, 256)
+    module = StyleTransferModule(content, style, optim={"history_size": 2})
+    module.prepare_targets()
+    optimizer = module.configure_optimizers()
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current size
+    base = status("VmRSS")
+    def closure():
+        optimizer.zero_grad()
+        loss = module()["loss"]
+        loss.backward()
+        return loss
+    for _ in range(3):  # the L-BFGS history (2 pairs) is full by the third step
+        before = module.image.detach().clone()  # the module keeps this copy in a real step
+        optimizer.step(closure)
+    print(json.dumps({"shape": list(content.shape[-2:]), "peak": status("VmHWM") - base}))
+    """
+)
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
+def test_estimate_is_close_to_the_measured_peak_of_a_step():
+    # big blocks always from mmap, so freed memory leaves the resident size and the peak is the live peak
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", MEASURE], capture_output=True, text=True, check=True, env=env)
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    h, w = measured["shape"]
+    estimate = estimate_memory((h, w), [(h, w)], LAYERS, history_size=2)
+    predicted = estimate.activations + estimate.optimizer
+    assert 0.85 * measured["peak"] < predicted < 1.3 * measured["peak"], (predicted, measured["peak"])
+
+
+def test_available_memory_is_read_from_the_system():
+    free = available_cpu_memory()
+    total = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1]) * 1024
+    assert free is not None and 0 < free <= total
+
+
+def test_a_run_that_cannot_fit_fails_early_with_the_largest_size_that_would(tiny_config, monkeypatch):
+    cfg = tiny_config(**{"image.size": 1024, "trainer.precision": "32-true"})
+    sources = (read_size(cfg.content), [read_size(s) for s in cfg.styles])
+    available = estimate_for(cfg, *sources, size=300).total + 1
+    monkeypatch.setattr(resources, "available_cpu_memory", lambda: available)
+    fits = largest_size(cfg, *sources, available)
+    assert fits is not None and 300 <= fits < 1024
+    assert estimate_for(cfg, *sources, size=fits).total <= available < estimate_for(cfg, *sources, size=fits + 1).total
+
+    with pytest.raises(ResourceError) as err:
+        fit(cfg, progress=False)
+    message = str(err.value)
+    assert message.startswith("image.size=1024 needs about ") and f"set image.size={fits} or lower" in message
+    assert "trainer.precision=bf16-mixed" in message and "\n" not in message
+    assert not Path(cfg.output).exists()
+    smaller = load_config(None, [f"image.size={fits}", "trainer.accelerator=cpu"])
+    assert resources.check_fits(smaller, *sources).total <= available
+
+
+def test_out_of_memory_errors_are_recognised():
+    import torch
+
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_out_of_memory(ValueError("out of memory"))

@@ -246,9 +246,16 @@ class StyleTransferModule(L.LightningModule):
         return itertools.repeat(0)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Log the loss terms; hand the optimiser the total times the number of image elements.
+
+        The scale-free losses give each pixel a gradient of order 1/N, so at 256 px and above torch's
+        L-BFGS rejected every curvature pair (it skips pairs with y.s < 1e-10) and barely moved; scaled
+        by N the gradients are size-independent. L-BFGS directions and Adam steps are otherwise
+        invariant to the scale, and the logged terms are unscaled.
+        """
         terms = self(None)
         self.log_dict(terms, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
-        return terms["loss"]
+        return terms["loss"] * self.image.numel()
 
     def on_after_backward(self) -> None:
         """Project the gradient: pixels held at 0 or 255 are not pushed further out of range.

@@ -9,30 +9,31 @@ import errno
 import logging
 import shutil
 import signal
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
 from .atomic import remove_stale_temps, write_text_atomic
-from .callbacks import FinalImage, ImageSnapshots, LossHistory, StepCheckpoint, StepProgressBar
+from .callbacks import FinalImage, ImageSnapshots, LossHistory, RunPlots, StepCheckpoint, StepProgressBar
 from .config import INIT_KEYWORDS, RunConfig, all_layers, dump_config
 from .errors import CheckpointError, ConfigError, NSTError, NumericalError, OnnxError, ResourceError, RunInterrupted
 from .export import DEFAULT_RTOL, ExportInfo, ExtractorSpec, OnnxFeatures, ValidationReport, export_onnx, validate_onnx
 from .faults import AtomicCheckpointIO, GracefulStop
 from .features import VGGFeatures, build_extractor, min_side
 from .hardware import resolve_precision
-from .images import load_image, read_size
-from .module import StyleTransferModule
+from .images import load_image, read_image, read_size, target_shape
+from .module import FINGERPRINT_KEY, StyleTransferModule
 from .pairs import is_batch
 from .resources import Shape, check_fits, is_out_of_memory, out_of_memory_message
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = ("config.yaml", "final.png", "interrupted.png", "losses.csv")
+RUN_FILES = ("config.yaml", "final.png", "interrupted.png", "losses.csv", "loss_curve.png", "side_by_side.png")
 RUN_DIRS = ("checkpoints", "snapshots")
 
 
@@ -71,20 +72,73 @@ class RunOutputs:
     def losses(self) -> Path:
         return self.root / "losses.csv"
 
+    @property
+    def loss_curve(self) -> Path:
+        return self.root / "loss_curve.png"
 
-def load_images(config: RunConfig) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The content image at the configured size and each style image scaled by ``style_scale``."""
-    content = load_image(config.content, config.image.size, config.image.fit)
-    style_side = max(8, round(max(content.shape[-2:]) * config.image.style_scale))
-    styles = [load_image(path, style_side, "long") for path in config.styles]
+    @property
+    def side_by_side(self) -> Path:
+        return self.root / "side_by_side.png"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One coarse-to-fine stage: its output size, steps, the steps before it, where it checkpoints."""
+
+    index: int
+    count: int
+    size: int
+    steps: int
+    offset: int
+    checkpoints: Path
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.ckpt"
+
+
+def plan_stages(config: RunConfig, outputs: RunOutputs) -> list[Stage]:
+    """The stages of ``config``; a single-scale run is one stage checkpointing into ``checkpoints/``."""
+    sizes = config.stages()
+    out, offset = [], 0
+    for k, (size, steps) in enumerate(sizes):
+        where = outputs.checkpoints if len(sizes) == 1 else outputs.checkpoints / f"stage{k + 1}"
+        out.append(Stage(k, len(sizes), size, steps, offset, where))
+        offset += steps
+    return out
+
+
+def load_images(config: RunConfig, size: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The content image at ``size`` (default ``image.size``) and each style image scaled by its ``style_scale``."""
+    content = load_image(config.content, size or config.image.size, config.image.fit)
+    long_side = max(content.shape[-2:])
+    styles = [
+        load_image(path, max(8, round(long_side * scale)), "long")
+        for path, scale in zip(config.styles, config.style_scales())
+    ]
     return content, styles
 
 
-def build_module(config: RunConfig, content: torch.Tensor, styles: list[torch.Tensor]) -> StyleTransferModule:
-    """The LightningModule for ``config`` and already loaded images."""
-    init: str | torch.Tensor = config.init
-    if config.init not in ("content", "noise", "style"):
-        init = load_image(config.init)
+def load_masks(config: RunConfig) -> list[torch.Tensor | None] | None:
+    """Each style's mask image at full size (the module fits it to the output), or None."""
+    if config.style_masks is None:
+        return None
+    return [None if path is None else read_image(path) for path in config.style_masks]
+
+
+def build_module(
+    config: RunConfig,
+    content: torch.Tensor,
+    styles: list[torch.Tensor],
+    *,
+    masks: list[torch.Tensor | None] | None = None,
+    init: str | torch.Tensor | None = None,
+    extractor: VGGFeatures | None = None,
+    target_cache: MutableMapping[str, Any] | None = None,
+) -> StyleTransferModule:
+    """The LightningModule for ``config`` and already loaded images (``init`` overrides ``config.init``)."""
+    if init is None:
+        init = config.init if config.init in INIT_KEYWORDS else load_image(config.init)
     return StyleTransferModule(
         content,
         styles,
@@ -92,12 +146,27 @@ def build_module(config: RunConfig, content: torch.Tensor, styles: list[torch.Te
         optim=config.optim,
         features=config.features,
         init=init,
+        style_blend=config.style_blend,
+        style_masks=masks,
+        color=config.color,
+        extractor=extractor,
+        target_cache=target_cache,
         seed=config.seed,
     )
 
 
-def build_trainer(config: RunConfig, outputs: RunOutputs, progress: bool = True, callbacks: list[Callback] | None = None) -> L.Trainer:
-    """A Trainer writing checkpoints, snapshots, the loss history and the final image under ``outputs``.
+def build_trainer(
+    config: RunConfig,
+    outputs: RunOutputs,
+    progress: bool = True,
+    callbacks: list[Callback] | None = None,
+    *,
+    stage: Stage | None = None,
+    shown: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
+) -> L.Trainer:
+    """A Trainer for ``stage`` (default: the whole single-scale run) writing checkpoints, snapshots, the loss
+    history, the result so far as ``final.png`` and, given ``shown`` (the content and styles to show), the
+    loss curve and side-by-side pictures under ``outputs``.
 
     One image is one optimisation on one device: ``devices: auto`` means one here, and several devices or
     nodes are refused (DDP would average one image's gradients across ranks); batch runs use them.
@@ -110,8 +179,9 @@ def build_trainer(config: RunConfig, outputs: RunOutputs, progress: bool = True,
             f"trainer.num_nodes={t.num_nodes}; set trainer.devices=1, or give a folder, glob or list of content "
             "images to spread a batch over devices and nodes"
         )
+    stage = stage or plan_stages(config, outputs)[-1]
     ckpt = StepCheckpoint(
-        dirpath=outputs.checkpoints,
+        dirpath=stage.checkpoints,
         filename="step-{step:06d}",
         every_n_train_steps=config.checkpoint.every_n_steps,
         save_top_k=-1 if config.checkpoint.keep_all else 1,
@@ -119,11 +189,15 @@ def build_trainer(config: RunConfig, outputs: RunOutputs, progress: bool = True,
         auto_insert_metric_name=False,
         enable_version_counter=False,
     )
-    own: list[Callback] = [ckpt, LossHistory(outputs.losses), FinalImage(outputs.final)]
+    own: list[Callback] = [ckpt, LossHistory(outputs.losses, step_offset=stage.offset), FinalImage(outputs.final)]
+    if shown is not None:
+        starts = [s.offset for s in plan_stages(config, outputs)[1 : stage.index + 1]]
+        own.append(RunPlots(outputs.root, outputs.losses, shown[0], shown[1], starts))
     if config.snapshot.every_n_steps:
-        own.append(ImageSnapshots(outputs.snapshots, config.snapshot.every_n_steps))
+        own.append(ImageSnapshots(outputs.snapshots, config.snapshot.every_n_steps, step_offset=stage.offset))
     if progress:
-        own.append(StepProgressBar())
+        label = "Stylising" if stage.count == 1 else f"Stage {stage.index + 1}/{stage.count} ({stage.size} px)"
+        own.append(StepProgressBar(label))
     try:
         return L.Trainer(
             accelerator=t.accelerator,
@@ -131,7 +205,7 @@ def build_trainer(config: RunConfig, outputs: RunOutputs, progress: bool = True,
             num_nodes=t.num_nodes,
             strategy=t.strategy,
             precision=resolve_precision(t.precision, t.accelerator),
-            max_steps=t.max_steps,
+            max_steps=stage.steps,
             max_epochs=-1,
             log_every_n_steps=t.log_every_n_steps,
             logger=False,
@@ -174,6 +248,35 @@ def resolve_resume(resume: str | None, outputs: RunOutputs) -> Path | None:
     return path
 
 
+def resume_point(config: RunConfig, resume: str | None, stages: list[Stage]) -> tuple[int, Path | None]:
+    """The stage to start in and the checkpoint to resume it from.
+
+    ``last`` in a multi-scale run is the ``last.ckpt`` of the latest stage that has one; a checkpoint
+    path belongs to the stage whose image size it holds.
+    """
+    if resume is None:
+        return 0, None
+    if len(stages) == 1:
+        return 0, resolve_resume(resume, RunOutputs(Path(config.output)))
+    if resume == "last":
+        for stage in reversed(stages):
+            if stage.last_checkpoint.is_file():
+                return stage.index, stage.last_checkpoint
+        raise CheckpointError(f"no checkpoint in {stages[0].checkpoints.parent}/stage*/; run without --resume to start it")
+    path = resolve_resume(resume, RunOutputs(Path(config.output)))
+    shape = read_checkpoint(path).get(FINGERPRINT_KEY, {}).get("image_shape")
+    if not shape:
+        raise CheckpointError(f"checkpoint {path} was not written by nst-lightning; resume from a checkpoint of this run")
+    full = read_image(config.content).shape[-2:]
+    for stage in stages:
+        if list(shape[-2:]) == list(target_shape(full[0], full[1], stage.size, config.image.fit)):
+            return stage.index, path
+    raise CheckpointError(
+        f"checkpoint {path} holds a {shape[-1]}x{shape[-2]} image, which is none of this run's scales "
+        f"{config.scales}; resume with the scales it was written with"
+    )
+
+
 def read_checkpoint(path: Path) -> dict:
     """Load a checkpoint file for inspection, with a one-line error when it is not one."""
     try:
@@ -189,8 +292,8 @@ def read_checkpoint(path: Path) -> dict:
 
 
 def input_paths(config: RunConfig) -> list[Path]:
-    """Every file the run reads: content, styles, an init image and a weights file."""
-    paths = [config.content, *config.styles]
+    """Every file the run reads: content, styles, style masks, an init image and a weights file."""
+    paths = [config.content, *config.styles, *(p for p in config.style_masks or [] if p)]
     if config.init not in INIT_KEYWORDS:
         paths.append(config.init)
     if config.features.weights not in ("caffe", "torchvision"):
@@ -251,18 +354,18 @@ def checkpoint_step(path: Path) -> int | None:
 def _kept(stop: GracefulStop, outputs: RunOutputs) -> str:
     """What a failed run left on disk and where to go on from."""
     image = f"the last good image is in {outputs.interrupted}" if outputs.interrupted in stop.saved else "no image was saved"
-    step = checkpoint_step(outputs.last_checkpoint)
+    step = checkpoint_step(stop.checkpoint_path)
     if step is None:
         return f"{image}; no checkpoint was written yet, so start again with --overwrite"
-    return f"{image}; {outputs.last_checkpoint} holds step {step}: continue with --resume last"
+    return f"{image}; {stop.checkpoint_path} holds step {step}: continue with --resume last"
 
 
 def _interrupted(stop: GracefulStop, outputs: RunOutputs) -> RunInterrupted:
     signum = stop.signum if stop.signum is not None else signal.SIGINT
     saved = " and ".join(str(p) for p in stop.saved) or "nothing"
-    step = checkpoint_step(outputs.last_checkpoint)
+    step = checkpoint_step(stop.checkpoint_path)
     if stop.at_once:
-        held = f"; {outputs.last_checkpoint} holds step {step}" if step is not None else ""
+        held = f"; {stop.checkpoint_path} holds step {step}" if step is not None else ""
         summary = f"stopped at once by a second signal during step {(stop.step or 0) + 1}; saved {saved}{held}"
     else:
         summary = f"interrupted by {signal.Signals(signum).name} at step {stop.step}; saved {saved}"
@@ -298,13 +401,17 @@ def fit(
     overwrite: bool = False,
     progress: bool = True,
     callbacks: list[Callback] | None = None,
+    extractor: VGGFeatures | None = None,
+    target_cache: MutableMapping[str, Any] | None = None,
 ) -> RunOutputs:
     """Run one style transfer as ``config`` describes; returns where its files are.
 
-    ``resume``: ``"last"`` or a checkpoint path continues that optimisation; ``overwrite`` replaces a
-    previous run in the same output directory. Everything is checked before the first file is written.
-    SIGINT or SIGTERM stop at the end of the step, saving ``last.ckpt`` and ``interrupted.png``
-    (RunInterrupted); a NaN, an infinity or running out of memory keep the last good image and checkpoint.
+    ``resume``: ``"last"`` or a checkpoint path continues that optimisation (in its coarse-to-fine stage,
+    then the later stages); ``overwrite`` replaces a previous run in the same output directory. Everything
+    is checked before the first file is written. SIGINT or SIGTERM stop at the end of the step, saving
+    ``last.ckpt`` and ``interrupted.png`` (RunInterrupted); a NaN, an infinity or running out of memory
+    keep the last good image and checkpoint. ``extractor`` and ``target_cache`` let several runs (a sweep)
+    share the loaded network and the computed targets.
     """
     if is_batch(config):
         raise ConfigError(
@@ -312,28 +419,42 @@ def fit(
         )
     outputs = RunOutputs(Path(config.output))
     check_output(config, outputs, resuming=resume is not None, overwrite=overwrite)
-    ckpt_path = resolve_resume(resume, outputs)
+    stages = plan_stages(config, outputs)
+    start, ckpt_path = resume_point(config, resume, stages)
     shapes = (read_size(config.content), [read_size(p) for p in config.styles])
     check_fits(config, *shapes)
-    content, styles = load_images(config)
+    masks = load_masks(config)
     L.seed_everything(config.seed, workers=False, verbose=False)
-    stop = GracefulStop(outputs.last_checkpoint, outputs.interrupted)
-    trainer = build_trainer(config, outputs, progress=progress, callbacks=[stop, *(callbacks or [])])
-    module = build_module(config, content, styles)
-    if ckpt_path is not None:
-        module.check_checkpoint(read_checkpoint(ckpt_path))
-    if config.features.onnx:
-        onnx_targets(config, module)
-    prepare_output(outputs, resuming=ckpt_path is not None, overwrite=overwrite)
-    write_text_atomic(outputs.config, dump_config(config))
-    with stop.handling_signals():
-        try:
-            trainer.fit(module, ckpt_path=ckpt_path)
-        except BaseException as err:
-            known = _as_nst_error(err, config, shapes, stop, outputs)
-            if known is None:
-                raise
-            raise known from None
+    init: str | torch.Tensor | None = None
+    for stage in stages[start:]:
+        content, styles = load_images(config, stage.size)
+        stop = GracefulStop(stage.last_checkpoint, outputs.interrupted)
+        trainer = build_trainer(
+            config, outputs, progress, [stop, *(callbacks or [])], stage=stage, shown=(content, styles)
+        )
+        module = build_module(
+            config, content, styles, masks=masks, init=init, extractor=extractor, target_cache=target_cache
+        )
+        extractor = module.extractor
+        first = stage.index == start
+        if first and ckpt_path is not None:
+            module.check_checkpoint(read_checkpoint(ckpt_path))
+        if config.features.onnx:
+            onnx_targets(config, module)
+        if first:
+            prepare_output(outputs, resuming=ckpt_path is not None, overwrite=overwrite)
+            write_text_atomic(outputs.config, dump_config(config))
+        with stop.handling_signals():
+            try:
+                trainer.fit(module, ckpt_path=ckpt_path if first else None)
+            except BaseException as err:
+                known = _as_nst_error(err, config, shapes, stop, outputs)
+                if known is None:
+                    raise
+                raise known from None
+        if trainer.should_stop or trainer.global_step < stage.steps:
+            break  # asked to stop: later stages wait for a resume
+        init = module.optimised_image()
     return outputs
 
 

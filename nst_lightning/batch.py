@@ -151,7 +151,7 @@ class BatchStylizer(L.LightningModule):
         x = torch.cat([p.image for p in problems]) / StyleTransferModule.pixel_scale
         feats = self.extractor(x)
         losses = [
-            p.criterion({k: v[i : i + 1] for k, v in feats.items()}, x[i : i + 1])["loss"]
+            p.objective(p.criterion({k: v[i : i + 1] for k, v in feats.items()}, x[i : i + 1]))
             for i, p in enumerate(problems)
         ]
         torch.stack(losses).sum().backward()

@@ -1,4 +1,4 @@
-"""Lightning callbacks that write what people look at: snapshots, the final image, the loss history.
+"""Lightning callbacks that write what people look at: snapshots, the final image, the loss history, plots.
 
 Each works with any Trainer holding a ``StyleTransferModule``; files are written by rank zero only.
 """
@@ -9,9 +9,11 @@ import csv
 import io
 import os
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 
 from .atomic import write_text_atomic
@@ -21,14 +23,18 @@ LOSS_COLUMNS = ("step", "content", "style", "tv", "loss")
 
 
 class ImageSnapshots(Callback):
-    """Save the current image as ``DIR/step_000050.png`` every ``every_n_steps`` steps."""
+    """Save the current image as ``DIR/step_000050.png`` every ``every_n_steps`` steps.
 
-    def __init__(self, dirpath: str | os.PathLike[str], every_n_steps: int) -> None:
+    ``step_offset`` counts the steps of earlier coarse-to-fine stages, so names and cadence run on.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike[str], every_n_steps: int, step_offset: int = 0) -> None:
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
+        self.step_offset = step_offset
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
+        step = self.step_offset + trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0 and trainer.is_global_zero:
             save_image(pl_module.result(), self.dirpath / f"step_{step:06d}.png")
 
@@ -57,15 +63,17 @@ class LossHistory(Callback):
 
     The file is rewritten every ``flush_every_n_steps`` steps, with every checkpoint and when the run ends or
     fails. Values stay device tensors until a flush, so a GPU run is not synchronised on every step.
+    ``step_offset`` counts the steps of earlier coarse-to-fine stages, so one file spans the whole run.
     """
 
-    def __init__(self, path: str | os.PathLike[str], flush_every_n_steps: int = 25) -> None:
+    def __init__(self, path: str | os.PathLike[str], flush_every_n_steps: int = 25, step_offset: int = 0) -> None:
         self.path = Path(path)
         self.flush_every_n_steps = flush_every_n_steps
+        self.step_offset = step_offset
         self.rows: list[dict[str, Any]] = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self.rows = [r for r in self._read() if int(r["step"]) <= trainer.global_step]
+        self.rows = [r for r in self._read() if int(r["step"]) <= self.step_offset + trainer.global_step]
 
     def _read(self) -> list[dict[str, float]]:
         if not self.path.is_file():
@@ -75,7 +83,7 @@ class LossHistory(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         metrics = trainer.callback_metrics
-        row: dict[str, Any] = {"step": trainer.global_step}
+        row: dict[str, Any] = {"step": self.step_offset + trainer.global_step}
         row.update({k: metrics[k].detach().clone() for k in LOSS_COLUMNS[1:] if k in metrics})
         self.rows.append(row)
         if trainer.global_step % self.flush_every_n_steps == 0:
@@ -107,8 +115,43 @@ class LossHistory(Callback):
         write_text_atomic(self.path, buf.getvalue())
 
 
+class RunPlots(Callback):
+    """At the end of training write ``loss_curve.png`` (from ``losses.csv``) and ``side_by_side.png`` in ``dirpath``.
+
+    Place it after ``LossHistory`` so the CSV is complete; ``content`` and ``styles`` are shown as given
+    (the originals, before any colour control).
+    """
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike[str],
+        losses: str | os.PathLike[str],
+        content: torch.Tensor,
+        styles: Sequence[torch.Tensor],
+        stage_starts: Sequence[int] = (),
+    ) -> None:
+        self.dirpath = Path(dirpath)
+        self.losses = Path(losses)
+        self.content = content
+        self.styles = list(styles)
+        self.stage_starts = list(stage_starts)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if not trainer.is_global_zero:
+            return
+        from .plots import loss_curve, side_by_side
+
+        if self.losses.is_file():
+            loss_curve(self.losses, self.dirpath / "loss_curve.png", self.stage_starts)
+        side_by_side(self.content, self.styles, pl_module.result(), self.dirpath / "side_by_side.png")
+
+
 class StepProgressBar(TQDMProgressBar):
     """A progress bar that counts optimisation steps towards ``max_steps`` (the dataloader is endless)."""
+
+    def __init__(self, description: str = "Stylising") -> None:
+        super().__init__()
+        self.description = description
 
     @property
     def total_train_batches(self) -> int | float:
@@ -119,4 +162,4 @@ class StepProgressBar(TQDMProgressBar):
         super().on_train_epoch_start(trainer)
         self.train_progress_bar.initial = trainer.global_step
         self.train_progress_bar.n = trainer.global_step
-        self.train_progress_bar.set_description("Stylising")
+        self.train_progress_bar.set_description(self.description)

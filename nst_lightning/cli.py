@@ -77,10 +77,12 @@ def _load(config: Optional[Path], overrides: Optional[list[str]], output: Option
 def _quiet_lightning() -> None:
     """Hide Lightning's start-up chatter (accelerator lines, tips) and a known deprecation notice.
 
-    Call after importing lightning: its import sets its own logger to INFO.
+    Imports lightning first: its import sets its own logger to INFO.
     """
     import logging
     import warnings
+
+    import lightning.pytorch  # noqa: F401  (its import sets the logger level this overrides)
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
@@ -173,6 +175,47 @@ def _fit_batch(cfg: RunConfig, resume: Optional[str], overwrite: bool, quiet: bo
         typer.echo("\n".join(report.lines()))
     if report.failed:
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+@app.command()
+def sweep(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    grid: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--grid",
+            "-g",
+            help="A key and the values to try, e.g. --grid loss.style_weight=1e2,1e3,1e4 (repeatable; every "
+            "combination runs).",
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Sweep directory (overrides `output`).", show_default=False)
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous sweep in the output directory.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Run every combination of --grid values; writes OUTPUT/contact_sheet.png, sweep.csv and cells/NN/."""
+    try:
+        cfg = _load(config, set_, output)
+        from .sweep import grid_cells, parse_grid
+
+        values = parse_grid(grid or [])
+        cells = grid_cells(cfg, values)
+        from .sweep import sweep as run_sweep
+
+        _quiet_lightning()
+
+        def announce(cell, total: int) -> None:
+            where = ", ".join(f"{k}={v}" for k, v in cell.values.items())
+            typer.echo(f"cell {cell.index + 1}/{total}: {where}")
+
+        outputs = run_sweep(cfg, values, overwrite=overwrite, progress=not quiet, on_cell=announce)
+    except NSTError as err:
+        raise fail(str(err)) from None
+    typer.echo(f"wrote {outputs.sheet} ({len(cells)} cells)")
 
 
 @app.command("print-config")

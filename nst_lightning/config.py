@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,6 +18,7 @@ from .layers import LAYER_NAMES, canonical_layer
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 EXAMPLE_CONTENT = EXAMPLES_DIR / "astronaut.jpg"
 EXAMPLE_STYLE = EXAMPLES_DIR / "starry_night.jpg"
+EXAMPLE_STYLE_2 = EXAMPLES_DIR / "the_scream.jpg"
 
 DEFAULT_STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
 INIT_KEYWORDS = ("content", "noise", "style")
@@ -35,7 +36,17 @@ class ImageConfig(_Section):
 
     size: int = Field(512, ge=16, le=MAX_IMAGE_SIZE, description="pixels along the side named by `fit`")
     fit: Literal["long", "height", "width"] = Field("long", description="which side `size` sets")
-    style_scale: float = Field(1.0, gt=0, le=8, description="style image size relative to `size`")
+    style_scale: Union[float, list[float]] = Field(
+        1.0, description="style image size relative to `size`; one value, or one per style image"
+    )
+
+    @field_validator("style_scale")
+    @classmethod
+    def _scale_range(cls, scale: float | list[float]) -> float | list[float]:
+        values = scale if isinstance(scale, list) else [scale]
+        if not values or any(not 0 < v <= 8 for v in values):
+            raise ValueError("style_scale must be in (0, 8], one value or a non-empty list")
+        return scale
 
 
 class FeaturesConfig(_Section):
@@ -122,6 +133,9 @@ class OptimConfig(_Section):
     max_iter: int = Field(1, ge=1, le=1000, description="L-BFGS loss evaluations per Trainer step")
     history_size: int = Field(20, ge=1, le=1000, description="L-BFGS history (memory and checkpoint size)")
     line_search: Literal["none", "strong_wolfe"] = "none"
+    average: float | None = Field(
+        None, gt=0, lt=1, description="Adam only: EMA decay of the image (e.g. 0.99); the average is the result"
+    )
 
     @property
     def learning_rate(self) -> float:
@@ -179,6 +193,15 @@ class RunConfig(_Section):
     output: str = Field("runs/example", description="run directory: final.png, snapshots, checkpoints")
     seed: int = 0
     init: str = Field("content", description="content | noise | style | path to an image")
+    style_blend: list[float] | None = Field(None, description="weight of each style image; default equal")
+    style_masks: list[Optional[str]] | None = Field(
+        None, description="one mask image per style (white = apply it there), or null for the whole image"
+    )
+    color: Literal["none", "luminance", "histogram"] = Field(
+        "none", description="none: the style's colours | luminance: keep the content's | histogram: recolour the style"
+    )
+    scales: list[int] | None = Field(None, description="coarse-to-fine output sizes; the last is image.size")
+    scale_steps: list[int] | None = Field(None, description="steps at each scale; default trainer.max_steps each")
     image: ImageConfig = Field(default_factory=ImageConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -202,6 +225,29 @@ class RunConfig(_Section):
             raise ValueError("give at least one style image")
         return style
 
+    @field_validator("style_blend")
+    @classmethod
+    def _blend_weights(cls, blend: list[float] | None) -> list[float] | None:
+        if blend is not None and (any(b < 0 for b in blend) or sum(blend) <= 0):
+            raise ValueError("style_blend weights must be >= 0 and sum to more than 0, e.g. [0.7, 0.3]")
+        return blend
+
+    @field_validator("scales")
+    @classmethod
+    def _increasing_scales(cls, scales: list[int] | None) -> list[int] | None:
+        if scales is None:
+            return None
+        if not scales or any(s < 16 for s in scales) or any(a >= b for a, b in zip(scales, scales[1:])):
+            raise ValueError("scales must be increasing sizes of at least 16 px, e.g. [256, 512]")
+        return scales
+
+    @field_validator("scale_steps")
+    @classmethod
+    def _positive_steps(cls, steps: list[int] | None) -> list[int] | None:
+        if steps is not None and any(s < 1 for s in steps):
+            raise ValueError("scale_steps must be at least 1 each")
+        return steps
+
     @model_validator(mode="after")
     def _compatible(self) -> RunConfig:
         if self.trainer.precision == "16-mixed" and self.optim.name == "lbfgs":
@@ -209,7 +255,50 @@ class RunConfig(_Section):
                 "trainer.precision=16-mixed cannot be used with optim.name=lbfgs (AMP's gradient scaler "
                 "breaks L-BFGS); use bf16-mixed or 32-true, or optim.name=adam"
             )
+        if self.optim.average is not None and self.optim.name != "adam":
+            raise ValueError(
+                "optim.average (iterate averaging) needs optim.name=adam; L-BFGS converges without it, "
+                "so drop optim.average or set optim.name=adam"
+            )
+        n = len(self.styles)
+        for key, value in [
+            ("style_blend", self.style_blend),
+            ("style_masks", self.style_masks),
+            ("image.style_scale", self.image.style_scale),
+        ]:
+            if isinstance(value, list) and len(value) != n:
+                raise ValueError(f"{key} has {len(value)} entries for {n} style image(s); give one per style")
+        self._check_scales()
         return self
+
+    def _check_scales(self) -> None:
+        if self.scale_steps is not None and self.scales is None:
+            raise ValueError("scale_steps needs scales; set scales too, e.g. scales=[256, 512]")
+        if self.scales is None:
+            return
+        if self.scale_steps is not None and len(self.scale_steps) != len(self.scales):
+            raise ValueError(
+                f"scale_steps has {len(self.scale_steps)} entries for {len(self.scales)} scales; give one per scale"
+            )
+        if "size" not in self.image.model_fields_set:
+            self.image.size = self.scales[-1]
+        elif self.image.size != self.scales[-1]:
+            raise ValueError(
+                f"scales end at {self.scales[-1]} but image.size is {self.image.size}; the last scale is the "
+                f"output size, so end scales with {self.image.size} or set image.size={self.scales[-1]}"
+            )
+
+    def stages(self) -> list[tuple[int, int]]:
+        """``(size, steps)`` of each coarse-to-fine stage; one stage at ``image.size`` without ``scales``."""
+        if self.scales is None:
+            return [(self.image.size, self.trainer.max_steps)]
+        steps = self.scale_steps or [self.trainer.max_steps] * len(self.scales)
+        return list(zip(self.scales, steps))
+
+    def style_scales(self) -> list[float]:
+        """The ``style_scale`` of each style image."""
+        scale = self.image.style_scale
+        return list(scale) if isinstance(scale, list) else [scale] * len(self.styles)
 
     @property
     def contents(self) -> list[str]:
@@ -232,7 +321,7 @@ class RunConfig(_Section):
         }
 
 
-_INPUT_PATH_KEYS = ("content", "style", "init")
+_INPUT_PATH_KEYS = ("content", "style", "init", "style_masks")
 _RUNTIME_ONLY_FEATURES = ("allow_download", "onnx", "validate_onnx")
 """Feature settings that change how a run gets its weights or targets, not what it optimises."""
 
@@ -272,20 +361,25 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def set_value(raw: dict[str, Any], path: list[str], value: Any, source: str) -> None:
+    """Set ``raw[path[0]][path[1]]... = value``, creating sections; ``source`` names the override in errors."""
+    node = raw
+    for depth, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            dotted = ".".join(path[: depth + 1])
+            raise ConfigError(f"{source}: {dotted} is a value, not a section; set {dotted}=... instead")
+        node = child
+    node[path[-1]] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``--set key.sub=value`` items to a raw config mapping, in order."""
     for item in overrides:
         path, value = parse_override(item)
-        node = raw
-        for depth, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                dotted = ".".join(path[: depth + 1])
-                raise ConfigError(f"--set {item!r}: {dotted} is a value, not a section; set {dotted}=... instead")
-            node = child
-        node[path[-1]] = value
+        set_value(raw, path, value, f"--set {item!r}")
     return raw
 
 

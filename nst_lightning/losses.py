@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 Features = Mapping[str, torch.Tensor]
@@ -23,6 +24,24 @@ def gram_matrix(features: torch.Tensor) -> torch.Tensor:
     b, c, h, w = features.shape
     x = features.float().reshape(b, c, h * w)
     return torch.bmm(x, x.transpose(1, 2)) / (h * w)
+
+
+def guided_gram(features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Gram matrix of the positions a ``(1, 1, H, W)`` mask selects (Gatys et al. 2017's guided Gram).
+
+    Features are weighted by the mask and the Gram divided by the mask's mass ``sum(m^2)``, so it is
+    the mean feature correlation over the region; without a mask it is ``gram_matrix``.
+    """
+    if mask is None:
+        return gram_matrix(features)
+    b, c, h, w = features.shape
+    x = (features.float() * mask.float()).reshape(b, c, h * w)
+    return torch.bmm(x, x.transpose(1, 2)) / mask.float().pow(2).sum().clamp_min(1e-8)
+
+
+def layer_mask(mask: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A ``(1, 1, H, W)`` mask in ``[0, 1]`` averaged down to a layer's ``(h, w)`` grid."""
+    return F.interpolate(mask.float(), size=tuple(shape), mode="area").clamp(0.0, 1.0)
 
 
 def content_loss(features: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
@@ -94,7 +113,11 @@ def blend_grams(style_features: Sequence[Features], layers: Sequence[str], blend
 
 
 class StyleTransferLoss(nn.Module):
-    """Weighted content + style + TV loss against fixed targets (kept as non-persistent buffers)."""
+    """Weighted content + style + TV loss against fixed targets (kept as non-persistent buffers).
+
+    Style targets form groups: without masks one group holds the blended Grams of all style images;
+    with masks each style image is its own group, compared through guided Grams over its region.
+    """
 
     def __init__(
         self,
@@ -120,27 +143,75 @@ class StyleTransferLoss(nn.Module):
         self.content_kind = content_loss
         self.style_kind = style_loss
         self.tv_kind = tv_loss
+        self.group_weights: list[float] = []
         for layer in self.content_layers:
             self.register_buffer(f"content_{layer}", None, persistent=False)
-        for layer in self.style_layers:
-            self.register_buffer(f"gram_{layer}", None, persistent=False)
 
     @property
     def has_targets(self) -> bool:
         """Whether ``set_targets`` has run."""
-        return all(getattr(self, f"gram_{layer}") is not None for layer in self.style_layers)
+        return bool(self.group_weights)
+
+    def targets(self) -> dict[str, torch.Tensor | None | list[float]]:
+        """Every target tensor by name plus the group weights, to hand to ``load_targets`` of a like loss."""
+        names = [f"content_{layer}" for layer in self.content_layers] + [
+            f"{kind}{g}_{layer}" for g in range(len(self.group_weights)) for layer in self.style_layers for kind in ("gram", "mask")
+        ]
+        out: dict[str, torch.Tensor | None | list[float]] = {name: getattr(self, name) for name in names}
+        out["group_weights"] = list(self.group_weights)
+        return out
+
+    def load_targets(self, targets: Mapping[str, torch.Tensor | None | list[float]]) -> None:
+        """Reuse targets from ``targets()`` of a loss with the same layers, images and masks."""
+        self._clear_groups()
+        for name, value in targets.items():
+            if name == "group_weights":
+                continue
+            self.register_buffer(name, value, persistent=False)
+        self.group_weights = list(targets["group_weights"])
+
+    def _clear_groups(self) -> None:
+        for g in range(len(self.group_weights)):
+            for layer in self.style_layers:
+                delattr(self, f"gram{g}_{layer}")
+                delattr(self, f"mask{g}_{layer}")
+        self.group_weights = []
 
     @torch.no_grad()
     def set_targets(
-        self, content_features: Features, style_features: Sequence[Features], blend: Sequence[float] | None = None
+        self,
+        content_features: Features,
+        style_features: Sequence[Features],
+        blend: Sequence[float] | None = None,
+        masks: Sequence[torch.Tensor | None] | None = None,
     ) -> None:
-        """Store the content activations and the (blended) style Grams the output is pulled towards."""
+        """Store the content activations and the style Grams the output is pulled towards.
+
+        ``masks`` (one ``(1, 1, H, W)`` mask or None per style, at the output's size) makes each style
+        act only where its mask is white; ``blend`` then weights each style's term relative to the mean.
+        """
+        self._clear_groups()
+        weights = list(blend) if blend is not None else [1.0] * len(style_features)
         with torch.autocast(next(iter(content_features.values())).device.type, enabled=False):
             for layer in self.content_layers:
                 setattr(self, f"content_{layer}", content_features[layer].detach().float().clone())
-            weights = list(blend) if blend is not None else [1.0] * len(style_features)
-            for layer, gram in blend_grams(style_features, self.style_layers, weights).items():
-                setattr(self, f"gram_{layer}", gram)
+            if masks is None or all(m is None for m in masks):
+                groups = [(1.0, None, blend_grams(style_features, self.style_layers, weights))]
+            else:
+                if len(masks) != len(style_features):
+                    raise ValueError(f"{len(masks)} masks for {len(style_features)} style images")
+                mean = sum(weights) / len(weights)
+                groups = [
+                    (w / mean, m, {layer: gram_matrix(f[layer]) for layer in self.style_layers})
+                    for w, m, f in zip(weights, masks, style_features)
+                ]
+            for g, (weight, mask, grams) in enumerate(groups):
+                for layer in self.style_layers:
+                    self.register_buffer(f"gram{g}_{layer}", grams[layer], persistent=False)
+                    shape = content_features[layer].shape[-2:]
+                    lm = None if mask is None else layer_mask(mask.to(grams[layer].device), shape)
+                    self.register_buffer(f"mask{g}_{layer}", lm, persistent=False)
+                self.group_weights.append(weight)
 
     def forward(self, features: Features, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Weighted terms ``content``, ``style``, ``tv`` and their sum ``loss`` for ``image`` and its features."""
@@ -153,12 +224,14 @@ class StyleTransferLoss(nn.Module):
             ) / len(self.content_layers)
             pixels = image.shape[-2] * image.shape[-1]
             style = image.new_zeros((), dtype=torch.float32)
-            for layer, weight in zip(self.style_layers, self.style_layer_weights):
-                feat = features[layer]
-                positions = feat.shape[-2] * feat.shape[-1]
-                style = style + weight * style_layer_loss(
-                    gram_matrix(feat), getattr(self, f"gram_{layer}"), positions, pixels, self.style_kind
-                )
+            for g, group_weight in enumerate(self.group_weights):
+                for layer, weight in zip(self.style_layers, self.style_layer_weights):
+                    feat = features[layer]
+                    positions = feat.shape[-2] * feat.shape[-1]
+                    gram = guided_gram(feat, getattr(self, f"mask{g}_{layer}"))
+                    style = style + group_weight * weight * style_layer_loss(
+                        gram, getattr(self, f"gram{g}_{layer}"), positions, pixels, self.style_kind
+                    )
             terms = {
                 "content": self.content_weight * content,
                 "style": self.style_weight * style,

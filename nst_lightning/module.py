@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
+from . import color as colour
 from .config import FeaturesConfig, LossConfig, OptimConfig
 from .errors import CheckpointError, ConfigError, NumericalError
 from .features import VGGFeatures, build_extractor, min_side
@@ -25,6 +27,8 @@ from .layers import LAYER_NAMES, deepest
 from .losses import StyleTransferLoss
 
 FINGERPRINT_KEY = "nst_lightning"
+CHECKPOINT_STATE = ("image", "image_average", "average_accum")
+"""The module state a checkpoint keeps: the image and, with iterate averaging, its running average."""
 
 # The frozen VGG stays in eval mode on purpose; Lightning >= 2.5.5 would warn about it on every fit.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -49,6 +53,15 @@ def initial_image(init: str | torch.Tensor, content: torch.Tensor, styles: Seque
     raise ConfigError(f"init {init!r} is not content, noise, style or an image; load the image and pass a tensor")
 
 
+def _as_mask(mask: torch.Tensor | None, shape: Sequence[int]) -> torch.Tensor | None:
+    """A mask as ``(1, 1, H, W)`` in ``[0, 1]`` at the output's ``shape`` (an RGB mask is averaged to grey)."""
+    if mask is None:
+        return None
+    if mask.dim() != 4 or mask.shape[0] != 1 or mask.shape[1] not in (1, 3):
+        raise ConfigError(f"a style mask must be (1, 1, H, W) or (1, 3, H, W), got {tuple(mask.shape)}")
+    return resize(mask.detach().float().mean(1, keepdim=True), tuple(shape))
+
+
 class StyleTransferModule(L.LightningModule):
     """Neural style transfer (Gatys et al. 2015) as a LightningModule.
 
@@ -58,7 +71,12 @@ class StyleTransferModule(L.LightningModule):
         loss, optim, features: settings (config sections or plain dicts); defaults follow the paper.
         init: ``content``, ``noise``, ``style`` or an image tensor.
         style_blend: weight of each style image (default equal).
+        style_masks: one mask per style (``(1, 1, H, W)`` or RGB, any size, white = apply), or None for
+            the whole image; regions no mask covers keep only the content loss.
+        color: ``none`` (the style's colours), ``luminance`` (keep the content's chroma) or ``histogram``
+            (recolour the styles to the content's colour statistics first); see ``nst_lightning.color``.
         extractor: a prebuilt ``VGGFeatures`` to share between modules; built from ``features`` otherwise.
+        target_cache: a dict shared between modules of the same images and layers, so targets are computed once.
         seed: seeds the ``noise`` init.
     """
 
@@ -75,7 +93,10 @@ class StyleTransferModule(L.LightningModule):
         features: FeaturesConfig | Mapping[str, Any] | None = None,
         init: str | torch.Tensor = "content",
         style_blend: Sequence[float] | None = None,
+        style_masks: Sequence[torch.Tensor | None] | None = None,
+        color: str = "none",
         extractor: VGGFeatures | None = None,
+        target_cache: MutableMapping[str, Any] | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -101,6 +122,8 @@ class StyleTransferModule(L.LightningModule):
                 "features": self.features_config.model_dump(),
                 "init": init if isinstance(init, str) else "tensor",
                 "style_blend": list(style_blend) if style_blend is not None else None,
+                "color": color,
+                "style_masks": None if style_masks is None else [m is not None for m in style_masks],
                 "seed": seed,
                 "image_shape": list(content.shape),
             }
@@ -116,9 +139,17 @@ class StyleTransferModule(L.LightningModule):
         missing = [n for n in layers if n not in self.extractor.layers]
         if missing:
             raise ConfigError(f"the given extractor does not return layers {missing}; build it with all loss layers")
-        self.register_buffer("content_image", content.detach().float().clone(), persistent=False)
-        self.style_images = [s.detach().float().clone() for s in styles]
+        if style_masks is not None and len(style_masks) != len(styles):
+            raise ConfigError(f"{len(style_masks)} style masks for {len(styles)} style images; give one (or None) per style")
+        self.color = color
+        if color == "luminance":
+            self.register_buffer("chroma_source", content.detach().float().clone(), persistent=False)
+        seen_content, seen_styles = colour.prepare(color, content.detach().float(), [s.detach().float() for s in styles])
+        self.register_buffer("content_image", seen_content.clone(), persistent=False)
+        self.style_images = [s.clone() for s in seen_styles]
+        self.style_masks = None if style_masks is None else [_as_mask(m, content.shape[-2:]) for m in style_masks]
         self.style_blend = list(style_blend) if style_blend is not None else None
+        self.target_cache = target_cache
         self.criterion = StyleTransferLoss(
             self.loss_config.content_layers,
             self.loss_config.style_layers,
@@ -130,17 +161,28 @@ class StyleTransferModule(L.LightningModule):
             style_loss=self.loss_config.style_loss,
             tv_loss=self.loss_config.tv_loss,
         )
-        self.image = nn.Parameter(initial_image(init, content, styles, seed) * self.pixel_scale)
+        start = initial_image(init, seen_content, seen_styles, seed)
+        if color == "luminance":
+            start = colour.luminance(start)
+        self.image = nn.Parameter(start * self.pixel_scale)
+        self.average_decay = self.optim_config.average
+        if self.average_decay is not None:
+            self.register_buffer("image_average", torch.zeros_like(self.image.detach()))
+            self.register_buffer("average_accum", torch.ones(()))
+            self.update_average()
         self.fingerprint = {
             "content": _digest(content),
             "styles": [_digest(s) for s in styles],
             "style_blend": self.style_blend,
+            "style_masks": None if self.style_masks is None else [m if m is None else _digest(m) for m in self.style_masks],
+            "color": color,
             "image_shape": list(content.shape),
             "layers": {"content": self.loss_config.content_layers, "style": self.loss_config.style_layers},
             "weights": self.features_config.weights,
             "preprocessing": self.extractor.preprocessing.name,
             "pooling": self.extractor.pooling,
             "optimizer": self.optim_config.name,
+            "average": self.average_decay,
         }
         self.strict_loading = False
         self._losses_finite: torch.Tensor | None = None
@@ -157,18 +199,53 @@ class StyleTransferModule(L.LightningModule):
 
         ``features`` computes the activations instead of the module's extractor, e.g. an exported ONNX
         graph run by onnxruntime; the optimisation itself always uses the torch extractor (it needs gradients).
+        Without it, targets may come from ``target_cache``, filled by an earlier module of the same images
+        and layers.
         """
         if self.criterion.has_targets:
             return
+        cache = self.target_cache if features is None else None
         extract = features if features is not None else self.extractor
         device = self.image.device
+        key = self._targets_key()
+        if cache is not None and key in cache:
+            self.criterion.load_targets(cache[key])
+            return
         content_feats = extract(self.content_image.to(device))
         style_feats = [extract(s.to(device)) for s in self.style_images]
-        self.criterion.set_targets(content_feats, style_feats, self.style_blend)
+        masks = None if self.style_masks is None else [m if m is None else m.to(device) for m in self.style_masks]
+        self.criterion.set_targets(content_feats, style_feats, self.style_blend, masks)
+        if cache is not None:
+            cache[key] = self.criterion.targets()
+
+    def _targets_key(self) -> str:
+        """What the targets depend on: images, masks, colour mode, layers, weights and device."""
+        parts = {k: v for k, v in self.fingerprint.items() if k not in ("optimizer", "average")}
+        return json.dumps([parts, str(self.image.device)], sort_keys=True)
+
+    @torch.no_grad()
+    def update_average(self) -> None:
+        """One step of the bias-corrected exponential moving average of the image (crowsonkb's ``EMA``)."""
+        decay = self.average_decay
+        self.average_accum.mul_(decay)
+        self.image_average.mul_(decay).add_(self.image.detach(), alpha=1.0 - decay)
+
+    def optimised_image(self) -> torch.Tensor:
+        """The image being optimised (its running average with ``optim.average``), ``[0, 1]``, on the CPU.
+
+        Under ``color=luminance`` this is the grey luminance image; ``result()`` adds the content's chroma.
+        """
+        x = self.image.detach()
+        if self.average_decay is not None:
+            x = self.image_average / (1.0 - self.average_accum)
+        return (x / self.pixel_scale).clamp(0.0, 1.0).cpu()
 
     def result(self) -> torch.Tensor:
-        """The current output image, ``(1, 3, H, W)`` in ``[0, 1]``, detached on the CPU."""
-        return (self.image.detach() / self.pixel_scale).clamp(0.0, 1.0).cpu()
+        """The output image, ``(1, 3, H, W)`` in ``[0, 1]``, detached on the CPU, colour control applied."""
+        x = self.optimised_image()
+        if self.color == "luminance":
+            x = colour.with_chroma(x, self.chroma_source.cpu())
+        return x
 
     def setup(self, stage: str) -> None:
         """Match the frozen VGG to the Trainer's precision: bf16 weights under bf16-mixed, NHWC layout."""
@@ -182,12 +259,22 @@ class StyleTransferModule(L.LightningModule):
         """The image is the only data: an endless stream of placeholders, stopped by ``max_steps``."""
         return itertools.repeat(0)
 
+    def objective(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """What the optimiser minimises: the total loss times the number of image elements.
+
+        The scale-free losses give each pixel a gradient of order 1/N; torch's L-BFGS skips curvature pairs
+        with y.s < 1e-10, so at 256 px and above it could stand still. Scaled by N the gradients are
+        size-independent; L-BFGS directions and Adam steps are otherwise invariant to the factor.
+        """
+        return terms["loss"] * self.image.numel()
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Log the (unscaled) loss terms; hand the optimiser ``objective``."""
         terms = self(None)
         self.log_dict(terms, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
         finite = torch.isfinite(terms["loss"].detach())
         self._losses_finite = finite if self._losses_finite is None else self._losses_finite & finite
-        return terms["loss"]
+        return self.objective(terms)
 
     def on_after_backward(self) -> None:
         """Project the gradient: pixels held at 0 or 255 are not pushed further out of range.
@@ -218,6 +305,8 @@ class StyleTransferModule(L.LightningModule):
             if not bool(finite):
                 self.image.copy_(before)
                 raise NumericalError(self._numerical_advice())
+        if self.average_decay is not None:
+            self.update_average()
 
     def _numerical_advice(self) -> str:
         loss = self.loss_config
@@ -228,8 +317,8 @@ class StyleTransferModule(L.LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep checkpoints small: the image and optimiser state, not the frozen VGG weights."""
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k == "image"}
+        """Keep checkpoints small: the image (and its average) and optimiser state, not the frozen VGG weights."""
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in CHECKPOINT_STATE}
         checkpoint[FINGERPRINT_KEY] = self.fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

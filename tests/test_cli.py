@@ -41,7 +41,7 @@ def test_help_answers_fast_without_importing_torch():
     assert float(out.stdout.strip()) < 1.0
 
 
-@pytest.mark.parametrize("command", ["fit", "print-config", "estimate"])
+@pytest.mark.parametrize("command", ["fit", "sweep", "print-config", "estimate", "export", "validate-onnx"])
 def test_every_command_has_help(command):
     r = cli(command, "--help")
     assert r.returncode == 0 and "--config" in r.stdout and "--set" in r.stdout
@@ -87,6 +87,29 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, args, fragment):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        ([], "a sweep needs at least one --grid"),
+        (["--grid", "loss.style_weight"], "not of the form key=v1,v2"),
+        (["--grid", "loss.bogus=1,2"], "bogus: unknown key"),
+    ],
+)
+def test_bad_sweeps_give_one_line_and_exit_code_2(tmp_path, args, fragment):
+    r = cli("sweep", "-q", "--output", str(tmp_path / "s"), *args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], r.stderr
+
+
+def test_sweep_end_to_end(tmp_path):
+    out = tmp_path / "sweep"
+    r = cli("sweep", "-q", *sets(tiny_overrides(out, steps=2, **{"image.size": 32})), "--grid", "loss.style_weight=1,100")
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {out / 'contact_sheet.png'} (2 cells)" in r.stdout
+    assert (out / "cells" / "01" / "final.png").is_file() and (out / "sweep.csv").is_file()
 
 
 def test_corrupt_style_image_is_reported(tmp_path):

@@ -93,6 +93,18 @@ def test_dumped_config_loads_back_identically(tmp_path):
         (["image=3"], "image"),
         (["image.size=64", "image.size.x=3"], "image.size is a value, not a section"),
         (["noequals"], "not of the form key.sub=value"),
+        (["style=[a.jpg, b.jpg]", "style_blend=[1]"], "style_blend has 1 entries for 2 style image(s)"),
+        (["style_blend=[-1]"], "style_blend weights must be >= 0"),
+        (["style=[a.jpg, b.jpg]", "image.style_scale=[1, 2, 3]"], "image.style_scale has 3 entries"),
+        (["image.style_scale=9"], "style_scale must be in (0, 8]"),
+        (["style_masks=[m.png, n.png]"], "style_masks has 2 entries for 1 style"),
+        (["color=sepia"], "color"),
+        (["scales=[512, 256]"], "scales must be increasing"),
+        (["image.size=300", "scales=[128, 256]"], "scales end at 256 but image.size is 300"),
+        (["scales=[128, 256]", "scale_steps=[10]"], "scale_steps has 1 entries for 2 scales"),
+        (["scale_steps=[10]"], "scale_steps needs scales"),
+        (["optim.average=0.99"], "optim.average (iterate averaging) needs optim.name=adam"),
+        (["optim.name=adam", "optim.average=1.5"], "optim.average"),
     ],
 )
 def test_bad_settings_raise_one_line_errors_naming_the_key(overrides, fragment):
@@ -220,3 +232,25 @@ TREES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3
 @given(raw=st.dictionaries(KEYS, TREES, max_size=5), overrides=st.lists(st.text(max_size=20), max_size=3))
 def test_random_mappings_and_overrides_give_a_config_or_a_config_error(raw, overrides):
     _one_line_config_error_or_valid(lambda: build_config(apply_overrides(dict(raw), overrides)))
+
+
+def test_artistic_keys_work_with_set():
+    cfg = load_config(
+        None,
+        ["style=[a.jpg, b.jpg]", "style_blend=[0.7, 0.3]", "image.style_scale=[1, 0.5]", "color=luminance",
+         "scales=[128, 256]", "scale_steps=[50, 20]", "optim.name=adam", "optim.average=0.95"],
+    )
+    assert cfg.style_blend == [0.7, 0.3] and cfg.style_scales() == [1.0, 0.5] and cfg.color == "luminance"
+    assert cfg.stages() == [(128, 50), (256, 20)] and cfg.optim.average == 0.95
+
+
+def test_scales_set_the_output_size_and_default_to_max_steps_each():
+    cfg = load_config(None, ["scales=[128, 256]", "trainer.max_steps=40"])
+    assert cfg.image.size == 256 and cfg.stages() == [(128, 40), (256, 40)]
+    assert load_config(None, ["trainer.max_steps=40"]).stages() == [(512, 40)]
+
+
+def test_mask_paths_in_a_file_are_relative_to_it(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("style: [a.jpg, b.jpg]\nstyle_masks: [left.png, null]\n")
+    assert load_config(f).style_masks == [str(tmp_path / "left.png"), None]

@@ -93,7 +93,7 @@ def test_grams_and_losses_stay_fp32_under_bf16_autocast(extractor, content_small
         feats = extractor(content_small)
         terms = crit(feats, content_small)
     assert feats["relu1_1"].dtype == torch.bfloat16
-    assert crit.gram_relu1_1.dtype == torch.float32
+    assert crit.gram0_relu1_1.dtype == torch.float32
     assert terms["loss"].dtype == torch.float32
     ref = _criterion()
     ref.set_targets(extractor(content_small), [extractor(style_small)])

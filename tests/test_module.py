@@ -167,3 +167,18 @@ def test_a_single_image_refuses_several_devices_before_writing(tiny_config, over
     with pytest.raises(ConfigError, match="single image is optimised on one device"):
         fit(cfg, progress=False)
     assert not Path(cfg.output).exists()
+
+
+
+
+def test_lbfgs_moves_even_when_the_scale_free_gradients_are_tiny(extractor):
+    """A 256 px content close to its style gives tiny per-pixel gradients of the scale-free loss, where
+    torch's L-BFGS used to skip every curvature pair and stand still (as it did for some photos at 256-512 px)."""
+    from nst_lightning.config import EXAMPLE_STYLE
+    from nst_lightning.images import load_image
+
+    style = load_image(EXAMPLE_STYLE, 256)
+    module = StyleTransferModule(style.flip(-1), style, extractor=extractor)
+    start = module()["loss"].item()
+    _run(module, 4)
+    assert module()["loss"].item() < 0.9 * start

@@ -1,0 +1,193 @@
+"""Weight sweeps: run every combination of a grid of config values and draw one labelled contact sheet.
+
+The cells share one loaded VGG19 (per weights setting) and the computed content/style targets. Grid
+parsing and cell configs need no torch, so a bad ``--grid`` is reported at once; torch, Lightning and
+matplotlib are imported when the sweep runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import RunConfig, all_layers, build_config, set_value
+from .errors import ConfigError
+
+SHEET = "contact_sheet.png"
+SUMMARY = "sweep.csv"
+CELLS = "cells"
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split at commas outside brackets and quotes: ``1e2,[128,256]`` -> ``['1e2', '[128,256]']``."""
+    parts, depth, quote, current = [], 0, "", []
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(current).strip())
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current).strip())
+    return parts
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
+    """``--grid key=v1,v2,...`` items as ``{key: [values]}``; values are YAML, as for ``--set``."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        values = _split_top_level(text) if sep else []
+        if not key or not values or any(not v for v in values):
+            raise ConfigError(f"--grid {item!r} is not of the form key=v1,v2,... (e.g. --grid loss.style_weight=1e2,1e3)")
+        if key in grid:
+            raise ConfigError(f"--grid names {key} twice; give all its values in one --grid {key}=v1,v2,...")
+        try:
+            grid[key] = [yaml.safe_load(v) for v in values]
+        except yaml.YAMLError:
+            raise ConfigError(f"--grid {item!r}: a value is not valid YAML; quote it or fix the brackets") from None
+    return grid
+
+
+def label(value: Any) -> str:
+    """A short text for a grid value: numbers and words as written, a path by its file name."""
+    if isinstance(value, str):
+        return Path(value).name if os.sep in value else value
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One combination of grid values and the validated config that runs it."""
+
+    index: int
+    values: dict[str, Any]
+    config: RunConfig
+
+    def title(self, keys: Sequence[str]) -> str:
+        return "\n".join(f"{k} = {label(self.values[k])}" for k in keys)
+
+
+def grid_cells(config: RunConfig, grid: Mapping[str, Sequence[Any]]) -> list[Cell]:
+    """Every combination of ``grid`` applied to ``config`` (first key slowest), each validated, each with
+    its own output ``OUTPUT/cells/NN``."""
+    if not grid or any(len(v) == 0 for v in grid.values()):
+        raise ConfigError("a sweep needs at least one --grid key=v1,v2,... with values")
+    if "output" in grid:
+        raise ConfigError("--grid cannot sweep output; each cell writes to OUTPUT/cells/NN, set --output instead")
+    base = config.model_dump(mode="json", exclude_unset=True)
+    root = Path(config.output)
+    cells = []
+    for index, combo in enumerate(itertools.product(*grid.values())):
+        values = dict(zip(grid, combo))
+        raw = json.loads(json.dumps(base))
+        for key, value in values.items():
+            set_value(raw, key.split("."), value, f"--grid {key}")
+        raw["output"] = str(root / CELLS / f"{index:02d}")
+        where = ", ".join(f"{k}={label(v)}" for k, v in values.items())
+        cells.append(Cell(index, values, build_config(raw, f"sweep cell {where}")))
+    return cells
+
+
+@dataclass(frozen=True)
+class SweepOutputs:
+    """Where a sweep's files are: the contact sheet, the summary table, one run directory per cell."""
+
+    root: Path
+    cells: list[Path]
+
+    @property
+    def sheet(self) -> Path:
+        return self.root / SHEET
+
+    @property
+    def summary(self) -> Path:
+        return self.root / SUMMARY
+
+
+def sweep(
+    config: RunConfig,
+    grid: Mapping[str, Sequence[Any]],
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_cell: Callable[[Cell, int], None] | None = None,
+    cell_px: int = 160,
+) -> SweepOutputs:
+    """Run every cell of ``grid`` over ``config`` and write ``contact_sheet.png`` and ``sweep.csv`` in ``config.output``.
+
+    Rows of the sheet are the combinations of all keys but the last, columns the last key's values.
+    ``on_cell(cell, total)`` is called before each cell runs (the CLI prints progress with it).
+    """
+    from .api import fit, load_images
+    from .callbacks import write_text_atomic
+    from .features import build_extractor
+    from .images import read_image
+    from .plots import contact_sheet, read_losses
+
+    cells = grid_cells(config, grid)
+    root = Path(config.output)
+    if (root / SUMMARY).exists() or (root / CELLS).exists():
+        if not overwrite:
+            raise ConfigError(f"output {root} holds a previous sweep; add --overwrite to replace it or choose another --output")
+        (root / SHEET).unlink(missing_ok=True)
+        (root / SUMMARY).unlink(missing_ok=True)
+        shutil.rmtree(root / CELLS, ignore_errors=True)
+    extractors: dict[str, Any] = {}
+    targets: dict[str, Any] = {}
+    for cell in cells:
+        if on_cell is not None:
+            on_cell(cell, len(cells))
+        feats = cell.config.features
+        key = feats.model_dump_json()
+        if key not in extractors:
+            layers = sorted({n for c in cells if c.config.features == feats for n in all_layers(c.config)})
+            extractors[key] = build_extractor(
+                layers,
+                weights=feats.weights,
+                pooling=feats.pooling,
+                preprocessing=feats.preprocessing,
+                allow_download=feats.allow_download,
+            )
+        fit(cell.config, overwrite=True, progress=progress, extractor=extractors[key], target_cache=targets)
+
+    keys = list(grid)
+    columns = len(grid[keys[-1]])
+    results = [read_image(Path(c.config.output) / "final.png") for c in cells]
+    rows = [results[i : i + columns] for i in range(0, len(results), columns)]
+    row_labels = [cells[i].title(keys[:-1]) for i in range(0, len(cells), columns)]
+    col_labels = [f"{keys[-1]} = {label(v)}" for v in grid[keys[-1]]]
+    content, styles = load_images(config)
+    contact_sheet(content, styles, rows, row_labels, col_labels, root / SHEET, cell_px=cell_px)
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["cell", *keys, "content", "style", "tv", "loss", "final"])
+    for cell in cells:
+        out = Path(cell.config.output)
+        last = {k: v[-1] for k, v in read_losses(out / "losses.csv").items() if v}
+        writer.writerow(
+            [cell.index, *(label(cell.values[k]) for k in keys)]
+            + [f"{last.get(k, float('nan')):.6g}" for k in ("content", "style", "tv", "loss")]
+            + [str(out / "final.png")]
+        )
+    write_text_atomic(root / SUMMARY, buf.getvalue())
+    return SweepOutputs(root, [Path(c.config.output) for c in cells])

@@ -66,7 +66,7 @@ def test_bf16_mixed_runs_the_vgg_in_bf16_and_keeps_the_image_fp32(content_small,
     start = module()["loss"].item()
     _run(module, 5, precision="bf16-mixed")
     assert module.extractor.dtype == torch.bfloat16
-    assert module.image.dtype == torch.float32 and module.criterion.gram_relu1_1.dtype == torch.float32
+    assert module.image.dtype == torch.float32 and module.criterion.gram0_relu1_1.dtype == torch.float32
     assert module()["loss"].item() < start
 
 

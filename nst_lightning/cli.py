@@ -195,10 +195,13 @@ def sweep(
         Optional[Path], typer.Option("--output", "-o", help="Sweep directory (overrides `output`).", show_default=False)
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous sweep in the output directory.")] = False,
+    cell_px: Annotated[int, typer.Option("--cell-px", help="Width of each cell in the contact sheet, 32-1024 px.")] = 160,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Run every combination of --grid values; writes OUTPUT/contact_sheet.png, sweep.csv and cells/NN/."""
     try:
+        if not 32 <= cell_px <= 1024:
+            raise NSTError(f"--cell-px {cell_px} is out of range; give 32 to 1024 pixels")
         cfg = _load(config, set_, output)
         from .sweep import grid_cells, parse_grid
 
@@ -212,7 +215,7 @@ def sweep(
             where = ", ".join(f"{k}={v}" for k, v in cell.values.items())
             typer.echo(f"cell {cell.index + 1}/{total}: {where}")
 
-        outputs = run_sweep(cfg, values, overwrite=overwrite, progress=not quiet, on_cell=announce)
+        outputs = run_sweep(cfg, values, overwrite=overwrite, progress=not quiet, on_cell=announce, cell_px=cell_px)
     except NSTError as err:
         raise fail(str(err)) from None
     typer.echo(f"wrote {outputs.sheet} ({len(cells)} cells)")

@@ -118,7 +118,8 @@ def contact_sheet(
     rows, cols = len(results), len(results[0])
     aspect = results[0][0].shape[-2] / results[0][0].shape[-1]
     cell_w, cell_h = cell_px, round(cell_px * aspect)
-    gap, title, label = 6, 20, 140
+    gap, title = 6, 20
+    label = 12 + round(5.6 * max((len(line) for text in row_labels for line in text.splitlines()), default=0))
     shown = [("content", content), *[(f"style {i + 1}" if len(styles) > 1 else "style", s) for i, s in enumerate(styles)]]
     head_w = [round(cell_h * im.shape[-1] / im.shape[-2]) for _, im in shown]
     width = label + max(cols * (cell_w + gap), sum(w + gap for w in head_w)) + gap

@@ -95,6 +95,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, args, fragment):
         ([], "a sweep needs at least one --grid"),
         (["--grid", "loss.style_weight"], "not of the form key=v1,v2"),
         (["--grid", "loss.bogus=1,2"], "bogus: unknown key"),
+        (["--grid", "seed=1,2", "--cell-px", "8"], "--cell-px 8 is out of range"),
     ],
 )
 def test_bad_sweeps_give_one_line_and_exit_code_2(tmp_path, args, fragment):

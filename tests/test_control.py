@@ -91,3 +91,16 @@ def test_iterate_averaging_writes_the_bias_corrected_average_of_adams_iterates(c
     assert (module.result() - last).abs().max() > 0.01
     assert (read_image(final) - expected).abs().max() <= 1 / 255 + 1e-6
     assert {"image_average", "average_accum"} <= set(module.state_dict())
+
+
+def test_a_black_mask_file_keeps_the_whole_image_unstyled(tiny_config, tmp_path):
+    from PIL import Image
+
+    from nst_lightning.api import fit, load_images
+
+    black = tmp_path / "nowhere.png"
+    Image.new("L", (20, 20), 0).save(black)
+    cfg = tiny_config(steps=3, style_masks=f"[{black}]", **{"image.size": 32})
+    out = fit(cfg, progress=False)
+    content, _ = load_images(cfg)
+    assert (read_image(out.final) - content).abs().max() <= 1 / 255 + 1e-6

@@ -35,7 +35,8 @@ def test_contact_sheet_places_results_by_row_and_column(tmp_path):
                          ["a = 1", "a = 2"], ["b = x", "b = y"], tmp_path / "sheet.png", cell_px=100)
     img = read_image(path)
     h, w = img.shape[-2:]
-    gap, label, title = 6, 140, 20
+    gap, title = 6, 20
+    label = 12 + round(5.6 * len("a = 1"))  # the row labels' column, sized to the longest label
     top = 2 * title + 100 + 2 * gap  # below the header row and the column labels
     for r, row in enumerate(colours):
         for c, rgb in enumerate(row):

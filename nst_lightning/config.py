@@ -310,20 +310,8 @@ class RunConfig(_Section):
         """The style image paths as a list."""
         return [self.style] if isinstance(self.style, str) else list(self.style)
 
-    def fingerprint(self) -> dict[str, Any]:
-        """Settings a checkpoint must share with the run that resumes it."""
-        return {
-            "image": self.image.model_dump(),
-            "features": {k: v for k, v in self.features.model_dump().items() if k not in _RUNTIME_ONLY_FEATURES},
-            "content_layers": self.loss.content_layers,
-            "style_layers": self.loss.style_layers,
-            "optim": self.optim.name,
-        }
-
 
 _INPUT_PATH_KEYS = ("content", "style", "init", "style_masks")
-_RUNTIME_ONLY_FEATURES = ("allow_download", "onnx", "validate_onnx")
-"""Feature settings that change how a run gets its weights or targets, not what it optimises."""
 
 
 def _relative_to(base: Path, value: Any) -> Any:

@@ -20,13 +20,13 @@ from lightning.pytorch.callbacks import Callback
 
 from .atomic import remove_stale_temps, write_text_atomic
 from .callbacks import FinalImage, ImageSnapshots, LossHistory, RunPlots, StepCheckpoint, StepProgressBar
-from .config import INIT_KEYWORDS, RunConfig, all_layers, dump_config
+from .config import INIT_KEYWORDS, FeaturesConfig, RunConfig, all_layers, dump_config
 from .errors import CheckpointError, ConfigError, NSTError, NumericalError, OnnxError, ResourceError, RunInterrupted
 from .export import DEFAULT_RTOL, ExportInfo, ExtractorSpec, OnnxFeatures, ValidationReport, export_onnx, validate_onnx
 from .faults import AtomicCheckpointIO, GracefulStop
 from .features import VGGFeatures, build_extractor, min_side
 from .hardware import resolve_precision
-from .images import load_image, read_image, read_size, target_shape
+from .images import load_image, read_image, read_size, style_side, target_shape
 from .module import FINGERPRINT_KEY, StyleTransferModule
 from .pairs import is_batch
 from .resources import Shape, check_fits, is_out_of_memory, out_of_memory_message
@@ -111,11 +111,8 @@ def plan_stages(config: RunConfig, outputs: RunOutputs) -> list[Stage]:
 def load_images(config: RunConfig, size: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The content image at ``size`` (default ``image.size``) and each style image scaled by its ``style_scale``."""
     content = load_image(config.content, size or config.image.size, config.image.fit)
-    long_side = max(content.shape[-2:])
-    styles = [
-        load_image(path, max(8, round(long_side * scale)), "long")
-        for path, scale in zip(config.styles, config.style_scales())
-    ]
+    shape = tuple(content.shape[-2:])
+    styles = [load_image(path, style_side(shape, scale), "long") for path, scale in zip(config.styles, config.style_scales())]
     return content, styles
 
 
@@ -135,8 +132,9 @@ def build_module(
     init: str | torch.Tensor | None = None,
     extractor: VGGFeatures | None = None,
     target_cache: MutableMapping[str, Any] | None = None,
+    features: FeaturesConfig | None = None,
 ) -> StyleTransferModule:
-    """The LightningModule for ``config`` and already loaded images (``init`` overrides ``config.init``)."""
+    """The LightningModule for ``config`` and already loaded images (``init`` and ``features`` override the config's)."""
     if init is None:
         init = config.init if config.init in INIT_KEYWORDS else load_image(config.init)
     return StyleTransferModule(
@@ -144,7 +142,7 @@ def build_module(
         styles,
         loss=config.loss,
         optim=config.optim,
-        features=config.features,
+        features=features or config.features,
         init=init,
         style_blend=config.style_blend,
         style_masks=masks,
@@ -422,7 +420,8 @@ def fit(
     stages = plan_stages(config, outputs)
     start, ckpt_path = resume_point(config, resume, stages)
     shapes = (read_size(config.content), [read_size(p) for p in config.styles])
-    check_fits(config, *shapes)
+    blocks, _ = check_fits(config, *shapes)
+    features = config.features.model_copy(update={"checkpoint_blocks": blocks})
     masks = load_masks(config)
     L.seed_everything(config.seed, workers=False, verbose=False)
     init: str | torch.Tensor | None = None
@@ -433,7 +432,8 @@ def fit(
             config, outputs, progress, [stop, *(callbacks or [])], stage=stage, shown=(content, styles)
         )
         module = build_module(
-            config, content, styles, masks=masks, init=init, extractor=extractor, target_cache=target_cache
+            config, content, styles, masks=masks, init=init, extractor=extractor, target_cache=target_cache,
+            features=features,
         )
         extractor = module.extractor
         first = stage.index == start

@@ -23,6 +23,8 @@ EXAMPLE_STYLE_2 = EXAMPLES_DIR / "the_scream.jpg"
 DEFAULT_STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
 INIT_KEYWORDS = ("content", "noise", "style")
 MAX_IMAGE_SIZE = 16384
+MAX_CHECKPOINT_BLOCKS = 4
+"""VGG blocks that end in a pooling layer before relu5_1, the ones activation checkpointing can cover."""
 
 PositiveFloat = Field(gt=0)
 
@@ -62,9 +64,18 @@ class FeaturesConfig(_Section):
         None, description="graph from `nst-lightning export` computing the fixed targets with onnxruntime"
     )
     validate_onnx: bool = Field(False, description="check the graph against the torch extractor on the run's images first")
-    checkpoint_blocks: int = Field(
-        0, ge=0, le=5, description="recompute the first N VGG blocks in backward to save activation memory"
+    checkpoint_blocks: Union[Literal["auto"], int] = Field(
+        "auto",
+        description="recompute the first N VGG blocks in backward to save activation memory; "
+        "auto: the fewest that make the run fit, by the memory estimate",
     )
+
+    @field_validator("checkpoint_blocks", mode="before")
+    @classmethod
+    def _blocks(cls, value: object) -> object:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_CHECKPOINT_BLOCKS):
+            return value
+        raise ValueError(f"must be auto or a whole number 0..{MAX_CHECKPOINT_BLOCKS}, got {value!r}")
 
     @model_validator(mode="after")
     def _validation_needs_a_graph(self) -> FeaturesConfig:

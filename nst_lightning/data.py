@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .config import RunConfig
 from .errors import NSTError
-from .images import load_image, target_shape
+from .images import load_image, style_side, target_shape
 from .pairs import Pair
 
 EXIF_ORIENTATION = 0x0112
@@ -49,12 +49,13 @@ def probe_shape(path: str, size: int, fit: str) -> tuple[int, int] | None:
     return target_shape(height, width, size, fit)
 
 
-def load_pair(pair: Pair, size: int, fit: str, style_scale: float) -> PairItem:
-    """Load a pair as a single run would: content at ``size``, styles scaled to ``style_scale`` of its long side."""
+def load_pair(pair: Pair, size: int, fit: str, style_scale: float | Sequence[float]) -> PairItem:
+    """Load a pair as a single run would: content at ``size``, styles at ``style_scale`` (one, or one per style) of its long side."""
+    scales = list(style_scale) if isinstance(style_scale, Sequence) else [style_scale] * len(pair.styles)
     try:
         content = load_image(pair.content, size, fit)
-        style_side = max(8, round(max(content.shape[-2:]) * style_scale))
-        styles = [load_image(path, style_side, "long") for path in pair.styles]
+        shape = tuple(content.shape[-2:])
+        styles = [load_image(path, style_side(shape, scale), "long") for path, scale in zip(pair.styles, scales)]
     except NSTError as err:
         return PairItem(pair, None, None, str(err))
     return PairItem(pair, content, styles, None)
@@ -89,7 +90,7 @@ def _as_is(batch: Any) -> Any:
 class StylePairsDataset(Dataset):
     """Groups of pairs; item ``i`` loads group ``i``'s images (a failed load is reported, not raised)."""
 
-    def __init__(self, pairs: Sequence[Pair], groups: Sequence[Sequence[int]], size: int, fit: str, style_scale: float):
+    def __init__(self, pairs: Sequence[Pair], groups: Sequence[Sequence[int]], size: int, fit: str, style_scale: float | Sequence[float]):
         self.pairs = list(pairs)
         self.groups = [list(g) for g in groups]
         self.size, self.fit, self.style_scale = size, fit, style_scale
@@ -121,7 +122,7 @@ class StylePairsDataModule(L.LightningDataModule):
         *,
         size: int = 512,
         fit: str = "long",
-        style_scale: float = 1.0,
+        style_scale: float | Sequence[float] = 1.0,
         images_per_device: int = 4,
         num_workers: int = 0,
     ) -> None:

@@ -121,6 +121,11 @@ def target_shape(height: int, width: int, size: int, fit: str = "long") -> tuple
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def style_side(content_shape: tuple[int, int], scale: float) -> int:
+    """Long side of a style image at ``scale`` times the content's long side (at least 8 px)."""
+    return max(8, round(max(content_shape) * scale))
+
+
 def resize(image: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Resize a ``(1, 3, H, W)`` image to ``shape`` with antialiased bicubic, clamped to ``[0, 1]``."""
     if tuple(image.shape[-2:]) == tuple(shape):

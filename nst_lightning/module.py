@@ -69,6 +69,8 @@ class StyleTransferModule(L.LightningModule):
         content: content image, ``(1, 3, H, W)`` RGB in ``[0, 1]``; the output has its size.
         style: one style image or several (any sizes), same format.
         loss, optim, features: settings (config sections or plain dicts); defaults follow the paper.
+            ``features.checkpoint_blocks=auto`` is resolved from the memory estimate by ``nst_lightning.fit``;
+            a module built directly treats it as 0 (no checkpointing).
         init: ``content``, ``noise``, ``style`` or an image tensor.
         style_blend: weight of each style image (default equal).
         style_masks: one mask per style (``(1, 1, H, W)`` or RGB, any size, white = apply), or None for
@@ -135,7 +137,8 @@ class StyleTransferModule(L.LightningModule):
             preprocessing=self.features_config.preprocessing,
             allow_download=self.features_config.allow_download,
         )
-        self.extractor.checkpoint_blocks(self.features_config.checkpoint_blocks)
+        blocks = self.features_config.checkpoint_blocks
+        self.extractor.checkpoint_blocks(0 if blocks == "auto" else blocks)
         missing = [n for n in layers if n not in self.extractor.layers]
         if missing:
             raise ConfigError(f"the given extractor does not return layers {missing}; build it with all loss layers")

@@ -89,6 +89,7 @@ def test_dumped_config_loads_back_identically(tmp_path):
         (["loss.style_layer_weights=[1, 2]"], "one weight per layer"),
         (["trainer.precision=16-mixed"], "16-mixed cannot be used with optim.name=lbfgs"),
         (["optim.name=sgd"], "optim.name"),
+        (["features.checkpoint_blocks=7"], "features.checkpoint_blocks: must be auto or a whole number 0..4, got 7"),
         (["style=[]"], "at least one style image"),
         (["image=3"], "image"),
         (["image.size=64", "image.size.x=3"], "image.size is a value, not a section"),

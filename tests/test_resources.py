@@ -10,10 +10,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.callbacks import Callback
 
 from nst_lightning import resources
 from nst_lightning.api import fit
-from nst_lightning.config import DEFAULT_STYLE_LAYERS, load_config
+from nst_lightning.config import DEFAULT_STYLE_LAYERS, EXAMPLE_STYLE, load_config
 from nst_lightning.errors import ResourceError
 from nst_lightning.images import read_size
 from nst_lightning.resources import (
@@ -41,6 +42,25 @@ def test_estimate_grows_with_size_history_and_falls_with_bf16():
     assert shallow < estimate_memory((512, 512), [(512, 512)], LAYERS).activations
 
 
+def test_checkpointing_more_blocks_lowers_the_estimate_until_the_blocks_run_out():
+    held = [
+        estimate_memory((2048, 2048), [(2048, 2048)], LAYERS, precision="bf16-mixed", checkpoint_blocks=n).activations
+        for n in range(5)
+    ]
+    assert all(a > b for a, b in zip(held, held[1:]))
+    assert held[2] < 0.8 * held[0]
+    shallow = ["relu1_1", "relu2_1"]  # one pooling layer before relu2_1: only block 1 can be recomputed
+    one, four = (estimate_memory((512, 512), [(512, 512)], shallow, shallow, checkpoint_blocks=n) for n in (1, 4))
+    assert one.total == four.total
+
+
+def test_one_style_scale_per_style_image_sizes_each_style(tiny_config):
+    cfg = tiny_config(**{"style": f"[{EXAMPLE_STYLE},{EXAMPLE_STYLE}]", "image.style_scale": "[1.0,0.5]"})
+    shape, styles = resources.run_shapes(cfg, (600, 800), [(1000, 1000), (1000, 1000)], 400)
+    assert shape == (300, 400) and styles == [(400, 400), (200, 200)]
+    assert estimate_for(cfg, (600, 800), [(1000, 1000), (1000, 1000)]).total > 0
+
+
 def test_large_sources_and_style_scale_raise_the_peak():
     base = estimate_memory((256, 256), [(256, 256)], LAYERS)
     big_style = estimate_memory((256, 256), [(2048, 2048)], LAYERS)
@@ -55,10 +75,11 @@ MEASURE = textwrap.dedent(
     from nst_lightning.config import EXAMPLE_CONTENT, EXAMPLE_STYLE
     from nst_lightning.module import StyleTransferModule
     torch.set_num_threads(1)
+    blocks = int(sys.argv[1])
     def status(key):
         return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
     content, style = load_image(EXAMPLE_CONTENT, 256), load_image(EXAMPLE_STYLE, 256)
-    module = StyleTransferModule(content, style, optim={"history_size": 2})
+    module = StyleTransferModule(content, style, optim={"history_size": 2}, features={"checkpoint_blocks": blocks})
     module.prepare_targets()
     optimizer = module.configure_optimizers()
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current size
@@ -77,13 +98,14 @@ MEASURE = textwrap.dedent(
 
 
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
-def test_estimate_is_close_to_the_measured_peak_of_a_step():
+@pytest.mark.parametrize("blocks", [0, 2])
+def test_estimate_is_close_to_the_measured_peak_of_a_step(blocks):
     # big blocks always from mmap, so freed memory leaves the resident size and the peak is the live peak
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-c", MEASURE], capture_output=True, text=True, check=True, env=env)
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(blocks)], capture_output=True, text=True, check=True, env=env)
     measured = json.loads(out.stdout.strip().splitlines()[-1])
     h, w = measured["shape"]
-    estimate = estimate_memory((h, w), [(h, w)], LAYERS, history_size=2)
+    estimate = estimate_memory((h, w), [(h, w)], LAYERS, history_size=2, checkpoint_blocks=blocks)
     predicted = estimate.activations + estimate.optimizer
     assert 0.85 * measured["peak"] < predicted < 1.3 * measured["peak"], (predicted, measured["peak"])
 
@@ -110,7 +132,7 @@ def test_a_run_that_cannot_fit_fails_early_with_the_largest_size_that_would(tiny
     assert "trainer.precision=bf16-mixed" in message and "\n" not in message
     assert not Path(cfg.output).exists()
     smaller = load_config(None, [f"image.size={fits}", "trainer.accelerator=cpu"])
-    assert resources.check_fits(smaller, *sources).total <= available
+    assert resources.check_fits(smaller, *sources)[1].total <= available
 
 
 def test_out_of_memory_errors_are_recognised():
@@ -121,3 +143,49 @@ def test_out_of_memory_errors_are_recognised():
     assert is_out_of_memory(MemoryError())
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not is_out_of_memory(ValueError("out of memory"))
+
+
+class _SeenBlocks(Callback):
+    """Records how many VGG blocks the running module recomputes."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.blocks = pl_module.extractor.checkpointed_blocks
+
+
+def _sources(cfg):
+    return read_size(cfg.content), [read_size(s) for s in cfg.styles]
+
+
+def test_auto_checkpointing_uses_no_blocks_when_memory_is_plentiful(tiny_config):
+    cfg = tiny_config(steps=1)
+    assert resources.plan_memory(cfg, *_sources(cfg), available=1 << 40)[0] == 0
+    seen = _SeenBlocks()
+    fit(cfg, progress=False, callbacks=[seen])
+    assert seen.blocks == 0
+
+
+def test_auto_checkpointing_recomputes_the_fewest_blocks_that_make_a_run_fit(tiny_config, monkeypatch):
+    cfg = tiny_config(steps=2, **{"image.size": 96, "trainer.precision": "32-true"})
+    sources = _sources(cfg)
+    totals = [estimate_for(cfg, *sources, checkpoint_blocks=n).total for n in range(5)]
+    available = totals[2] + 1  # fits with two blocks recomputed, not with one
+    assert totals[1] > available
+    monkeypatch.setattr(resources, "available_cpu_memory", lambda: available)
+    assert resources.plan_memory(cfg, *sources, available)[0] == 2
+    assert "with 2 VGG blocks checkpointed" in resources.summary(cfg, *sources)
+    seen = _SeenBlocks()
+    fit(cfg, progress=False, callbacks=[seen])
+    assert seen.blocks == 2 and (Path(cfg.output) / "final.png").is_file()
+
+
+def test_a_fixed_checkpoint_setting_is_kept_and_judged_as_set(tiny_config, monkeypatch):
+    cfg = tiny_config(steps=1, **{"image.size": 96, "trainer.precision": "32-true", "features.checkpoint_blocks": 0})
+    sources = _sources(cfg)
+    available = estimate_for(cfg, *sources, checkpoint_blocks=4).total + 1  # auto would fit, 0 blocks does not
+    monkeypatch.setattr(resources, "available_cpu_memory", lambda: available)
+    with pytest.raises(ResourceError, match="image.size=96 needs about"):
+        fit(cfg, progress=False)
+    pinned = tiny_config(steps=1, output=Path(cfg.output).with_name("pinned"), **{"features.checkpoint_blocks": 3})
+    seen = _SeenBlocks()
+    fit(pinned, progress=False, callbacks=[seen])
+    assert seen.blocks == 3

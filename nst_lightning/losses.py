@@ -16,14 +16,82 @@ Features = Mapping[str, torch.Tensor]
 
 
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
-    """``F F^T / M`` per image: ``(B, C, H, W) -> (B, C, C)`` in fp32, M = H*W positions.
+    """``F F^T / M`` per image: ``(B, C, H, W) -> (B, C, C)`` in fp32 (fp64 stays fp64), M = H*W positions.
 
     Dividing by M lets a style image of any size be compared with the output; for equal sizes the
     style loss below equals the paper's ``1/(4 N^2 M^2) sum (G - A)^2`` on unnormalised Grams.
     """
+    return _Gram.apply(features)
+
+
+def _at_least_fp32(features: torch.Tensor) -> torch.Tensor:
+    return features if features.dtype in (torch.float32, torch.float64) else features.float()
+
+
+def _matrix(features: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The features as a matrix without copying the layout: ``(B, M, C)`` for channels_last, else ``(B, C, M)``."""
     b, c, h, w = features.shape
-    x = features.float().reshape(b, c, h * w)
-    return torch.bmm(x, x.transpose(1, 2)) / (h * w)
+    if features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous():
+        return features.permute(0, 2, 3, 1).reshape(b, h * w, c), True
+    return features.reshape(b, c, h * w), False
+
+
+GRAM_CHUNK = 4096
+"""Positions cast to fp32 at a time: a chunk stays in cache between the cast and the matmul."""
+
+
+class _Gram(torch.autograd.Function):
+    """The Gram matrix in fp32 from features of any dtype and layout, with a backward of one matmul.
+
+    Forward: bf16 features are cast to fp32 a chunk of positions at a time and accumulated, so no fp32
+    copy of a whole layer is made or kept. Backward: ``dF = (dG + dG^T) F / M``, one matmul instead of
+    autograd's two plus a transpose copy and a sum; for bf16 features it runs in bf16 (the gradient
+    enters the bf16 network anyway), about 10x faster than casting up on the CPU.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, features: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(features)
+        with torch.autocast(features.device.type, enabled=False):
+            return _Gram._gram(features)
+
+    @staticmethod
+    def _gram(features: torch.Tensor) -> torch.Tensor:
+        x, positions_major = _matrix(features)
+        m = features.shape[-2] * features.shape[-1]
+        if x.dtype in (torch.float32, torch.float64):
+            gram = torch.bmm(x.transpose(1, 2), x) if positions_major else torch.bmm(x, x.transpose(1, 2))
+            return gram / m
+        c = features.shape[1]
+        gram = x.new_zeros((x.shape[0], c, c), dtype=torch.float32)
+        for part in x.split(GRAM_CHUNK, dim=1 if positions_major else 2):
+            part = part.float()
+            if positions_major:
+                gram.baddbmm_(part.transpose(1, 2), part)
+            else:
+                gram.baddbmm_(part, part.transpose(1, 2))
+        return gram / m
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        (features,) = ctx.saved_tensors
+        with torch.autocast(features.device.type, enabled=False):
+            return _Gram._gradient(features, grad)
+
+    @staticmethod
+    def _gradient(features: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = features.shape
+        x, positions_major = _matrix(features)
+        sym = (grad + grad.transpose(1, 2)) / (h * w)
+        if x.dtype == torch.bfloat16:
+            sym = sym.to(torch.bfloat16)
+        else:
+            x = _at_least_fp32(x)
+        if positions_major:
+            dx = torch.bmm(x, sym).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        else:
+            dx = torch.bmm(sym, x).reshape(b, c, h, w)
+        return dx.to(features.dtype)
 
 
 def guided_gram(features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -34,9 +102,9 @@ def guided_gram(features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tens
     """
     if mask is None:
         return gram_matrix(features)
-    b, c, h, w = features.shape
-    x = (features.float() * mask.float()).reshape(b, c, h * w)
-    return torch.bmm(x, x.transpose(1, 2)) / mask.float().pow(2).sum().clamp_min(1e-8)
+    h, w = features.shape[-2:]
+    weighted = _at_least_fp32(features) * mask.float()
+    return gram_matrix(weighted) * (h * w) / mask.float().pow(2).sum().clamp_min(1e-8)
 
 
 def layer_mask(mask: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

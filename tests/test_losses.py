@@ -21,6 +21,31 @@ def test_gram_is_feature_correlation_over_positions():
     torch.testing.assert_close(gram_matrix(f)[0], flat @ flat.T / 15)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_gram_gradient_is_the_exact_derivative_in_either_layout(layout):
+    f = torch.randn(2, 5, 4, 3, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_(True)
+    assert torch.autograd.gradcheck(gram_matrix, (f,))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_gram_of_bf16_features_is_the_fp32_gram_of_their_values(layout):
+    f = torch.randn(1, 8, 80, 90).to(torch.bfloat16).contiguous(memory_format=layout)  # more positions than one chunk
+    gram = gram_matrix(f)
+    assert gram.dtype == torch.float32
+    torch.testing.assert_close(gram, gram_matrix(f.float()), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_gram_gradient_of_bf16_features_is_bf16_at_bf16_accuracy(layout):
+    f = torch.randn(1, 16, 20, 30).to(torch.bfloat16).contiguous(memory_format=layout).requires_grad_(True)
+    weights = torch.randn(1, 16, 16)
+    (gram_matrix(f) * weights).sum().backward()
+    exact = f.detach().double().requires_grad_(True)
+    (gram_matrix(exact) * weights.double()).sum().backward()
+    assert f.grad.dtype == torch.bfloat16 and f.grad.shape == f.shape
+    assert (f.grad.double() - exact.grad).norm() / exact.grad.norm() < 1e-2
+
+
 def test_paper_style_loss_equals_the_published_formula_on_unnormalised_grams():
     f, s = torch.randn(1, 8, 6, 7), torch.randn(1, 8, 6, 7)
     n, m = 8, 42

@@ -55,6 +55,18 @@ class Run:
         return self.opt_s / max(1, len(self.step_times))
 
 
+@dataclass
+class Row:
+    """One size: nst-lightning at the compared precision, pastiche (unless skipped), nst-lightning at other precisions."""
+
+    ours: Run
+    peer: Run | None
+    others: list[Run]
+
+    def __iter__(self):
+        return iter((self.ours, self.peer, self.others))
+
+
 def run_worker(system: str, script: str, args: list[str], size: int, evals: int, output: Path) -> Run:
     """Run a worker script in a fresh process; measure its wall time and peak RSS (ru_maxrss)."""
     cmd = [sys.executable, str(HERE / script), *args]
@@ -130,9 +142,13 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     p.add_argument("--evals", type=int, default=300, help="L-BFGS evaluations (= steps) per run")
     p.add_argument("--snapshot-every", type=int, default=20)
-    p.add_argument("--precision", default="bf16-mixed", help="nst-lightning's trainer.precision")
+    p.add_argument("--precision", default="bf16-mixed", help="nst-lightning's trainer.precision, compared with pastiche")
+    p.add_argument(
+        "--also-precision", nargs="*", default=["32-true"],
+        help="more nst-lightning precisions to run at each size, to show which default is best on this machine",
+    )
     p.add_argument("--big", type=int, default=2048, help="size of the memory line (0: skip)")
-    p.add_argument("--big-evals", type=int, default=3)
+    p.add_argument("--big-evals", type=int, default=5)
     p.add_argument("--no-peer", action="store_true", help="skip pastiche")
     p.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
     p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "benchmark")
@@ -141,19 +157,25 @@ def main() -> None:
     from nst_lightning.judge import Judge
 
     judge = Judge()
-    rows: list[tuple[Run, Run | None]] = []
+    rows: list[Row] = []
     for size in args.sizes:
         common = ["--content", str(args.content), "--style", str(args.style), "--size", str(size),
                   "--evals", str(args.evals), "--snapshot-every", str(args.snapshot_every)]
         out = args.workdir / f"ours_{size}"
         ours = run_worker("nst-lightning", "run_ours.py", [*common, "--output", str(out), "--set", f"trainer.precision={args.precision}"], size, args.evals, out)
         judge_run(ours, judge, args.content, args.style)
+        others = []
+        for precision in args.also_precision:
+            out = args.workdir / f"ours_{size}_{precision}"
+            other = run_worker(f"nst-lightning {precision}", "run_ours.py", [*common, "--output", str(out), "--set", f"trainer.precision={precision}"], size, args.evals, out)
+            judge_run(other, judge, args.content, args.style)
+            others.append(other)
         peer = None
         if not args.no_peer:
             out = args.workdir / f"pastiche_{size}"
             peer = run_worker("pastiche", "run_pastiche.py", [*common, "--output", str(out)], size, args.evals, out)
             judge_run(peer, judge, args.content, args.style)
-        rows.append((ours, peer))
+        rows.append(Row(ours, peer, others))
         print(f"{size} px done: ours {ours.s_per_eval:.3f} s/eval" + (f", pastiche {peer.s_per_eval:.3f}" if peer else ""), flush=True)
 
     big = None
@@ -167,7 +189,7 @@ def main() -> None:
     print(report)
 
 
-def render(rows: list[tuple[Run, Run | None]], big: Run | None, help_s: float, args: argparse.Namespace) -> str:
+def render(rows: list[Row], big: Run | None, help_s: float, args: argparse.Namespace) -> str:
     """The Markdown report."""
     lines = [
         "# Benchmark results",
@@ -178,13 +200,14 @@ def render(rows: list[tuple[Run, Run | None]], big: Run | None, help_s: float, a
         f"counts compare. nst-lightning: `trainer.precision={args.precision}`, L-BFGS history 20, default",
         "(relative) losses; pastiche 1.6: its defaults (history 100). Quality: nst_lightning.judge on the saved",
         "images (style = mean relative Gram distance relu1_1..relu5_1, content = relative relu4_2 distance; lower is better).",
-        f"Command: `python benchmarks/benchmark.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "Rows naming a precision are nst-lightning again at that precision, to show which default is best here.",
+        f"Command: `{' '.join(['python benchmarks/benchmark.py', *sys.argv[1:]])}`",
         "",
         "| size | system | s/eval | optimisation s | process wall s | peak RSS MB | style | content |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for ours, peer in rows:
-        for r in (ours, peer):
+    for ours, peer, others in rows:
+        for r in (ours, *others, peer):
             if r is None:
                 continue
             h, w = _shape(r.output / "final.png")
@@ -197,8 +220,20 @@ def render(rows: list[tuple[Run, Run | None]], big: Run | None, help_s: float, a
                 f"| | ratio pastiche / nst-lightning | {peer.s_per_eval / ours.s_per_eval:.2f}x | "
                 f"{peer.opt_s / ours.opt_s:.2f}x | {peer.wall_s / ours.wall_s:.2f}x | {peer.rss_mb / ours.rss_mb:.2f}x | | |"
             )
+    if any(others for _, _, others in rows):
+        from nst_lightning.hardware import resolve_precision
+
+        lines += ["", "## Precision", ""]
+        for ours, _, others in rows:
+            for other in others:
+                lines.append(
+                    f"- {ours.size} px: {ours.precision} {ours.s_per_eval:.3f} s/eval (style {ours.quality[0]:.4f}, content "
+                    f"{ours.quality[1]:.4f}) vs {other.precision} {other.s_per_eval:.3f} s/eval (style {other.quality[0]:.4f}, "
+                    f"content {other.quality[1]:.4f}): {other.s_per_eval / ours.s_per_eval:.2f}x."
+                )
+        lines.append(f"- The default `trainer.precision=auto` resolves to `{resolve_precision('auto', 'cpu')}` on this machine.")
     lines += ["", "## Time to pastiche's quality", ""]
-    for ours, peer in rows:
+    for ours, peer, _ in rows:
         if peer is None:
             continue
         hit = time_to_quality(ours, peer.quality)
@@ -218,7 +253,32 @@ def render(rows: list[tuple[Run, Run | None]], big: Run | None, help_s: float, a
                   f"- {w}x{h}, {big.evals} evaluations: {big.s_per_eval:.2f} s/eval, peak RSS {big.rss_mb / 1024:.2f} GB "
                   f"(process wall {big.wall_s:.0f} s)."]
     lines += ["", "## Start-up", "", f"- `nst-lightning --help`: {help_s:.3f} s (best of 5)."]
+    lines += ["", "## Targets (issue 9, CPU)", "", *targets(rows, big, help_s)]
     return "\n".join(lines) + "\n"
+
+
+def targets(rows: list[Row], big: Run | None, help_s: float) -> list[str]:
+    """Each CPU must-show line of the performance issue with the figure measured in this run: met or not."""
+
+    def line(ok: bool, text: str) -> str:
+        return f"- [{'x' if ok else ' '}] {text}"
+
+    out = []
+    for ours, peer, _ in rows:
+        if peer is None or ours.size != 512:
+            continue
+        speed = peer.s_per_eval / ours.s_per_eval
+        out.append(line(speed >= 2, f"512 px, same evaluations: {speed:.2f}x less time per evaluation than pastiche (target >= 2x)"))
+        worse = max(ours.quality[0] / peer.quality[0], ours.quality[1] / peer.quality[1]) - 1
+        out.append(line(worse <= 0.05, f"judged style and content no worse than pastiche's: {100 * worse:+.1f}% at worst (target <= +5%)"))
+        hit = time_to_quality(ours, peer.quality)
+        share = hit[1] / peer.opt_s if hit else float("inf")
+        out.append(line(share <= 0.3, f"time to pastiche's {peer.evals}-evaluation quality: {100 * share:.0f}% of pastiche's time (target <= 30%)"))
+        out.append(line(ours.rss_mb <= peer.rss_mb, f"peak RSS {ours.rss_mb:.0f} MB vs pastiche's {peer.rss_mb:.0f} MB (target: no higher)"))
+    if big is not None:
+        out.append(line(big.rss_mb <= 12 * 1024, f"{big.size} px run: peak RSS {big.rss_mb / 1024:.2f} GB (target <= 12 GB)"))
+    out.append(line(help_s < 1, f"`nst-lightning --help` in {help_s:.3f} s (target < 1 s)"))
+    return out
 
 
 def _shape(path: Path) -> tuple[int, int]:

@@ -1,6 +1,7 @@
 """Benchmark worker: one nst-lightning run through the public API, timed per step; prints JSON.
 
 Run by benchmark.py in its own process so peak RSS and whole-process wall time are this run's alone.
+Like the CLI, it asks for huge pages on large images before torch starts (nst_lightning.allocator).
 """
 
 from __future__ import annotations
@@ -14,30 +15,33 @@ T0 = time.perf_counter()
 
 from worker_args import worker_parser  # noqa: E402
 
-from lightning.pytorch.callbacks import Callback  # noqa: E402
-
-from nst_lightning.api import fit  # noqa: E402
-from nst_lightning.config import load_config  # noqa: E402
-
-
-class StepClock(Callback):
-    """Seconds since the first training step began, at the end of every step."""
-
-    def __init__(self) -> None:
-        self.start = 0.0
-        self.times: list[float] = []
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.times.append(time.perf_counter() - self.start)
+from nst_lightning.allocator import request_huge_pages  # noqa: E402
 
 
 def main() -> None:
     p = worker_parser()
     p.add_argument("--set", action="append", default=[])
     args = p.parse_args()
+    request_huge_pages(args.size)
+
+    from lightning.pytorch.callbacks import Callback
+
+    from nst_lightning.api import fit
+    from nst_lightning.config import load_config
+
+    class StepClock(Callback):
+        """Seconds since the first training step began, at the end of every step."""
+
+        def __init__(self) -> None:
+            self.start = 0.0
+            self.times: list[float] = []
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.times.append(time.perf_counter() - self.start)
+
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     cfg = load_config(

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 
 from . import __version__
+from .allocator import request_huge_pages
 from .errors import NSTError, RunInterrupted
 
 if TYPE_CHECKING:
@@ -140,6 +141,7 @@ def fit(
     """
     try:
         cfg = _load(config, set_, output)
+        request_huge_pages(cfg.image.size)
         from .pairs import is_batch
 
         if is_batch(cfg):
@@ -203,6 +205,7 @@ def sweep(
         if not 32 <= cell_px <= 1024:
             raise NSTError(f"--cell-px {cell_px} is out of range; give 32 to 1024 pixels")
         cfg = _load(config, set_, output)
+        request_huge_pages(cfg.image.size)
         from .sweep import grid_cells, parse_grid
 
         values = parse_grid(grid or [])

@@ -111,7 +111,7 @@ def activation_bytes(
         else:
             kept += held
     forward = image + kept + loss_grads
-    recompute = max(image + held + largest for held, largest in block.values())
+    recompute = max(image + again + largest for again, largest in block.values())
     return max(forward, recompute)
 
 

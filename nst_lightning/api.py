@@ -24,10 +24,10 @@ from .config import INIT_KEYWORDS, FeaturesConfig, RunConfig, all_layers, dump_c
 from .errors import CheckpointError, ConfigError, NSTError, NumericalError, OnnxError, ResourceError, RunInterrupted
 from .export import DEFAULT_RTOL, ExportInfo, ExtractorSpec, OnnxFeatures, ValidationReport, export_onnx, validate_onnx
 from .faults import AtomicCheckpointIO, GracefulStop
-from .features import VGGFeatures, build_extractor, min_side
+from .features import VGGFeatures, min_side
 from .hardware import resolve_precision
 from .images import load_image, read_image, read_size, style_side, target_shape
-from .module import FINGERPRINT_KEY, StyleTransferModule
+from .module import FINGERPRINT_KEY, StyleTransferModule, config_extractor
 from .pairs import is_batch
 from .resources import Shape, check_fits, is_out_of_memory, out_of_memory_message
 
@@ -123,6 +123,11 @@ def load_masks(config: RunConfig) -> list[torch.Tensor | None] | None:
     return [None if path is None else read_image(path) for path in config.style_masks]
 
 
+def init_input(config: RunConfig) -> str | torch.Tensor:
+    """``config.init`` as the module takes it: a keyword (content, noise, style) or the loaded image."""
+    return config.init if config.init in INIT_KEYWORDS else load_image(config.init)
+
+
 def build_module(
     config: RunConfig,
     content: torch.Tensor,
@@ -135,15 +140,13 @@ def build_module(
     features: FeaturesConfig | None = None,
 ) -> StyleTransferModule:
     """The LightningModule for ``config`` and already loaded images (``init`` and ``features`` override the config's)."""
-    if init is None:
-        init = config.init if config.init in INIT_KEYWORDS else load_image(config.init)
     return StyleTransferModule(
         content,
         styles,
         loss=config.loss,
         optim=config.optim,
         features=features or config.features,
-        init=init,
+        init=init_input(config) if init is None else init,
         style_blend=config.style_blend,
         style_masks=masks,
         color=config.color,
@@ -265,7 +268,7 @@ def resume_point(config: RunConfig, resume: str | None, stages: list[Stage]) -> 
     shape = read_checkpoint(path).get(FINGERPRINT_KEY, {}).get("image_shape")
     if not shape:
         raise CheckpointError(f"checkpoint {path} was not written by nst-lightning; resume from a checkpoint of this run")
-    full = read_image(config.content).shape[-2:]
+    full = read_size(config.content)
     for stage in stages:
         if list(shape[-2:]) == list(target_shape(full[0], full[1], stage.size, config.image.fit)):
             return stage.index, path
@@ -460,14 +463,7 @@ def fit(
 
 def build_config_extractor(config: RunConfig) -> VGGFeatures:
     """The frozen VGG19 extractor for every layer ``config``'s loss uses, with its weights and preprocessing."""
-    f = config.features
-    return build_extractor(
-        all_layers(config),
-        weights=f.weights,
-        pooling=f.pooling,
-        preprocessing=f.preprocessing,
-        allow_download=f.allow_download,
-    )
+    return config_extractor(config.features, all_layers(config))
 
 
 def default_export_path(config: RunConfig) -> Path:

@@ -21,14 +21,15 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
+from .api import init_input
 from .atomic import write_text_atomic
 from .config import FeaturesConfig, LossConfig, OptimConfig, RunConfig, dump_config
 from .data import PairItem, StylePairsDataModule
 from .errors import ConfigError, NSTError
-from .features import VGGFeatures, build_extractor
+from .features import VGGFeatures
 from .hardware import resolve_precision
-from .images import load_image, save_image
-from .module import StyleTransferModule
+from .images import save_image
+from .module import StyleTransferModule, config_extractor, network_dtype
 from .pairs import Pair, expand_pairs, pending
 
 SUMMARY_FILE = "batch-summary.json"
@@ -93,18 +94,14 @@ class BatchStylizer(L.LightningModule):
         self.features_config = FeaturesConfig.model_validate(features or {})
         self.init = init
         self.seed = seed
-        self.extractor = extractor if extractor is not None else build_extractor(
-            [*self.loss_config.content_layers, *self.loss_config.style_layers],
-            weights=self.features_config.weights,
-            pooling=self.features_config.pooling,
-            preprocessing=self.features_config.preprocessing,
-            allow_download=self.features_config.allow_download,
+        self.extractor = extractor if extractor is not None else config_extractor(
+            self.features_config, [*self.loss_config.content_layers, *self.loss_config.style_layers]
         )
         self.results: list[PairResult] = []
 
     def setup(self, stage: str) -> None:
         """Match the frozen VGG to the Trainer's precision, as StyleTransferModule does."""
-        self.extractor.optimize(torch.bfloat16 if str(self.trainer.precision).startswith("bf16") else torch.float32)
+        self.extractor.optimize(network_dtype(str(self.trainer.precision)))
 
     def problem(self, content: torch.Tensor, styles: Sequence[torch.Tensor]) -> StyleTransferModule:
         """One image's optimisation problem on this module's device, its targets computed in fp32."""
@@ -343,15 +340,12 @@ def fit_batch(
         report = BatchReport(output, len(pairs), skipped, [], is_global_zero=rank_zero_only.rank == 0)
     else:
         L.seed_everything(config.seed, workers=False, verbose=False)
-        init: str | torch.Tensor = config.init
-        if config.init not in ("content", "noise", "style"):
-            init = load_image(config.init)
         stylizer = BatchStylizer(
             steps=config.trainer.max_steps,
             loss=config.loss,
             optim=config.optim,
             features=config.features,
-            init=init,
+            init=init_input(config),
             seed=config.seed,
         )
         per_device = config.batch.images_per_device if lockstep_ok(config.optim) else 1

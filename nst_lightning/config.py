@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
 from .layers import LAYER_NAMES, canonical_layer
@@ -222,19 +222,12 @@ class RunConfig(_Section):
     snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
 
-    @field_validator("content")
+    @field_validator("content", "style")
     @classmethod
-    def _some_content(cls, content: str | list[str]) -> str | list[str]:
-        if isinstance(content, list) and not content:
-            raise ValueError("give at least one content image")
-        return content
-
-    @field_validator("style")
-    @classmethod
-    def _some_style(cls, style: str | list[str]) -> str | list[str]:
-        if isinstance(style, list) and not style:
-            raise ValueError("give at least one style image")
-        return style
+    def _some_images(cls, images: str | list[str], info: ValidationInfo) -> str | list[str]:
+        if isinstance(images, list) and not images:
+            raise ValueError(f"give at least one {info.field_name} image")
+        return images
 
     @field_validator("style_blend")
     @classmethod

@@ -13,17 +13,12 @@ from typing import Any, NamedTuple
 
 import lightning as L
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .config import RunConfig
 from .errors import NSTError
-from .images import load_image, style_side, target_shape
+from .images import load_image, read_size, style_side, target_shape
 from .pairs import Pair
-
-EXIF_ORIENTATION = 0x0112
-SWAPPED_ORIENTATIONS = (5, 6, 7, 8)
-
 
 class PairItem(NamedTuple):
     """A pair with its loaded images, or the one-line reason it could not be loaded."""
@@ -40,11 +35,8 @@ def probe_shape(path: str, size: int, fit: str) -> tuple[int, int] | None:
     Only used to group same-size images, so a wrong guess costs speed, never correctness.
     """
     try:
-        with Image.open(path) as img:
-            width, height = img.size
-            if img.getexif().get(EXIF_ORIENTATION) in SWAPPED_ORIENTATIONS:
-                width, height = height, width
-    except Exception:  # unreadable files are reported when the pair is loaded
+        height, width = read_size(path)
+    except NSTError:  # unreadable files are reported when the pair is loaded
         return None
     return target_shape(height, width, size, fit)
 

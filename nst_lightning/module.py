@@ -53,6 +53,22 @@ def initial_image(init: str | torch.Tensor, content: torch.Tensor, styles: Seque
     raise ConfigError(f"init {init!r} is not content, noise, style or an image; load the image and pass a tensor")
 
 
+def config_extractor(features: FeaturesConfig, layers: Sequence[str]) -> VGGFeatures:
+    """The frozen VGG19 extractor a ``features`` config section describes, returning ``layers``."""
+    return build_extractor(
+        layers,
+        weights=features.weights,
+        pooling=features.pooling,
+        preprocessing=features.preprocessing,
+        allow_download=features.allow_download,
+    )
+
+
+def network_dtype(precision: str) -> torch.dtype:
+    """The dtype the frozen VGG runs in under a Trainer ``precision``: bf16 for bf16 precisions, else fp32."""
+    return torch.bfloat16 if precision.startswith("bf16") else torch.float32
+
+
 def _as_mask(mask: torch.Tensor | None, shape: Sequence[int]) -> torch.Tensor | None:
     """A mask as ``(1, 1, H, W)`` in ``[0, 1]`` at the output's ``shape`` (an RGB mask is averaged to grey)."""
     if mask is None:
@@ -130,13 +146,7 @@ class StyleTransferModule(L.LightningModule):
                 "image_shape": list(content.shape),
             }
         )
-        self.extractor = extractor if extractor is not None else build_extractor(
-            layers,
-            weights=self.features_config.weights,
-            pooling=self.features_config.pooling,
-            preprocessing=self.features_config.preprocessing,
-            allow_download=self.features_config.allow_download,
-        )
+        self.extractor = extractor if extractor is not None else config_extractor(self.features_config, layers)
         blocks = self.features_config.checkpoint_blocks
         self.extractor.checkpoint_blocks(0 if blocks == "auto" else blocks)
         missing = [n for n in layers if n not in self.extractor.layers]
@@ -252,8 +262,7 @@ class StyleTransferModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Match the frozen VGG to the Trainer's precision: bf16 weights under bf16-mixed, NHWC layout."""
-        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
-        self.extractor.optimize(torch.bfloat16 if precision.startswith("bf16") else torch.float32)
+        self.extractor.optimize(network_dtype(str(self.trainer.precision) if self._trainer is not None else "32-true"))
 
     def on_fit_start(self) -> None:
         self.prepare_targets()

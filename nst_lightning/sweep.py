@@ -138,8 +138,8 @@ def sweep(
     ``on_cell(cell, total)`` is called before each cell runs (the CLI prints progress with it).
     """
     from .api import fit, load_images
-    from .callbacks import write_text_atomic
-    from .features import build_extractor
+    from .atomic import write_text_atomic
+    from .module import config_extractor
     from .images import read_image
     from .plots import contact_sheet, read_losses
 
@@ -160,13 +160,7 @@ def sweep(
         key = feats.model_dump_json()
         if key not in extractors:
             layers = sorted({n for c in cells if c.config.features == feats for n in all_layers(c.config)})
-            extractors[key] = build_extractor(
-                layers,
-                weights=feats.weights,
-                pooling=feats.pooling,
-                preprocessing=feats.preprocessing,
-                allow_download=feats.allow_download,
-            )
+            extractors[key] = config_extractor(feats, layers)
         fit(cell.config, overwrite=True, progress=progress, extractor=extractors[key], target_cache=targets)
 
     keys = list(grid)

@@ -193,7 +193,7 @@ def build_trainer(
     own: list[Callback] = [ckpt, LossHistory(outputs.losses, step_offset=stage.offset), FinalImage(outputs.final)]
     if shown is not None:
         starts = [s.offset for s in plan_stages(config, outputs)[1 : stage.index + 1]]
-        own.append(RunPlots(outputs.root, outputs.losses, shown[0], shown[1], starts))
+        own.append(RunPlots(outputs.losses, outputs.loss_curve, outputs.side_by_side, shown[0], shown[1], starts))
     if config.snapshot.every_n_steps:
         own.append(ImageSnapshots(outputs.snapshots, config.snapshot.every_n_steps, step_offset=stage.offset))
     if progress:

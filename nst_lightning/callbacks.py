@@ -116,7 +116,7 @@ class LossHistory(Callback):
 
 
 class RunPlots(Callback):
-    """At the end of training write ``loss_curve.png`` (from ``losses.csv``) and ``side_by_side.png`` in ``dirpath``.
+    """At the end of training draw the loss curve (from the ``losses`` CSV) and the side-by-side picture.
 
     Place it after ``LossHistory`` so the CSV is complete; ``content`` and ``styles`` are shown as given
     (the originals, before any colour control).
@@ -124,14 +124,16 @@ class RunPlots(Callback):
 
     def __init__(
         self,
-        dirpath: str | os.PathLike[str],
         losses: str | os.PathLike[str],
+        curve: str | os.PathLike[str],
+        picture: str | os.PathLike[str],
         content: torch.Tensor,
         styles: Sequence[torch.Tensor],
         stage_starts: Sequence[int] = (),
     ) -> None:
-        self.dirpath = Path(dirpath)
         self.losses = Path(losses)
+        self.curve = Path(curve)
+        self.picture = Path(picture)
         self.content = content
         self.styles = list(styles)
         self.stage_starts = list(stage_starts)
@@ -142,8 +144,8 @@ class RunPlots(Callback):
         from .plots import loss_curve, side_by_side
 
         if self.losses.is_file():
-            loss_curve(self.losses, self.dirpath / "loss_curve.png", self.stage_starts)
-        side_by_side(self.content, self.styles, pl_module.result(), self.dirpath / "side_by_side.png")
+            loss_curve(self.losses, self.curve, self.stage_starts)
+        side_by_side(self.content, self.styles, pl_module.result(), self.picture)
 
 
 class StepProgressBar(TQDMProgressBar):

@@ -74,7 +74,7 @@ def test_fit_end_to_end_then_resume(tmp_path):
     [
         (["--set", "loss.style_weight=-1"], "loss.style_weight"),
         (["--set", "bogus=1"], "bogus: unknown key"),
-        (["--set", "trainer.precision=16-mixed"], "16-mixed cannot be used with optim.name=lbfgs"),
+        (["--set", "trainer.precision=16-mixed"], "16-mixed is not supported"),
         (["--set", "content=/nonexistent/photo.jpg"], "image /nonexistent/photo.jpg does not exist"),
         (["--config", "/nonexistent.yaml"], "does not exist"),
         (["--set", "loss.style_layers=[relu6_1]"], "unknown VGG19 layer"),

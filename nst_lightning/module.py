@@ -396,7 +396,9 @@ class StyleTransferModule(L.LightningModule):
         """The images being optimised (their running average with ``optim.average``), ``[0, 1]``, on the CPU.
 
         Under ``color=luminance`` these are grey luminance images; ``result()`` adds the content's chroma.
+        Reads the NaN guard first, so a non-finite image is never handed out (NumericalError instead).
         """
+        self.check_finite()
         x = self.image.detach()
         if self.average_decay is not None:
             x = self.image_average / (1.0 - self.average_accum)

@@ -228,7 +228,7 @@ def test_checkpoints_of_other_runs_are_refused_and_the_run_is_untouched(tmp_path
 def test_a_numerical_fault_through_the_command_is_one_line(tmp_path):
     out = tmp_path / "run"
     r = invoke("fit", "-q", *sets(tiny_overrides(out, steps=3)), "--set", "loss.style_weight=1e39")
-    assert_one_line_error(r, "the loss or the image became NaN or infinite at step 1; lower optim.lr")
+    assert_one_line_error(r, "the loss or the image became NaN or infinite by step 2; lower optim.lr")
     assert "style_weight 1e+39" in r.stderr and "no checkpoint was written yet" in r.stderr
     from nst_lightning.images import load_image, read_image
 

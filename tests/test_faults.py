@@ -157,7 +157,7 @@ def test_a_nan_loss_stops_with_advice_and_keeps_the_last_good_image_and_checkpoi
     with pytest.raises(NumericalError) as err:
         fit(cfg, progress=False)
     message = str(err.value)
-    assert "NaN or infinite at step 6" in message and "lower optim.lr (now 1)" in message
+    assert "NaN or infinite by step 6" in message and "lower optim.lr (now 1)" in message
     assert "holds step 4: continue with --resume last" in message
     run = Path(cfg.output)
     assert _ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 4

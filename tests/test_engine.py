@@ -64,6 +64,22 @@ def _trainer(steps: int, **kw) -> L.Trainer:
                      enable_progress_bar=False, enable_model_summary=False, **kw)
 
 
+def test_one_batched_evaluation_gives_each_image_its_own_loss_and_gradient(style_small, extractor):
+    # one VGG pass for the batch must not mix images: each gradient equals its solo gradient up to float
+    # rounding (convolution kernels are chosen per batch size, so not bit for bit)
+    photo = load_image(EXAMPLE_CONTENT, 32)
+    contents = torch.cat([photo, photo.flip(-1)])
+    together = StyleTransferModule(contents, [[style_small], [style_small.flip(-2)]], extractor=extractor)
+    together.evaluate()
+    for i, style in enumerate([style_small, style_small.flip(-2)]):
+        alone = StyleTransferModule(contents[i : i + 1], style, extractor=extractor)
+        alone.evaluate()
+        scale = float(alone.image.grad.abs().max())
+        assert scale > 0
+        torch.testing.assert_close(together.image.grad[i : i + 1], alone.image.grad, rtol=0, atol=1e-4 * scale)
+        torch.testing.assert_close(together.loss_terms()["loss"][i], alone.loss_terms()["loss"][0], rtol=1e-4, atol=0)
+
+
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
 @pytest.mark.parametrize(
     ("optim", "steps"),

@@ -21,14 +21,14 @@ from lightning.pytorch.callbacks import Callback
 
 from .atomic import remove_stale_temps, write_text_atomic
 from .callbacks import FinalImage, ImageSnapshots, LossHistory, RunPlots, StepCheckpoint, StepProgressBar
-from .config import INIT_KEYWORDS, FeaturesConfig, RunConfig, all_layers, dump_config
+from .config import INIT_KEYWORDS, FeaturesConfig, RunConfig, dump_config
 from .errors import CheckpointError, ConfigError, NSTError, NumericalError, ResourceError, RunInterrupted
 from .export import onnx_targets
 from .faults import AtomicCheckpointIO, GracefulStop
 from .features import VGGFeatures
 from .hardware import resolve_precision
 from .images import load_image, read_image, read_size, style_side, target_shape
-from .module import FINGERPRINT_KEY, StyleTransferModule, config_extractor
+from .module import FINGERPRINT_KEY, StyleTransferModule
 from .pairs import is_batch
 from .resources import Shape, check_fits, is_out_of_memory, out_of_memory_message
 

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
+from .api import build_module, build_trainer, init_input, load_masks
 from .atomic import remove_stale_temps, write_text_atomic
 from .config import RunConfig, dump_config
 from .data import GroupStep, PairResult, StylePairsDataModule
@@ -239,8 +239,6 @@ def fit_batch(
     ``checkpoint.every_n_steps`` and on SIGINT/SIGTERM (RunInterrupted); a rerun continues it. Returns
     the report of all ranks.
     """
-    from .api import build_module, build_trainer, init_input, load_masks
-
     check_folder_config(config)
     pairs = expand_pairs(config)
     todo, complete = pending(pairs, overwrite)

@@ -1,8 +1,10 @@
-"""The LightningModule: the output image is its only trainable parameter.
+"""The LightningModule and the one optimisation engine of every run: the output images are its only parameter.
 
-Works in any ``lightning.Trainer`` (the CLI's or the user's): it brings its own trivial dataloader,
-logs every loss term, keeps the image in ``[0, 1]`` after each step and refuses checkpoints of
-other runs.
+Single runs, coarse-to-fine stages, sweep cells and folder runs all train this module with ``Trainer.fit``.
+Works in any ``lightning.Trainer`` (the CLI's or the user's): it brings its own trivial dataloader (or
+takes groups of pairs from ``StylePairsDataModule``), keeps the images in ``[0, 1]`` after every update,
+reads nothing back from the device between logging steps and refuses checkpoints of other runs. The
+step is ``training_step``: ``optimizer.step(self.evaluate)``, the package's only call of an optimiser.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 
-import lightning as L
 import pytest
 import torch
 from PIL import Image
@@ -68,7 +67,7 @@ def test_folder_runs_honour_average_color_blend_and_masks_and_report_the_unscale
 
 def test_folder_runs_refuse_keys_they_cannot_honour(tmp_path):
     make_frames(tmp_path / "frames", 1)
-    for key, value in [("scales", "[32,48]"), ("trainer.strategy", "fsdp")]:
+    for key, value in [("scales", "[32,48]"), ("features.onnx", "graph.onnx"), ("trainer.strategy", "fsdp")]:
         cfg = load_config(None, [f"content={tmp_path / 'frames'}", f"output={tmp_path / 'out'}", f"{key}={value}"])
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             fit_batch(cfg, progress=False)
@@ -184,3 +183,22 @@ def test_two_ddp_processes_share_a_folder_each_pair_written_once_and_a_rerun_ski
     assert "4 images: 0 written, 4 already complete (skipped), 0 failed" in rerun.stdout
     assert {n: (out / n).stat().st_mtime_ns for n in names} == stamps
     shutil.rmtree(tmp_path / "single")
+
+
+def test_folder_memory_is_planned_for_the_images_a_group_holds(tmp_path, monkeypatch):
+    """Memory planning used to be skipped in folder runs; now a group of B images is estimated as B images."""
+    from nst_lightning import resources
+    from nst_lightning.config import EXAMPLE_STYLE
+    from nst_lightning.errors import ResourceError
+    from nst_lightning.images import read_size
+
+    make_frames(tmp_path / "frames", 4, side=256)
+    cfg = load_config(None, [f"content={tmp_path / 'frames'}", f"output={tmp_path / 'out'}", "image.size=256",
+                             "trainer.accelerator=cpu", "trainer.precision=32-true", "features.checkpoint_blocks=0"])
+    shapes = ((256, 256), [read_size(EXAMPLE_STYLE)])
+    one, four = (resources.estimate_for(cfg, *shapes, checkpoint_blocks=0, batch=b).total for b in (1, 4))
+    assert four > 2 * one
+    monkeypatch.setattr(resources, "available_cpu_memory", lambda: (one + four) // 2)
+    with pytest.raises(ResourceError, match=r"\(4 images together; lower batch.images_per_device\)"):
+        fit_batch(cfg, progress=False)
+    assert not (tmp_path / "out").exists()

@@ -30,6 +30,7 @@ from .hardware import resolve_precision
 from .images import load_image, read_image, read_size, style_side, target_shape
 from .module import FINGERPRINT_KEY, StyleTransferModule
 from .pairs import is_batch
+from .quiet import lightning_quiet
 from .resources import Shape, check_fits, is_out_of_memory, out_of_memory_message
 
 RUN_FILES = ("config.yaml", "final.png", "interrupted.png", "losses.csv", "loss_curve.png", "side_by_side.png")
@@ -265,7 +266,7 @@ def resolve_resume(resume: str | None, outputs: RunOutputs) -> Path | None:
         return None
     path = outputs.last_checkpoint if resume == "last" else Path(resume)
     if not path.is_file():
-        hint = "run without --resume to start it" if resume == "last" else "give an existing .ckpt file or --resume last"
+        hint = "run without resume= to start it" if resume == "last" else 'give an existing .ckpt file or resume="last"'
         raise CheckpointError(f"no checkpoint at {path}; {hint}")
     return path
 
@@ -284,7 +285,7 @@ def resume_point(config: RunConfig, resume: str | None, stages: list[Stage]) -> 
         for stage in reversed(stages):
             if stage.last_checkpoint.is_file():
                 return stage.index, stage.last_checkpoint
-        raise CheckpointError(f"no checkpoint in {stages[0].checkpoints.parent}/stage*/; run without --resume to start it")
+        raise CheckpointError(f"no checkpoint in {stages[0].checkpoints.parent}/stage*/; run without resume= to start it")
     path = resolve_resume(resume, RunOutputs(Path(config.output)))
     shape = read_checkpoint(path).get(FINGERPRINT_KEY, {}).get("image_shape")
     if not shape:
@@ -333,13 +334,13 @@ def check_output(config: RunConfig, outputs: RunOutputs, resuming: bool, overwri
         if path == root or path in written or any(path.is_relative_to(root / d) for d in RUN_DIRS):
             raise ConfigError(
                 f"input {path} is where the run writes its outputs (final.png, snapshots/, ...) and would be "
-                "overwritten; choose another --output or move the input"
+                "overwritten; choose another output= directory or move the input"
             )
     previous = any((root / name).exists() for name in (*RUN_FILES, *RUN_DIRS))
     if previous and not resuming and not overwrite:
         raise ConfigError(
-            f"output {outputs.root} holds a previous run; add --resume last to continue it, "
-            "--overwrite to replace it, or choose another --output"
+            f'output {outputs.root} holds a previous run; add resume="last" to continue it, '
+            "overwrite=True to replace it, or choose another output= directory"
         )
 
 
@@ -357,7 +358,7 @@ def prepare_output(outputs: RunOutputs, resuming: bool, overwrite: bool) -> None
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ConfigError(f"cannot create output directory {root} ({err.strerror}); choose another --output") from None
+        raise ConfigError(f"cannot create output directory {root} ({err.strerror}); choose another output= directory") from None
     remove_stale_temps(root, RUN_FILES)
     for name in RUN_DIRS:
         remove_stale_temps(root / name)
@@ -378,8 +379,8 @@ def _kept(stop: GracefulStop, outputs: RunOutputs) -> str:
     image = f"the last good image is in {outputs.interrupted}" if outputs.interrupted in stop.saved else "no image was saved"
     step = checkpoint_step(stop.checkpoint_path)
     if step is None:
-        return f"{image}; no checkpoint was written yet, so start again with --overwrite"
-    return f"{image}; {stop.checkpoint_path} holds step {step}: continue with --resume last"
+        return f"{image}; no checkpoint was written yet, so start again with overwrite=True"
+    return f'{image}; {stop.checkpoint_path} holds step {step}: continue with resume="last"'
 
 
 def _interrupted(stop: GracefulStop, outputs: RunOutputs) -> RunInterrupted:
@@ -417,6 +418,29 @@ def _as_nst_error(
 
 
 def fit(
+    config: RunConfig,
+    *,
+    resume: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    callbacks: list[Callback] | None = None,
+    extractor: VGGFeatures | None = None,
+    target_cache: MutableMapping[str, Any] | None = None,
+    verbose: bool = False,
+) -> RunOutputs:
+    """Run one style transfer as ``config`` describes; returns where its files are.
+
+    Lightning's start-up messages (accelerator lines, tips) and known deprecation notices are held back
+    unless ``verbose``; logger levels and warning filters are as before once it returns. The rest as ``_fit``.
+    """
+    with lightning_quiet(verbose):
+        return _fit(
+            config, resume=resume, overwrite=overwrite, progress=progress, callbacks=callbacks, extractor=extractor,
+            target_cache=target_cache,
+        )
+
+
+def _fit(
     config: RunConfig,
     *,
     resume: str | None = None,

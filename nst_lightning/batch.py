@@ -31,6 +31,7 @@ from .errors import ConfigError, NSTError, NumericalError, ResourceError, RunInt
 from .faults import GracefulStop
 from .images import read_size
 from .pairs import expand_pairs, pending
+from .quiet import lightning_quiet
 from .resources import check_fits, is_out_of_memory
 
 SUMMARY_FILE = "batch-summary.json"
@@ -226,6 +227,19 @@ def _stopped(stop: GracefulStop) -> RunInterrupted:
 
 
 def fit_batch(
+    config: RunConfig,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    callbacks: list[Callback] | None = None,
+    verbose: bool = False,
+) -> BatchReport:
+    """As ``_fit_batch``, with Lightning's start-up messages and known deprecation notices held back unless ``verbose``."""
+    with lightning_quiet(verbose):
+        return _fit_batch(config, overwrite=overwrite, progress=progress, callbacks=callbacks)
+
+
+def _fit_batch(
     config: RunConfig,
     *,
     overwrite: bool = False,

@@ -24,32 +24,59 @@ from .images import save_image
 LOSS_COLUMNS = ("step", "content", "style", "tv", "loss")
 
 
-class ImageSnapshots(Callback):
-    """Save the current image as ``DIR/step_000050.png`` every ``every_n_steps`` steps.
+def run_dir(trainer: L.Trainer) -> Path:
+    """Where a callback writes when given no path: the first logger's folder, else the Trainer's ``default_root_dir``."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
 
-    ``step_offset`` counts the steps of earlier coarse-to-fine stages, so names and cadence run on.
+
+def save_images(images: torch.Tensor, path: Path) -> None:
+    """Write ``(B, 3, H, W)`` images: one to ``path``, several as ``path`` with ``_0``, ``_1``, ... before the suffix."""
+    if images.shape[0] == 1:
+        save_image(images, path)
+        return
+    for i, image in enumerate(images):
+        save_image(image.unsqueeze(0), path.with_name(f"{path.stem}_{i}{path.suffix}"))
+
+
+class ImageSnapshots(Callback):
+    """Save the current image as ``DIR/step_000050.png`` every ``every_n_steps`` steps (0: never).
+
+    ``dirpath`` defaults to ``snapshots/`` in the Trainer's log folder (``trainer.log_dir``, else its
+    ``default_root_dir``), so the callback works in any Trainer. ``step_offset`` counts the steps of earlier
+    coarse-to-fine stages, so names and cadence run on.
     """
 
-    def __init__(self, dirpath: str | os.PathLike[str], every_n_steps: int, step_offset: int = 0) -> None:
-        self.dirpath = Path(dirpath)
+    def __init__(self, dirpath: str | os.PathLike[str] | None = None, every_n_steps: int = 50, step_offset: int = 0) -> None:
+        if every_n_steps < 0:
+            raise ValueError(f"every_n_steps must be 0 (never) or more, got {every_n_steps}")
+        self.dirpath = None if dirpath is None else Path(dirpath)
         self.every_n_steps = every_n_steps
         self.step_offset = step_offset
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = self.step_offset + trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and trainer.is_global_zero:
-            save_image(pl_module.result(), self.dirpath / f"step_{step:06d}.png")
+        if self.every_n_steps and step % self.every_n_steps == 0 and pl_module.batch_size:
+            where = self.dirpath or run_dir(trainer) / "snapshots"
+            if trainer.is_global_zero:
+                save_images(pl_module.result(), where / f"step_{step:06d}.png")
 
 
 class FinalImage(Callback):
-    """Save the result to ``path`` when training ends (max_steps reached or stopped)."""
+    """Save the result to ``path`` when training ends (max_steps reached or stopped).
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+    ``path`` defaults to ``final.png`` in the Trainer's log folder (``trainer.log_dir``, else its
+    ``default_root_dir``); a batch of B images is written as ``final_0.png`` ... ``final_{B-1}.png``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.path = None if path is None else Path(path)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if not pl_module.batch_size:  # a folder run writes each pair's file itself
+            return
+        where = self.path or run_dir(trainer) / "final.png"
         if trainer.is_global_zero:
-            save_image(pl_module.result(), self.path)
+            save_images(pl_module.result(), where)
 
 
 class StepCheckpoint(ModelCheckpoint):

@@ -16,7 +16,7 @@ import typer
 
 from . import __version__
 from .allocator import request_huge_pages
-from .errors import NSTError, RunInterrupted
+from .errors import NSTError, RunInterrupted, for_cli
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -47,10 +47,15 @@ SetOpt = Annotated[
 ]
 
 
-def fail(message: str, code: int = EXIT_USAGE, prefix: str = "error: ") -> typer.Exit:
-    """Print a one-line message to stderr (newlines escaped) and return the exit to raise."""
+def echo_error(message: str, prefix: str = "error: ") -> None:
+    """Print a message to stderr on one line (newlines escaped)."""
     one_line = message.replace("\r", "\\r").replace("\n", "\\n")
     typer.echo(f"{prefix}{one_line}", err=True)
+
+
+def fail(message: str, code: int = EXIT_USAGE, prefix: str = "error: ") -> typer.Exit:
+    """Print a one-line message to stderr, Python argument names said as this command's flags, and return the exit to raise."""
+    echo_error(for_cli(message), prefix)
     return typer.Exit(code)
 
 
@@ -73,22 +78,6 @@ def _load(config: Optional[Path], overrides: Optional[list[str]], output: Option
     if output is not None:
         extra.append(f"output={output}")
     return load_config(config, extra)
-
-
-def _quiet_lightning() -> None:
-    """Hide Lightning's start-up chatter (accelerator lines, tips) and a known deprecation notice.
-
-    Imports lightning first: its import sets its own logger to INFO.
-    """
-    import logging
-    import warnings
-
-    import lightning.pytorch  # noqa: F401  (its import sets the logger level this overrides)
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")
-    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def _show_api_messages() -> None:
@@ -149,7 +138,6 @@ def fit(
             return
         from .api import fit as run_fit
 
-        _quiet_lightning()
         _show_api_messages()
 
         outputs = run_fit(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
@@ -171,7 +159,6 @@ def _fit_batch(cfg: RunConfig, resume: Optional[str], overwrite: bool, quiet: bo
         )
     from .batch import fit_batch
 
-    _quiet_lightning()
     report = fit_batch(cfg, overwrite=overwrite, progress=not quiet)
     if report.is_global_zero:
         typer.echo("\n".join(report.lines()))
@@ -211,8 +198,6 @@ def sweep(
         values = parse_grid(grid or [])
         cells = grid_cells(cfg, values)
         from .sweep import sweep as run_sweep
-
-        _quiet_lightning()
 
         def announce(cell, total: int) -> None:
             where = ", ".join(f"{k}={v}" for k, v in cell.values.items())

@@ -14,16 +14,16 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .config import RunConfig
-from .errors import NSTError
+from .errors import ConfigError, NSTError
 from .images import load_image, read_size, style_side, target_shape
-from .pairs import Pair
+from .pairs import Pair, expand_pairs, pending
 
 @dataclass
 class PairResult:
@@ -193,30 +193,45 @@ class StylePairsDataModule(L.LightningDataModule):
     """Serves content x style pairs to ``Trainer.fit`` as groups of same-size images, ``steps`` steps each.
 
     Args:
-        pairs: the pairs to produce (see ``nst_lightning.pairs.expand_pairs``).
+        pairs: the pairs to produce (see ``nst_lightning.pairs.expand_pairs``); or None, and the pairs of
+            ``content`` x ``style`` written into ``output``.
+        content, style: a file, folder, glob or list of them each, as in a config (used when ``pairs`` is None).
+        output: the folder each pair's ``<content>__<style>.png`` is written to (used when ``pairs`` is None).
+        overwrite: with ``content``/``style``, redo pairs whose output exists (skipped otherwise, as a rerun would).
         steps: optimisation steps per image.
         size, fit, style_scale: image sizes, as in the config's ``image`` section.
         images_per_device: the largest group optimised together.
-        checkpoints: folder of the groups' checkpoints (an interrupted group resumes from its own).
+        checkpoints: folder of the groups' checkpoints (an interrupted group resumes from its own); default
+            ``OUTPUT/checkpoints``, or ``checkpoints`` for given pairs.
     """
 
     def __init__(
         self,
-        pairs: Sequence[Pair],
+        pairs: Sequence[Pair] | None = None,
         *,
+        content: str | list[str] | None = None,
+        style: str | list[str] | None = None,
+        output: str | None = None,
+        overwrite: bool = False,
         steps: int = 300,
         size: int = 512,
-        fit: str = "long",
+        fit: Literal["long", "height", "width"] = "long",
         style_scale: float | Sequence[float] = 1.0,
         images_per_device: int = 4,
-        checkpoints: str | Path = "checkpoints",
+        checkpoints: str | Path | None = None,
     ) -> None:
         super().__init__()
+        if pairs is None:
+            if content is None or style is None or output is None:
+                raise ConfigError("StylePairsDataModule needs pairs=, or content=, style= and output=")
+            pairs = pending(expand_pairs(RunConfig(content=content, style=style, output=output)), overwrite)[0]
+        self.save_hyperparameters(ignore=["pairs"])
         self.pairs = list(pairs)
         self.steps = steps
         self.size, self.fit, self.style_scale = size, fit, style_scale
         self.images_per_device = images_per_device
-        self.checkpoints = Path(checkpoints)
+        default = Path(output) / "checkpoints" if output is not None else Path("checkpoints")
+        self.checkpoints = Path(checkpoints) if checkpoints is not None else default
         self.dataset: GroupSteps | None = None
 
     @classmethod

@@ -1,4 +1,25 @@
-"""User-facing errors: the CLI prints their message on one line and exits with code 2 (128 + signal for RunInterrupted)."""
+"""User-facing errors: the CLI prints their message on one line and exits with code 2 (128 + signal for RunInterrupted).
+
+Messages name the Python API's arguments (``resume="last"``, ``overwrite=True``, ``output=``); ``for_cli``
+turns them into the command line's flags, so each message is written once and reads right in both.
+"""
+
+import re
+
+CLI_FLAGS: tuple[tuple[str, str], ...] = (
+    ('resume="last"', "--resume last"),
+    ("resume=", "--resume"),
+    ("overwrite=True", "--overwrite"),
+    ("output=", "--output"),
+)
+"""Python argument spellings in messages and the ``nst-lightning`` flags they become, most specific first."""
+
+
+def for_cli(message: str) -> str:
+    """``message`` as the command line says it: Python arguments (``overwrite=True``) become flags (``--overwrite``)."""
+    for python, flag in CLI_FLAGS:
+        message = re.sub(rf"(?<![\w.\-]){re.escape(python)}", flag, message)
+    return message
 
 
 class NSTError(Exception):
@@ -36,7 +57,7 @@ class RunInterrupted(NSTError):
         self.summary = summary
         self.signum = signum
         self.resumable = resumable
-        self.hint = "resume with --resume last" if resumable else "no checkpoint was written yet; start again with --overwrite"
+        self.hint = 'resume with resume="last"' if resumable else "no checkpoint was written yet; start again with overwrite=True"
         super().__init__(f"{summary}; {self.hint}")
 
 

@@ -428,9 +428,9 @@ def export_features(
     """
     target = Path(path) if path is not None else default_export_path(config)
     if target.is_dir() or target.suffix != ".onnx":
-        raise ConfigError(f"export output {target} is not a .onnx file path; give e.g. --output export/vgg19.onnx")
+        raise ConfigError(f"export output {target} is not a .onnx file path; give e.g. output=export/vgg19.onnx")
     if target.exists() and not overwrite:
-        raise ConfigError(f"{target} already exists; add --overwrite to replace it or choose another --output")
+        raise ConfigError(f"{target} already exists; add overwrite=True to replace it or choose another output= path")
     return target, export_onnx(build_config_extractor(config), target, config.features.weights)
 
 

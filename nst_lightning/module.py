@@ -16,25 +16,27 @@ import time
 import warnings
 from pathlib import Path
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
-from typing import Any
+from typing import Any, Union
 
 import lightning as L
 import torch
 from torch import nn
 
 from . import color as colour
-from .config import FeaturesConfig, LossConfig, OptimConfig
+from .config import INIT_KEYWORDS, FeaturesConfig, LossConfig, OptimConfig
 from .atomic import atomic_write
 from .data import GroupStep, PairResult
 from .errors import CheckpointError, ConfigError, NSTError, NumericalError
 from .features import VGGFeatures, build_extractor, min_side
-from .images import resize, save_image
+from .images import load_image, read_image, resize, save_image, style_side
 from .layers import LAYER_NAMES, deepest
 from .losses import StyleTransferLoss
 from .pairs import Pair
 from .optim import BatchedAdam, BatchedLBFGS
 
 FINGERPRINT_KEY = "nst_lightning"
+ImageInput = Union[str, Path, torch.Tensor]
+"""An image given to the module: a ``(1, 3, H, W)`` tensor in ``[0, 1]`` or the path of an image file."""
 CHECKPOINT_STATE = ("image", "image_average", "average_accum")
 """The module state a checkpoint keeps: the image and, with iterate averaging, its running average."""
 
@@ -46,6 +48,33 @@ warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual op
 
 def _digest(t: torch.Tensor) -> str:
     return hashlib.sha1(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _describe(value: Any) -> Any:
+    """An input as the saved hyperparameters record it: paths as strings, tensors by their shape (never their values)."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor{list(value.shape)}"
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_describe(v) for v in value]
+    return value
+
+
+def _load_inputs(
+    content: ImageInput | None, style: Any, size: int, style_scale: float
+) -> tuple[torch.Tensor | None, Any]:
+    """Content and style as tensors: files are read, the content at ``size``, styles at ``style_scale`` of its long side."""
+    if isinstance(content, (str, Path)):
+        content = load_image(content, size)
+    if isinstance(style, (str, Path)):
+        style = [style]
+    if isinstance(style, (list, tuple)) and any(isinstance(s, (str, Path)) for s in style):
+        if content is None:
+            raise ConfigError("style images given as files need a content image; give content=")
+        side = style_side(tuple(content.shape[-2:]), style_scale)
+        style = [load_image(s, side) if isinstance(s, (str, Path)) else s for s in style]
+    return content, style
 
 
 def initial_image(init: str | torch.Tensor, content: torch.Tensor, styles: Sequence[torch.Tensor], seed: int) -> torch.Tensor:
@@ -97,16 +126,19 @@ class StyleTransferModule(L.LightningModule):
     a value back from the device; losses are logged, and the NaN guard read, on logging steps only.
 
     Args:
-        content: content image(s), ``(B, 3, H, W)`` RGB in ``[0, 1]``; the output has their size. None for
-            a module fed groups of pairs by ``StylePairsDataModule``.
-        style: one style image or several blended (any sizes), shared by every content image; or, for a
-            batch, one list of style images per content image.
+        content: content image(s), ``(B, 3, H, W)`` RGB in ``[0, 1]``, or an image file loaded at ``size``; the
+            output has their size. None for a module fed groups of pairs by ``StylePairsDataModule``.
+        style: one style image or several blended (tensors of any size, or files loaded at ``style_scale``
+            times the content's long side), shared by every content image; or, for a batch, one list of style
+            images per content image.
+        size: long side in pixels of a content image given as a file (tensors are used as they are).
+        style_scale: long side of style images given as files, relative to the content's long side.
         loss, optim, features: settings (config sections or plain dicts); defaults follow the paper.
             ``features.checkpoint_blocks=auto`` is resolved from the memory estimate by ``nst_lightning.fit``;
             a module built directly treats it as 0 (no checkpointing).
-        init: ``content``, ``noise``, ``style`` or an image tensor.
+        init: ``content``, ``noise``, ``style``, an image tensor or an image file.
         style_blend: weight of each style image (default equal).
-        style_masks: one mask per style (``(1, 1, H, W)`` or RGB, any size, white = apply), or None for
+        style_masks: one mask per style (``(1, 1, H, W)`` or RGB tensor or an image file, any size, white = apply), or None for
             the whole image; regions no mask covers keep only the content loss.
         color: ``none`` (the style's colours), ``luminance`` (keep the content's chroma) or ``histogram``
             (recolour the styles to the content's colour statistics first); see ``nst_lightning.color``.
@@ -121,15 +153,17 @@ class StyleTransferModule(L.LightningModule):
 
     def __init__(
         self,
-        content: torch.Tensor | None = None,
-        style: torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]] | None = None,
+        content: str | Path | torch.Tensor | None = None,
+        style: ImageInput | Sequence[ImageInput] | Sequence[Sequence[torch.Tensor]] | None = None,
         *,
+        size: int = 512,
+        style_scale: float = 1.0,
         loss: LossConfig | Mapping[str, Any] | None = None,
         optim: OptimConfig | Mapping[str, Any] | None = None,
         features: FeaturesConfig | Mapping[str, Any] | None = None,
-        init: str | torch.Tensor = "content",
+        init: str | Path | torch.Tensor = "content",
         style_blend: Sequence[float] | None = None,
-        style_masks: Sequence[torch.Tensor | None] | None = None,
+        style_masks: Sequence[ImageInput | None] | None = None,
         color: str = "none",
         extractor: VGGFeatures | None = None,
         target_cache: MutableMapping[str, Any] | None = None,
@@ -143,17 +177,26 @@ class StyleTransferModule(L.LightningModule):
         self.layers = [*self.loss_config.content_layers, *self.loss_config.style_layers]
         self.save_hyperparameters(
             {
+                "content": _describe(content),
+                "style": _describe(style),
+                "size": size,
+                "style_scale": style_scale,
                 "loss": self.loss_config.model_dump(),
                 "optim": self.optim_config.model_dump(),
                 "features": self.features_config.model_dump(),
-                "init": init if isinstance(init, str) else "tensor",
+                "init": _describe(init),
                 "style_blend": list(style_blend) if style_blend is not None else None,
                 "color": color,
-                "style_masks": None if style_masks is None else [m is not None for m in style_masks],
+                "style_masks": None if style_masks is None else [_describe(m) for m in style_masks],
                 "seed": seed,
-                "image_shape": None if content is None else list(content.shape),
+                "image_shape": None,
             }
         )
+        content, style = _load_inputs(content, style, size, style_scale)
+        if isinstance(init, (str, Path)) and str(init) not in INIT_KEYWORDS:
+            init = load_image(init)
+        if style_masks is not None:
+            style_masks = [m if m is None or isinstance(m, torch.Tensor) else read_image(m) for m in style_masks]
         self.extractor = extractor if extractor is not None else config_extractor(self.features_config, self.layers)
         missing = [n for n in self.layers if n not in self.extractor.layers]
         if missing:
@@ -503,7 +546,7 @@ class StyleTransferModule(L.LightningModule):
         if saved.get("members") != [p.name for p in self.group_pairs] or saved.get(FINGERPRINT_KEY) != self.fingerprint:
             raise CheckpointError(
                 f"{self.group.checkpoint} was written by a run with other images or settings; rerun with "
-                "--overwrite to start the folder again, or restore the settings it was written with"
+                "overwrite=True to start the folder again, or restore the settings it was written with"
             )
         self.load_state_dict(saved["state_dict"], strict=False)
         state = saved["optimizer"]

@@ -54,7 +54,7 @@ def expand_pairs(config: RunConfig) -> list[Pair]:
         if path.parent.resolve() == out_dir.resolve():
             raise ConfigError(
                 f"content image {path} is inside the output folder {out_dir}; results would become inputs on the "
-                "next run, so choose another --output"
+                "next run, so choose another output= directory"
             )
     pairs = [
         Pair(str(c), styles, str(out_dir / f"{c.stem}{PAIR_SEPARATOR}{_styles_stem(styles)}{OUTPUT_SUFFIX}"))

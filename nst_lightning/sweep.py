@@ -147,7 +147,7 @@ def sweep(
     root = Path(config.output)
     if (root / SUMMARY).exists() or (root / CELLS).exists():
         if not overwrite:
-            raise ConfigError(f"output {root} holds a previous sweep; add --overwrite to replace it or choose another --output")
+            raise ConfigError(f"output {root} holds a previous sweep; add overwrite=True to replace it or choose another output= directory")
         (root / SHEET).unlink(missing_ok=True)
         (root / SUMMARY).unlink(missing_ok=True)
         shutil.rmtree(root / CELLS, ignore_errors=True)

@@ -62,7 +62,10 @@ def test_fit_end_to_end_then_resume(tmp_path):
         assert (out / name).is_file(), name
 
     r = cli("fit", "--config", str(CONFIGS / "example.yaml"), "-q", *sets(tiny_overrides(out, steps=4)))
-    assert r.returncode == 2 and "holds a previous run" in r.stderr
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: output {out} holds a previous run; add --resume last to continue it, --overwrite to replace it, "
+        "or choose another --output directory"
+    ]  # the API names resume="last", overwrite=True, output=; the CLI says its flags
 
     r = cli("fit", "--config", str(CONFIGS / "example.yaml"), "--resume", "last", *sets(tiny_overrides(out, steps=6)))
     assert r.returncode == 0, r.stderr

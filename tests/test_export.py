@@ -87,7 +87,7 @@ def test_sidecar_and_embedded_metadata_record_weights_preprocessing_layers_and_v
 def test_export_never_replaces_a_graph_unless_asked_and_wants_an_onnx_path(exported):
     path = exported[0]
     before = path.read_bytes()
-    with pytest.raises(ConfigError, match="already exists; add --overwrite to replace it"):
+    with pytest.raises(ConfigError, match="already exists; add overwrite=True to replace it"):
         export.export_features(load_config(), path)
     with pytest.raises(ConfigError, match="is not a .onnx file path"):
         export.export_features(load_config(), path.parent)

@@ -102,7 +102,7 @@ def test_sigterm_stops_at_the_step_end_and_resume_matches_an_uninterrupted_run(t
     with pytest.raises(RunInterrupted) as err:
         fit(cfg, progress=False, callbacks=[SignalAt(3, signal.SIGTERM)])
     assert err.value.signum == signal.SIGTERM and err.value.resumable
-    assert "interrupted by SIGTERM at step 3" in str(err.value) and "--resume last" in str(err.value)
+    assert "interrupted by SIGTERM at step 3" in str(err.value) and 'resume="last"' in str(err.value)
     run = tmp_path / "split"
     assert not (run / "final.png").exists()
     assert _ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 3
@@ -158,7 +158,7 @@ def test_a_nan_loss_stops_with_advice_and_keeps_the_last_good_image_and_checkpoi
         fit(cfg, progress=False)
     message = str(err.value)
     assert "NaN or infinite by step 6" in message and "lower optim.lr (now 1)" in message
-    assert "holds step 4: continue with --resume last" in message
+    assert 'holds step 4: continue with resume="last"' in message
     run = Path(cfg.output)
     assert _ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 4
     assert torch.isfinite(_ckpt(run / "checkpoints" / "last.ckpt")["state_dict"]["image"]).all()
@@ -213,7 +213,7 @@ def test_a_full_disk_mid_run_is_reported_and_keeps_the_last_checkpoint(tiny_conf
         fit(cfg, progress=False)
     message = str(err.value)
     assert message.startswith(f"cannot write the run's files in {cfg.output} (No space left on device)")
-    assert "no image was saved" in message and "holds step 2: continue with --resume last" in message
+    assert "no image was saved" in message and 'holds step 2: continue with resume="last"' in message
     assert _ckpt(Path(cfg.output) / "checkpoints" / "last.ckpt")["global_step"] == 2
 
 

@@ -144,7 +144,7 @@ def test_unreadable_checkpoints_are_refused(tiny_config, tmp_path):
 def test_a_previous_run_is_not_clobbered(tiny_config):
     out = fit(tiny_config(steps=2), progress=False)
     before = out.final.read_bytes()
-    with pytest.raises(ConfigError, match="holds a previous run; add --resume last"):
+    with pytest.raises(ConfigError, match='holds a previous run; add resume="last"'):
         fit(tiny_config(steps=3), progress=False)
     assert out.final.read_bytes() == before
     fit(tiny_config(steps=3), overwrite=True, progress=False)

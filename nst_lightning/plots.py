@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,12 +33,16 @@ def _figure(width_px: float, height_px: float) -> Figure:
     return Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
 
 
-def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
+def _picture(fig: Figure) -> Image.Image:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     buf.seek(0)
     with Image.open(buf) as img:
-        return save_pil(img.convert("RGB"), path)
+        return img.convert("RGB")
+
+
+def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
+    return save_pil(_picture(fig), path)
 
 
 def _array(image: torch.Tensor) -> np.ndarray:
@@ -62,12 +66,17 @@ def read_losses(path: str | os.PathLike[str]) -> dict[str, list[float]]:
 
 
 def loss_curve(losses: str | os.PathLike[str], path: str | os.PathLike[str], stage_starts: Sequence[int] = ()) -> Path:
-    """Plot content, style, TV and total loss against step on a log scale; dashed lines where stages begin.
+    """Plot a run's ``losses.csv`` to ``path`` (see ``loss_curve_picture``)."""
+    return save_pil(loss_curve_picture(read_losses(losses), stage_starts), path)
+
+
+def loss_curve_picture(data: Mapping[str, Sequence[float]], stage_starts: Sequence[int] = ()) -> Image.Image:
+    """Content, style, TV and total loss (``data``: lists per column, as ``read_losses`` gives) against step on
+    a log scale, 640x400 px; dashed lines where stages begin.
 
     Terms that stay at zero (TV with ``tv_weight=0``) are left out, as a log axis cannot show them; the
     axis spans at most four decades below the largest value.
     """
-    data = read_losses(losses)
     fig = _figure(640, 400)
     ax = fig.add_subplot()
     shown = [v for key in LOSS_SERIES for v in data[key] if v > 0]
@@ -87,10 +96,15 @@ def loss_curve(losses: str | os.PathLike[str], path: str | os.PathLike[str], sta
     if shown:
         ax.legend()
     fig.tight_layout()
-    return _save(fig, path)
+    return _picture(fig)
 
 
 def side_by_side(content: torch.Tensor, styles: Sequence[torch.Tensor], result: torch.Tensor, path: str | os.PathLike[str]) -> Path:
+    """Write content | style(s) | result to ``path`` (see ``side_by_side_picture``)."""
+    return save_pil(side_by_side_picture(content, styles, result), path)
+
+
+def side_by_side_picture(content: torch.Tensor, styles: Sequence[torch.Tensor], result: torch.Tensor) -> Image.Image:
     """Content | style(s) | result in one row, each scaled to the result's height, titled."""
     panels = [("content", content), *[(f"style {i + 1}" if len(styles) > 1 else "style", s) for i, s in enumerate(styles)]]
     panels.append(("result", result))
@@ -101,7 +115,7 @@ def side_by_side(content: torch.Tensor, styles: Sequence[torch.Tensor], result: 
     for ax, (title, image) in zip(axes, panels):
         _show(ax, image, title)
     fig.subplots_adjust(left=0.005, right=0.995, bottom=0.01, top=1 - 24 / (height + 28), wspace=0.03)
-    return _save(fig, path)
+    return _picture(fig)
 
 
 def contact_sheet(

@@ -1,0 +1,33 @@
+"""A library call is quiet: nst_lightning.fit shows none of Lightning's start-up chatter unless asked, and
+leaves Lightning's logger levels and the warning filters as it found them."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+from nst_lightning.api import fit
+from nst_lightning.quiet import LIGHTNING_LOGGERS, lightning_quiet
+
+
+def test_fit_hides_lightnings_start_up_lines_and_restores_the_logger_levels(tiny_config, tmp_path, caplog):
+    lightning_log = logging.getLogger("lightning.pytorch")
+    lightning_log.setLevel(logging.INFO)  # as Lightning's import leaves it
+    filters = list(warnings.filters)
+    fit(tiny_config(steps=1, output=tmp_path / "quiet"), progress=False)
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("lightning")]
+    assert lightning_log.level == logging.INFO and warnings.filters == filters
+
+    fit(tiny_config(steps=1, output=tmp_path / "verbose"), progress=False, verbose=True)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "GPU available" in said and "Tip" in said
+
+
+def test_known_deprecations_are_hidden_inside_the_block_only():
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with lightning_quiet():
+            assert all(logging.getLogger(name).level == logging.WARNING for name in LIGHTNING_LOGGERS)
+            warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", DeprecationWarning)
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", DeprecationWarning)
+    assert len(seen) == 1

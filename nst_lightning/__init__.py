@@ -22,6 +22,8 @@ _LAZY = {
     "fit_batch": ".batch",
     "StylePairsDataModule": ".data",
     "ImageLogger": ".image_logging",
+    "FinalImage": ".callbacks",
+    "ImageSnapshots": ".callbacks",
     "expand_pairs": ".pairs",
     "RunConfig": ".config",
     "load_config": ".config",

@@ -142,8 +142,9 @@ def fit(
 
         outputs = run_fit(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
     except RunInterrupted as err:
-        hint = f"resume with: {_resume_command(config, set_, output)}" if err.resumable else err.hint
-        raise fail(f"{err.summary}; {hint}", EXIT_SIGNAL + err.signum, prefix="") from None
+        hint = f"resume with: {_resume_command(config, set_, output)}" if err.resumable else for_cli(err.hint)
+        echo_error(f"{for_cli(err.summary)}; {hint}", prefix="")  # the command is already in flags: not translated
+        raise typer.Exit(EXIT_SIGNAL + err.signum) from None
     except NSTError as err:
         raise fail(str(err)) from None
     except KeyboardInterrupt:

@@ -18,7 +18,8 @@ CLI_FLAGS: tuple[tuple[str, str], ...] = (
 def for_cli(message: str) -> str:
     """``message`` as the command line says it: Python arguments (``overwrite=True``) become flags (``--overwrite``)."""
     for python, flag in CLI_FLAGS:
-        message = re.sub(rf"(?<![\w.\-]){re.escape(python)}", flag, message)
+        bare = r"(?=\s|$)" if python.endswith("=") else ""  # "output= directory", never a value like 'output=x'
+        message = re.sub(rf"(?<![\w.\-']){re.escape(python)}{bare}", flag, message)
     return message
 
 

@@ -16,7 +16,7 @@ import time
 import warnings
 from pathlib import Path
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
-from typing import Any, Union
+from typing import Any, Literal, Optional, Union
 
 import lightning as L
 import torch
@@ -154,7 +154,7 @@ class StyleTransferModule(L.LightningModule):
     def __init__(
         self,
         content: str | Path | torch.Tensor | None = None,
-        style: ImageInput | Sequence[ImageInput] | Sequence[Sequence[torch.Tensor]] | None = None,
+        style: Sequence[ImageInput] | ImageInput | Sequence[Sequence[torch.Tensor]] | None = None,
         *,
         size: int = 512,
         style_scale: float = 1.0,
@@ -163,8 +163,8 @@ class StyleTransferModule(L.LightningModule):
         features: FeaturesConfig | Mapping[str, Any] | None = None,
         init: str | Path | torch.Tensor = "content",
         style_blend: Sequence[float] | None = None,
-        style_masks: Sequence[ImageInput | None] | None = None,
-        color: str = "none",
+        style_masks: Sequence[Optional[ImageInput]] | None = None,
+        color: Literal["none", "luminance", "histogram"] = "none",
         extractor: VGGFeatures | None = None,
         target_cache: MutableMapping[str, Any] | None = None,
         seed: int = 0,

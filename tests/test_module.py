@@ -170,8 +170,11 @@ def test_module_works_in_a_user_trainer_with_callbacks_and_csv_logger(content_sm
     trainer.fit(module)
     metrics = next(tmp_path.rglob("metrics.csv")).read_text()
     assert "content" in metrics and "style" in metrics
-    images = sorted(tmp_path.rglob("images/*.png"))
+    images = sorted(tmp_path.rglob("images/image_step_*.png"))
     assert [p.name for p in images] == ["image_step_000002.png", "image_step_000003.png"]
+    assert {p.name for p in tmp_path.rglob("images/*.png")} - {p.name for p in images} == {
+        "side_by_side_step_000003.png", "loss_curve_step_000003.png"
+    }
     assert images[0].parent.parent == Path(trainer.logger.log_dir)
     assert (read_image(images[-1]) - module.result()).abs().max() <= 1 / 255
 

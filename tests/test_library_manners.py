@@ -1,5 +1,6 @@
-"""A library call is quiet: nst_lightning.fit shows none of Lightning's start-up chatter unless asked, and
-leaves Lightning's logger levels and the warning filters as it found them."""
+"""Library manners: nst_lightning.fit shows none of Lightning's start-up chatter unless asked and leaves
+Lightning's logger levels and the warning filters as it found them; errors name Python arguments, which the
+command line says as its flags."""
 
 from __future__ import annotations
 
@@ -31,3 +32,18 @@ def test_known_deprecations_are_hidden_inside_the_block_only():
             warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", DeprecationWarning)
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", DeprecationWarning)
     assert len(seen) == 1
+
+
+def test_messages_name_python_arguments_and_the_command_line_says_its_flags():
+    from nst_lightning.errors import for_cli
+
+    message = 'output runs/x holds a previous run; add resume="last" to continue it, overwrite=True to replace it, ' \
+              "or choose another output= directory"
+    assert for_cli(message) == (
+        "output runs/x holds a previous run; add --resume last to continue it, --overwrite to replace it, "
+        "or choose another --output directory"
+    )
+    assert for_cli("no checkpoint at runs/x/last.ckpt; run without resume= to start it") == (
+        "no checkpoint at runs/x/last.ckpt; run without --resume to start it"
+    )
+    assert for_cli("--set 'output=runs/x' is not of the form key.sub=value") == "--set 'output=runs/x' is not of the form key.sub=value"

@@ -7,19 +7,19 @@ turns them into the command line's flags, so each message is written once and re
 import re
 
 CLI_FLAGS: tuple[tuple[str, str], ...] = (
-    ('resume="last"', "--resume last"),
-    ("resume=", "--resume"),
-    ("overwrite=True", "--overwrite"),
-    ("output=", "--output"),
+    (r'resume="([^"]*)"', r"--resume \1"),
+    (r"resume=True", "--resume"),
+    (r"overwrite=True", "--overwrite"),
+    (r"resume=(?=\s|$)", "--resume"),  # "run without resume= to start it"
+    (r"output=(?=\s|$)", "--output"),  # "choose another output= directory", never a value such as output=runs/x
 )
-"""Python argument spellings in messages and the ``nst-lightning`` flags they become, most specific first."""
+"""Python argument spellings in messages (regular expressions) and the ``nst-lightning`` flags they become."""
 
 
 def for_cli(message: str) -> str:
     """``message`` as the command line says it: Python arguments (``overwrite=True``) become flags (``--overwrite``)."""
     for python, flag in CLI_FLAGS:
-        bare = r"(?=\s|$)" if python.endswith("=") else ""  # "output= directory", never a value like 'output=x'
-        message = re.sub(rf"(?<![\w.\-']){re.escape(python)}{bare}", flag, message)
+        message = re.sub(rf"(?<![\w.\-']){python}", flag, message)
     return message
 
 

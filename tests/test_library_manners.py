@@ -46,4 +46,8 @@ def test_messages_name_python_arguments_and_the_command_line_says_its_flags():
     assert for_cli("no checkpoint at runs/x/last.ckpt; run without resume= to start it") == (
         "no checkpoint at runs/x/last.ckpt; run without --resume to start it"
     )
+    assert for_cli('no checkpoint at a.ckpt; resume from another of the run\'s: resume="runs/x/step-3.ckpt"') == (
+        "no checkpoint at a.ckpt; resume from another of the run's: --resume runs/x/step-3.ckpt"
+    )
+    assert for_cli("add resume=True to finish its unfinished cells") == "add --resume to finish its unfinished cells"
     assert for_cli("--set 'output=runs/x' is not of the form key.sub=value") == "--set 'output=runs/x' is not of the form key.sub=value"

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import errno
 import logging
-import shutil
 import signal
 from collections.abc import MutableMapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,95 +16,30 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from .atomic import remove_stale_temps, write_text_atomic
+from .atomic import write_text_atomic
 from .callbacks import FinalImage, ImageSnapshots, LossHistory, RunPlots, StepCheckpoint, StepProgressBar
 from .config import INIT_KEYWORDS, FeaturesConfig, RunConfig, all_layers, dump_config
-from .errors import CheckpointError, ConfigError, NSTError, NumericalError, OnnxError, ResourceError, RunInterrupted
+from .errors import ConfigError, NSTError, NumericalError, OnnxError, ResourceError, RunInterrupted
 from .export import DEFAULT_RTOL, ExportInfo, ExtractorSpec, OnnxFeatures, ValidationReport, export_onnx, validate_onnx
 from .faults import AtomicCheckpointIO, GracefulStop
 from .features import VGGFeatures, min_side
 from .hardware import resolve_precision
-from .images import load_image, read_image, read_size, style_side, target_shape
-from .module import FINGERPRINT_KEY, StyleTransferModule, config_extractor
+from .images import load_image, read_image, read_size, style_side
+from .module import StyleTransferModule, config_extractor
 from .pairs import is_batch
 from .resources import Shape, check_fits, is_out_of_memory, out_of_memory_message
+from .rundir import (
+    RunOutputs,
+    Stage,
+    check_output,
+    checkpoint_step,
+    plan_stages,
+    prepare_output,
+    read_checkpoint,
+    resume_point,
+)
 
 log = logging.getLogger(__name__)
-
-RUN_FILES = ("config.yaml", "final.png", "interrupted.png", "losses.csv", "loss_curve.png", "side_by_side.png")
-RUN_DIRS = ("checkpoints", "snapshots")
-
-
-@dataclass(frozen=True)
-class RunOutputs:
-    """Where a run's files are."""
-
-    root: Path
-
-    @property
-    def final(self) -> Path:
-        return self.root / "final.png"
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def interrupted(self) -> Path:
-        """The image saved when a run stops early (signal or failure); final.png only ever holds a finished run."""
-        return self.root / "interrupted.png"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def last_checkpoint(self) -> Path:
-        return self.checkpoints / "last.ckpt"
-
-    @property
-    def snapshots(self) -> Path:
-        return self.root / "snapshots"
-
-    @property
-    def losses(self) -> Path:
-        return self.root / "losses.csv"
-
-    @property
-    def loss_curve(self) -> Path:
-        return self.root / "loss_curve.png"
-
-    @property
-    def side_by_side(self) -> Path:
-        return self.root / "side_by_side.png"
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One coarse-to-fine stage: its output size, steps, the steps before it, where it checkpoints."""
-
-    index: int
-    count: int
-    size: int
-    steps: int
-    offset: int
-    checkpoints: Path
-
-    @property
-    def last_checkpoint(self) -> Path:
-        return self.checkpoints / "last.ckpt"
-
-
-def plan_stages(config: RunConfig, outputs: RunOutputs) -> list[Stage]:
-    """The stages of ``config``; a single-scale run is one stage checkpointing into ``checkpoints/``."""
-    sizes = config.stages()
-    out, offset = [], 0
-    for k, (size, steps) in enumerate(sizes):
-        where = outputs.checkpoints if len(sizes) == 1 else outputs.checkpoints / f"stage{k + 1}"
-        out.append(Stage(k, len(sizes), size, steps, offset, where))
-        offset += steps
-    return out
-
 
 def load_images(config: RunConfig, size: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The content image at ``size`` (default ``image.size``) and each style image scaled by its ``style_scale``."""
@@ -236,120 +169,6 @@ def _device_count(devices: int | str | list[int]) -> int:
         n = int(text)
         return 2 if n < 0 else n
     return 1
-
-
-def resolve_resume(resume: str | None, outputs: RunOutputs) -> Path | None:
-    """``last`` means this run's ``checkpoints/last.ckpt``; anything else is a checkpoint path."""
-    if resume is None:
-        return None
-    path = outputs.last_checkpoint if resume == "last" else Path(resume)
-    if not path.is_file():
-        hint = "run without --resume to start it" if resume == "last" else "give an existing .ckpt file or --resume last"
-        raise CheckpointError(f"no checkpoint at {path}; {hint}")
-    return path
-
-
-def resume_point(config: RunConfig, resume: str | None, stages: list[Stage]) -> tuple[int, Path | None]:
-    """The stage to start in and the checkpoint to resume it from.
-
-    ``last`` in a multi-scale run is the ``last.ckpt`` of the latest stage that has one; a checkpoint
-    path belongs to the stage whose image size it holds.
-    """
-    if resume is None:
-        return 0, None
-    if len(stages) == 1:
-        return 0, resolve_resume(resume, RunOutputs(Path(config.output)))
-    if resume == "last":
-        for stage in reversed(stages):
-            if stage.last_checkpoint.is_file():
-                return stage.index, stage.last_checkpoint
-        raise CheckpointError(f"no checkpoint in {stages[0].checkpoints.parent}/stage*/; run without --resume to start it")
-    path = resolve_resume(resume, RunOutputs(Path(config.output)))
-    shape = read_checkpoint(path).get(FINGERPRINT_KEY, {}).get("image_shape")
-    if not shape:
-        raise CheckpointError(f"checkpoint {path} was not written by nst-lightning; resume from a checkpoint of this run")
-    full = read_size(config.content)
-    for stage in stages:
-        if list(shape[-2:]) == list(target_shape(full[0], full[1], stage.size, config.image.fit)):
-            return stage.index, path
-    raise CheckpointError(
-        f"checkpoint {path} holds a {shape[-1]}x{shape[-2]} image, which is none of this run's scales "
-        f"{config.scales}; resume with the scales it was written with"
-    )
-
-
-def read_checkpoint(path: Path) -> dict:
-    """Load a checkpoint file for inspection, with a one-line error when it is not one."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(
-            f"cannot read checkpoint {path} ({type(err).__name__}); it is corrupt or not a Lightning checkpoint, "
-            "resume from another one in the run's checkpoints/ folder"
-        ) from None
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path} is not a Lightning checkpoint; resume from a .ckpt written by nst-lightning")
-    return checkpoint
-
-
-def input_paths(config: RunConfig) -> list[Path]:
-    """Every file the run reads: content, styles, style masks, an init image and a weights file."""
-    paths = [config.content, *config.styles, *(p for p in config.style_masks or [] if p)]
-    if config.init not in INIT_KEYWORDS:
-        paths.append(config.init)
-    if config.features.weights not in ("caffe", "torchvision"):
-        paths.append(config.features.weights)
-    return [Path(p).expanduser().resolve() for p in paths]
-
-
-def check_output(config: RunConfig, outputs: RunOutputs, resuming: bool, overwrite: bool) -> None:
-    """Refuse an output directory that would overwrite or delete an input, or clobber a previous run."""
-    root = outputs.root.expanduser().resolve()
-    if outputs.root.is_file():
-        raise ConfigError(f"output {outputs.root} is a file (an input image?); give a directory for the run's outputs")
-    written = {root / name for name in RUN_FILES}
-    for path in input_paths(config):
-        if path == root or path in written or any(path.is_relative_to(root / d) for d in RUN_DIRS):
-            raise ConfigError(
-                f"input {path} is where the run writes its outputs (final.png, snapshots/, ...) and would be "
-                "overwritten; choose another --output or move the input"
-            )
-    previous = any((root / name).exists() for name in (*RUN_FILES, *RUN_DIRS))
-    if previous and not resuming and not overwrite:
-        raise ConfigError(
-            f"output {outputs.root} holds a previous run; add --resume last to continue it, "
-            "--overwrite to replace it, or choose another --output"
-        )
-
-
-def prepare_output(outputs: RunOutputs, resuming: bool, overwrite: bool) -> None:
-    """Create the run directory; with ``overwrite`` (and not resuming) remove a previous run's files first.
-
-    Temporary files that a killed run left half-written are removed; finished files are never touched.
-    """
-    root = outputs.root
-    if overwrite and not resuming:
-        for name in RUN_FILES:
-            (root / name).unlink(missing_ok=True)
-        for name in RUN_DIRS:
-            shutil.rmtree(root / name, ignore_errors=True)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"cannot create output directory {root} ({err.strerror}); choose another --output") from None
-    remove_stale_temps(root, RUN_FILES)
-    for name in RUN_DIRS:
-        remove_stale_temps(root / name)
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """The step a checkpoint holds (read memory-mapped, so a large file costs nothing); None if it is unreadable."""
-    if not path.is_file():
-        return None
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
-    except Exception:  # unreadable for any reason: report it as no checkpoint, never fail the report itself
-        return None
 
 
 def _kept(stop: GracefulStop, outputs: RunOutputs) -> str:

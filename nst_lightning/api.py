@@ -5,7 +5,6 @@ The one place where config, images, features, module and Trainer are assembled; 
 
 from __future__ import annotations
 
-import errno
 import logging
 import signal
 from collections.abc import MutableMapping, Sequence
@@ -16,7 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from .atomic import write_text_atomic
+from .atomic import is_write_failure, reporting_write_failures, write_failure, write_text_atomic
 from .callbacks import FinalImage, ImageSnapshots, LossHistory, RunPlots, StepCheckpoint, StepProgressBar
 from .config import INIT_KEYWORDS, FeaturesConfig, RunConfig, all_layers, dump_config
 from .errors import ConfigError, NSTError, NumericalError, OnnxError, ResourceError, RunInterrupted
@@ -24,7 +23,8 @@ from .export import DEFAULT_RTOL, ExportInfo, ExtractorSpec, OnnxFeatures, Valid
 from .faults import AtomicCheckpointIO, GracefulStop
 from .features import VGGFeatures, min_side
 from .hardware import resolve_precision
-from .images import load_image, read_image, read_size, style_side
+from .images import frame_count, load_image, read_image, read_size, style_side, target_shape
+from .lock import FolderLock
 from .module import StyleTransferModule, config_extractor
 from .pairs import is_batch
 from .resources import Shape, check_fits, is_out_of_memory, out_of_memory_message
@@ -58,7 +58,51 @@ def load_masks(config: RunConfig) -> list[torch.Tensor | None] | None:
 
 def init_input(config: RunConfig) -> str | torch.Tensor:
     """``config.init`` as the module takes it: a keyword (content, noise, style) or the loaded image."""
-    return config.init if config.init in INIT_KEYWORDS else load_image(config.init)
+    if config.init in INIT_KEYWORDS:
+        return config.init
+    if not Path(config.init).exists():
+        raise ConfigError(
+            f"init {config.init!r} is none of {', '.join(INIT_KEYWORDS)} and no image exists at that path; "
+            "set init to content, noise, style or an image file"
+        )
+    return load_image(config.init)
+
+
+UPSCALE_WARNING = 2.0
+"""An input enlarged more than this many times is reported: the run sees a blurred, blocky image."""
+
+
+def input_warnings(config: RunConfig) -> list[str]:
+    """One line per input the run will use in a way the user may not expect: animated (first frame used),
+    enlarged many times over, or a style mask stretched to other proportions than the output's."""
+    out = []
+    for role, path in [("content", config.content), *(("style", p) for p in config.styles)]:
+        frames = frame_count(path)
+        if frames > 1:
+            out.append(f"{role} image {path} has {frames} frames (animated or multi-page); only the first is used")
+    height, width = read_size(config.content)
+    side = {"long": max(height, width), "height": height, "width": width}[config.image.fit]
+    if config.image.size > UPSCALE_WARNING * side:
+        out.append(
+            f"content image {config.content} is {width}x{height} px and is enlarged {config.image.size / side:.0f}x to "
+            f"image.size={config.image.size}; the result will look blurred, so give a larger image or a smaller image.size"
+        )
+    shape = target_shape(height, width, config.image.size, config.image.fit)
+    for path, scale in zip(config.styles, config.style_scales()):
+        long_side, wanted = max(read_size(path)), style_side(shape, scale)
+        if wanted > UPSCALE_WARNING * long_side:
+            out.append(
+                f"style image {path} is {long_side} px on its long side and is enlarged {wanted / long_side:.0f}x; "
+                "its texture will look blurred, so give a larger style image or a smaller image.style_scale"
+            )
+    for path in [p for p in config.style_masks or [] if p]:
+        mh, mw = read_size(path)
+        if abs(mw / mh - width / height) > 0.01 * (width / height):
+            out.append(
+                f"style mask {path} is {mw}x{mh} but the content is {width}x{height}; the mask is stretched to the "
+                "output's proportions, so crop it to the content's to place the style exactly"
+            )
+    return out
 
 
 def build_module(
@@ -206,11 +250,8 @@ def _as_nst_error(
         return NumericalError(f"{err}; {_kept(stop, outputs)}")
     if is_out_of_memory(err):
         return ResourceError(f"{out_of_memory_message(config, *shapes)}; {_kept(stop, outputs)}")
-    if isinstance(err, OSError) and (err.errno in (errno.ENOSPC, errno.EDQUOT) or err.filename is not None):
-        where = err.filename or f"the run's files in {outputs.root}"  # a failed write() names no file
-        return ResourceError(
-            f"cannot write {where} ({err.strerror}); free disk space or fix permissions; {_kept(stop, outputs)}"
-        )
+    if is_write_failure(err):
+        return write_failure(err, _kept(stop, outputs))
     return None
 
 
@@ -238,7 +279,27 @@ def fit(
             "the config names a folder, glob or list of images; run it with nst_lightning.fit_batch(config)"
         )
     outputs = RunOutputs(Path(config.output))
+    if outputs.root.is_file():
+        raise ConfigError(f"output {outputs.root} is a file (an input image?); give a directory for the run's outputs")
+    with FolderLock(outputs.root):
+        _fit_locked(config, outputs, resume, overwrite, progress, callbacks, extractor, target_cache)
+    return outputs
+
+
+def _fit_locked(
+    config: RunConfig,
+    outputs: RunOutputs,
+    resume: str | None,
+    overwrite: bool,
+    progress: bool,
+    callbacks: list[Callback] | None,
+    extractor: VGGFeatures | None,
+    target_cache: MutableMapping[str, Any] | None,
+) -> None:
+    """``fit`` while holding the output folder's lock, so the checks below still hold when files are written."""
     check_output(config, outputs, resuming=resume is not None, overwrite=overwrite)
+    for line in input_warnings(config):
+        log.warning("%s", line)
     stages = plan_stages(config, outputs)
     start, ckpt_path = resume_point(config, resume, stages)
     shapes = (read_size(config.content), [read_size(p) for p in config.styles])
@@ -265,7 +326,8 @@ def fit(
             onnx_targets(config, module)
         if first:
             prepare_output(outputs, resuming=ckpt_path is not None, overwrite=overwrite)
-            write_text_atomic(outputs.config, dump_config(config))
+            with reporting_write_failures():
+                write_text_atomic(outputs.config, dump_config(config))
         with stop.handling_signals():
             try:
                 trainer.fit(module, ckpt_path=ckpt_path if first else None)
@@ -275,9 +337,9 @@ def fit(
                     raise
                 raise known from None
         if trainer.should_stop or trainer.global_step < stage.steps:
-            break  # asked to stop: later stages wait for a resume
+            return  # asked to stop: later stages wait for a resume
         init = module.optimised_image()
-    return outputs
+    outputs.interrupted.unlink(missing_ok=True)  # finished: an image of an earlier stop would only mislead
 
 
 def build_config_extractor(config: RunConfig) -> VGGFeatures:
@@ -305,7 +367,9 @@ def export_features(
         raise ConfigError(f"export output {target} is not a .onnx file path; give e.g. --output export/vgg19.onnx")
     if target.exists() and not overwrite:
         raise ConfigError(f"{target} already exists; add --overwrite to replace it or choose another --output")
-    return target, export_onnx(build_config_extractor(config), target, config.features.weights)
+    extractor = build_config_extractor(config)
+    with reporting_write_failures():
+        return target, export_onnx(extractor, target, config.features.weights)
 
 
 def _label(name: str, image: torch.Tensor) -> str:

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
 from .api import init_input
-from .atomic import write_text_atomic
+from .atomic import check_writable, write_text_atomic
 from .config import FeaturesConfig, LossConfig, OptimConfig, RunConfig, dump_config
 from .data import PairItem, StylePairsDataModule
 from .errors import ConfigError, NSTError
@@ -334,7 +334,7 @@ def fit_batch(
     output = Path(config.output)
     if output.is_file():
         raise ConfigError(f"output {output} is a file; give a directory for the batch's images")
-    output.mkdir(parents=True, exist_ok=True)
+    check_writable(output)
     skipped = [p.name for p in complete]
     if not todo:
         report = BatchReport(output, len(pairs), skipped, [], is_global_zero=rank_zero_only.rank == 0)

@@ -140,7 +140,9 @@ class OptimConfig(_Section):
     """The optimiser of the image: L-BFGS (the paper's choice) or Adam."""
 
     name: Literal["lbfgs", "adam"] = "lbfgs"
-    lr: float | None = Field(None, gt=0, description="default 1.0 for lbfgs, 4.0 for adam (pixel units, 0..255)")
+    lr: float | None = Field(
+        None, gt=0, le=1e6, description="default 1.0 for lbfgs, 4.0 for adam (pixel units, 0..255); at most 1e6"
+    )
     max_iter: int = Field(1, ge=1, le=1000, description="L-BFGS loss evaluations per Trainer step")
     history_size: int = Field(20, ge=1, le=1000, description="L-BFGS history (memory and checkpoint size)")
     line_search: Literal["none", "strong_wolfe"] = "none"

@@ -29,6 +29,8 @@ def _open(path: Path, decode: bool = True) -> Image.Image:
         raise ImageError(f"image {path} does not exist; check the path")
     if path.is_dir():
         raise ImageError(f"image path {path} is a directory; give an image file")
+    if not path.is_file():
+        raise ImageError(f"image path {path} is not a regular file (a FIFO, socket or device?); give an image file")
     if path.stat().st_size == 0:
         raise ImageError(f"image {path} is an empty file; give a real image")
     old_limit = Image.MAX_IMAGE_PIXELS
@@ -72,6 +74,12 @@ def read_size(path: str | os.PathLike[str]) -> tuple[int, int]:
         except Exception:  # as in read_image: a malformed EXIF block is ignored
             orientation = 1
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
+def frame_count(path: str | os.PathLike[str]) -> int:
+    """How many frames (pages) an image file holds: more than one for an animated GIF, WebP or APNG or a TIFF stack."""
+    with _open(Path(path), decode=False) as img:
+        return getattr(img, "n_frames", 1)
 
 
 def _to_float_rgb(img: Image.Image, path: Path) -> np.ndarray:

@@ -94,6 +94,8 @@ def _expand(entry: str, role: str) -> list[Path]:
     elif path.is_dir():
         found = [p for p in path.iterdir() if not p.name.startswith(".")]
         what = f"{role} folder {path} holds"
+    elif not path.exists():
+        raise ConfigError(f"{role} image {path} does not exist; check the path")
     else:
         return [path]
     images = sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -106,6 +108,8 @@ def _style_sets(entries: list[str]) -> list[tuple[str, ...]]:
     """One style per image of a folder or glob; a list of files stays one blended style (as in single runs)."""
     if len(entries) == 1 and names_many(entries[0]):
         return [(str(p),) for p in _expand(entries[0], "style")]
+    for entry in entries:
+        _expand(entry, "style")  # a missing style file fails every pair: say so once, before any work
     many = [e for e in entries if names_many(e)]
     if many:
         raise ConfigError(

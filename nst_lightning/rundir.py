@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import remove_stale_temps
+from .atomic import remove_stale_temps, reporting_write_failures
 from .config import INIT_KEYWORDS, RunConfig
 from .errors import CheckpointError, ConfigError
 from .images import read_size, target_shape
@@ -98,9 +98,39 @@ def resolve_resume(resume: str | None, outputs: RunOutputs) -> Path | None:
         return None
     path = outputs.last_checkpoint if resume == "last" else Path(resume)
     if not path.is_file():
+        if resume == "last" and holds_run(outputs):
+            raise CheckpointError(f"no checkpoint at {path}: {_NO_CHECKPOINT.format(root=outputs.root)}")
         hint = "run without --resume to start it" if resume == "last" else "give an existing .ckpt file or --resume last"
         raise CheckpointError(f"no checkpoint at {path}; {hint}")
     return path
+
+
+_NO_CHECKPOINT = (
+    "the run in {root} stopped before its first checkpoint, so there is nothing to resume; "
+    "start it again with --overwrite"
+)
+
+
+def holds_run(outputs: RunOutputs) -> bool:
+    """Whether the folder holds any file or folder a run writes."""
+    return any((outputs.root / name).exists() for name in (*RUN_FILES, *RUN_DIRS))
+
+
+def has_checkpoint(outputs: RunOutputs) -> bool:
+    """Whether the run has written any checkpoint (in any stage)."""
+    return outputs.checkpoints.is_dir() and any(outputs.checkpoints.rglob("*.ckpt"))
+
+
+def check_resume_step(path: Path, stage: Stage) -> None:
+    """Refuse a checkpoint past the stage's configured steps: resuming it would run nothing yet rewrite the run."""
+    step = checkpoint_step(path)
+    if step is None or step <= stage.steps:
+        return
+    what = "trainer.max_steps" if stage.count == 1 else f"stage {stage.index + 1}'s steps (scale_steps)"
+    raise CheckpointError(
+        f"checkpoint {path} is at step {step}, past {what}={stage.steps}; set it to {step} or more to continue "
+        "the run, or use --overwrite to start again with fewer steps"
+    )
 
 
 def resume_point(config: RunConfig, resume: str | None, stages: list[Stage]) -> tuple[int, Path | None]:
@@ -111,14 +141,23 @@ def resume_point(config: RunConfig, resume: str | None, stages: list[Stage]) -> 
     """
     if resume is None:
         return 0, None
+    start, path = _find_resume(config, resume, stages)
+    check_resume_step(path, stages[start])
+    return start, path
+
+
+def _find_resume(config: RunConfig, resume: str, stages: list[Stage]) -> tuple[int, Path]:
+    outputs = RunOutputs(Path(config.output))
     if len(stages) == 1:
-        return 0, resolve_resume(resume, RunOutputs(Path(config.output)))
+        return 0, resolve_resume(resume, outputs)
     if resume == "last":
         for stage in reversed(stages):
             if stage.last_checkpoint.is_file():
                 return stage.index, stage.last_checkpoint
-        raise CheckpointError(f"no checkpoint in {stages[0].checkpoints.parent}/stage*/; run without --resume to start it")
-    path = resolve_resume(resume, RunOutputs(Path(config.output)))
+        if holds_run(outputs):
+            raise CheckpointError(f"no checkpoint in {outputs.checkpoints}/stage*/: {_NO_CHECKPOINT.format(root=outputs.root)}")
+        raise CheckpointError(f"no checkpoint in {outputs.checkpoints}/stage*/; run without --resume to start it")
+    path = resolve_resume(resume, outputs)
     shape = read_checkpoint(path).get(FINGERPRINT_KEY, {}).get("image_shape")
     if not shape:
         raise CheckpointError(f"checkpoint {path} was not written by nst-lightning; resume from a checkpoint of this run")
@@ -168,8 +207,17 @@ def check_output(config: RunConfig, outputs: RunOutputs, resuming: bool, overwri
                 f"input {path} is where the run writes its outputs (final.png, snapshots/, ...) and would be "
                 "overwritten; choose another --output or move the input"
             )
-    previous = any((root / name).exists() for name in (*RUN_FILES, *RUN_DIRS))
-    if previous and not resuming and not overwrite:
+    if resuming and overwrite:
+        raise ConfigError(
+            "--resume continues the run and --overwrite replaces it; give --resume to continue it or --overwrite to "
+            "start again, not both"
+        )
+    if holds_run(outputs) and not resuming and not overwrite:
+        if not has_checkpoint(outputs):
+            raise ConfigError(
+                f"output {outputs.root} holds a run that stopped before its first checkpoint (nothing to resume); "
+                "add --overwrite to start it again, or choose another --output"
+            )
         raise ConfigError(
             f"output {outputs.root} holds a previous run; add --resume last to continue it, "
             "--overwrite to replace it, or choose another --output"
@@ -182,18 +230,17 @@ def prepare_output(outputs: RunOutputs, resuming: bool, overwrite: bool) -> None
     Temporary files that a killed run left half-written are removed; finished files are never touched.
     """
     root = outputs.root
-    if overwrite and not resuming:
-        for name in RUN_FILES:
-            (root / name).unlink(missing_ok=True)
-        for name in RUN_DIRS:
-            shutil.rmtree(root / name, ignore_errors=True)
-    try:
+    with reporting_write_failures("the run's output folder must be writable"):
         root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"cannot create output directory {root} ({err.strerror}); choose another --output") from None
-    remove_stale_temps(root, RUN_FILES)
-    for name in RUN_DIRS:
-        remove_stale_temps(root / name)
+        if overwrite and not resuming:
+            for name in RUN_FILES:
+                (root / name).unlink(missing_ok=True)
+            for name in RUN_DIRS:
+                if (root / name).exists():
+                    shutil.rmtree(root / name)
+        remove_stale_temps(root, RUN_FILES)
+        for name in RUN_DIRS:
+            remove_stale_temps(root / name)
 
 
 def checkpoint_step(path: Path) -> int | None:

@@ -251,7 +251,7 @@ def _as_nst_error(
     if is_out_of_memory(err):
         return ResourceError(f"{out_of_memory_message(config, *shapes)}; {_kept(stop, outputs)}")
     if is_write_failure(err):
-        return write_failure(err, _kept(stop, outputs))
+        return write_failure(err, _kept(stop, outputs), where=f"the run's files in {outputs.root}")
     return None
 
 
@@ -298,13 +298,13 @@ def _fit_locked(
 ) -> None:
     """``fit`` while holding the output folder's lock, so the checks below still hold when files are written."""
     check_output(config, outputs, resuming=resume is not None, overwrite=overwrite)
-    for line in input_warnings(config):
-        log.warning("%s", line)
     stages = plan_stages(config, outputs)
     start, ckpt_path = resume_point(config, resume, stages)
     shapes = (read_size(config.content), [read_size(p) for p in config.styles])
     blocks, _ = check_fits(config, *shapes)
     features = config.features.model_copy(update={"checkpoint_blocks": blocks})
+    for line in input_warnings(config):  # once the run is known to go ahead
+        log.warning("%s", line)
     masks = load_masks(config)
     L.seed_everything(config.seed, workers=False, verbose=False)
     init: str | torch.Tensor | None = None

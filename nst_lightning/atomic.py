@@ -70,9 +70,10 @@ def is_write_failure(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in WRITE_FIXES
 
 
-def write_failure(err: OSError, what: str = "") -> ResourceError:
-    """The one-line error for a failed write: the file, the system's reason and the fix (``what`` adds context)."""
-    where = err.filename if err.filename is not None else "a file"
+def write_failure(err: OSError, what: str = "", where: str = "a file") -> ResourceError:
+    """The one-line error for a failed write: the file (``where`` if the error names none), the system's reason
+    and the fix (``what`` adds context)."""
+    where = err.filename if err.filename is not None else where
     fix = WRITE_FIXES.get(err.errno or 0, "check the disk and the folder's permissions")
     return ResourceError(f"cannot write {where} ({err.strerror or err}); {fix}{'; ' + what if what else ''}")
 

@@ -114,16 +114,14 @@ def _show_api_messages() -> None:
     or a damaged history) to stderr, one line each; warnings start with ``warning:``."""
     import logging
 
-    class OneLine(logging.Formatter):
-        def format(self, record: logging.LogRecord) -> str:
+    class OneLine(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:  # sys.stderr as it is now, not as it was when added
             text = record.getMessage().replace("\r", "\\r").replace("\n", "\\n")
-            return f"warning: {text}" if record.levelno >= logging.WARNING else text
+            typer.echo(f"warning: {text}" if record.levelno >= logging.WARNING else text, err=True)
 
     logger = logging.getLogger("nst_lightning")
     if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(OneLine())
-        logger.addHandler(handler)
+        logger.addHandler(OneLine())
     logger.setLevel(logging.INFO)
 
 

@@ -108,14 +108,14 @@ def _style_sets(entries: list[str]) -> list[tuple[str, ...]]:
     """One style per image of a folder or glob; a list of files stays one blended style (as in single runs)."""
     if len(entries) == 1 and names_many(entries[0]):
         return [(str(p),) for p in _expand(entries[0], "style")]
-    for entry in entries:
-        _expand(entry, "style")  # a missing style file fails every pair: say so once, before any work
     many = [e for e in entries if names_many(e)]
     if many:
         raise ConfigError(
             f"style list entry {many[0]!r} is a folder or glob, but a style list is blended into one style; "
             "give the folder or glob alone for one output per style, or list image files to blend"
         )
+    for entry in entries:
+        _expand(entry, "style")  # a missing style file fails every pair: say so once, before any work
     return [tuple(entries)]
 
 

@@ -98,6 +98,9 @@ def resolve_resume(resume: str | None, outputs: RunOutputs) -> Path | None:
         return None
     path = outputs.last_checkpoint if resume == "last" else Path(resume)
     if not path.is_file():
+        others = sorted(outputs.checkpoints.glob("*.ckpt")) if resume == "last" and outputs.checkpoints.is_dir() else []
+        if others:
+            raise CheckpointError(f"no checkpoint at {path}; resume from another of the run's: --resume {others[-1]}")
         if resume == "last" and holds_run(outputs):
             raise CheckpointError(f"no checkpoint at {path}: {_NO_CHECKPOINT.format(root=outputs.root)}")
         hint = "run without --resume to start it" if resume == "last" else "give an existing .ckpt file or --resume last"

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from .atomic import is_write_failure, reporting_write_failures, write_failure, write_text_atomic
+from .atomic import check_writable, is_write_failure, reporting_write_failures, write_failure, write_text_atomic
 from .callbacks import FinalImage, ImageSnapshots, LossHistory, RunPlots, StepCheckpoint, StepProgressBar
 from .config import INIT_KEYWORDS, FeaturesConfig, RunConfig, all_layers, dump_config
 from .errors import ConfigError, NSTError, NumericalError, OnnxError, ResourceError, RunInterrupted
@@ -367,6 +367,7 @@ def export_features(
         raise ConfigError(f"export output {target} is not a .onnx file path; give e.g. --output export/vgg19.onnx")
     if target.exists() and not overwrite:
         raise ConfigError(f"{target} already exists; add --overwrite to replace it or choose another --output")
+    check_writable(target.parent)  # before the costly export
     extractor = build_config_extractor(config)
     with reporting_write_failures():
         return target, export_onnx(extractor, target, config.features.weights)

@@ -154,5 +154,7 @@ def check_writable(folder: str | os.PathLike[str]) -> None:
         probe = target / f".write-check.{os.getpid()}-{threading.get_ident()}{TEMP_SUFFIX}"
         try:
             probe.write_bytes(b"\0")
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, str(target)) from None
         finally:
             _discard(probe)

@@ -292,7 +292,7 @@ def test_export_under_a_file_or_onto_a_read_only_disk_is_one_line(tmp_path, monk
     ro.mkdir()
     FailingDisk(monkeypatch, ro, errno.EROFS)
     result = invoke("export", "--output", str(ro / "x.onnx"))
-    assert_one_line_error(result, f"cannot write {ro / 'x.onnx'} (Read-only file system)")
+    assert_one_line_error(result, f"cannot write {ro} (Read-only file system)")
 
 
 def test_a_failed_cleanup_never_hides_the_write_error(tmp_path, monkeypatch):
@@ -426,7 +426,7 @@ def test_ctrl_c_in_a_sweep_exits_130_and_resume_finishes_only_the_unfinished_cel
     out = tmp_path / "sweep"
     args = [
         "sweep", "-q", *_sets(tiny_overrides(out, 4, **{"image.size": 32})),
-        "--grid", "trainer.max_steps=4,200", "--cell-px", "32",
+        "--grid", "trainer.max_steps=4,40", "--cell-px", "32",
     ]
     proc = subprocess.Popen(
         [sys.executable, "-m", "nst_lightning", *args],
@@ -446,12 +446,12 @@ def test_ctrl_c_in_a_sweep_exits_130_and_resume_finishes_only_the_unfinished_cel
     assert command[-1] == "--resume" and command[1] == "sweep"
     first = (out / "cells" / "00" / "final.png").read_bytes()
     stopped_at = _step(second)
-    assert stopped_at < 200
+    assert stopped_at < 40
 
     again = invoke(*command[1:])
     assert again.exit_code == 0, again.output
     assert (out / "cells" / "00" / "final.png").read_bytes() == first, "a finished cell is kept, not rerun"
-    assert _step(second) == 200 and _steps(out / "cells" / "01" / "losses.csv") == list(range(1, 201))
+    assert _step(second) == 40 and _steps(out / "cells" / "01" / "losses.csv") == list(range(1, 41))
     assert (out / "sweep.csv").is_file() and (out / "contact_sheet.png").is_file()
 
 

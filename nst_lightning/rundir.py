@@ -92,6 +92,12 @@ def plan_stages(config: RunConfig, outputs: RunOutputs) -> list[Stage]:
     return out
 
 
+_NO_CHECKPOINT = (
+    "the run in {root} stopped before its first checkpoint, so there is nothing to resume; "
+    "start it again with --overwrite"
+)
+
+
 def resolve_resume(resume: str | None, outputs: RunOutputs) -> Path | None:
     """``last`` means this run's ``checkpoints/last.ckpt``; anything else is a checkpoint path."""
     if resume is None:
@@ -106,12 +112,6 @@ def resolve_resume(resume: str | None, outputs: RunOutputs) -> Path | None:
         hint = "run without --resume to start it" if resume == "last" else "give an existing .ckpt file or --resume last"
         raise CheckpointError(f"no checkpoint at {path}; {hint}")
     return path
-
-
-_NO_CHECKPOINT = (
-    "the run in {root} stopped before its first checkpoint, so there is nothing to resume; "
-    "start it again with --overwrite"
-)
 
 
 def holds_run(outputs: RunOutputs) -> bool:

@@ -26,7 +26,7 @@ from .export import DEFAULT_RTOL, ExportInfo, ExtractorSpec, OnnxFeatures, Valid
 from .faults import AtomicCheckpointIO, GracefulStop
 from .features import VGGFeatures, min_side
 from .hardware import resolve_precision
-from .images import load_image, read_image, read_size, style_side, target_shape
+from .images import Loading, load_image, load_style, read_image, read_size, target_shape
 from .module import FINGERPRINT_KEY, StyleTransferModule, config_extractor
 from .pairs import is_batch
 from .resources import Shape, check_fits, is_out_of_memory, out_of_memory_message
@@ -110,9 +110,10 @@ def plan_stages(config: RunConfig, outputs: RunOutputs) -> list[Stage]:
 
 def load_images(config: RunConfig, size: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The content image at ``size`` (default ``image.size``) and each style image scaled by its ``style_scale``."""
-    content = load_image(config.content, size or config.image.size, config.image.fit)
+    loading = Loading(**config.image.loading())
+    content = load_image(config.content, size or config.image.size, config.image.fit, loading)
     shape = tuple(content.shape[-2:])
-    styles = [load_image(path, style_side(shape, scale), "long") for path, scale in zip(config.styles, config.style_scales())]
+    styles = [load_style(path, shape, scale, loading) for path, scale in zip(config.styles, config.style_scales())]
     return content, styles
 
 
@@ -270,7 +271,7 @@ def resume_point(config: RunConfig, resume: str | None, stages: list[Stage]) -> 
         raise CheckpointError(f"checkpoint {path} was not written by nst-lightning; resume from a checkpoint of this run")
     full = read_size(config.content)
     for stage in stages:
-        if list(shape[-2:]) == list(target_shape(full[0], full[1], stage.size, config.image.fit)):
+        if list(shape[-2:]) == list(target_shape(full[0], full[1], stage.size, config.image.fit, config.image.rounding)):
             return stage.index, path
     raise CheckpointError(
         f"checkpoint {path} holds a {shape[-1]}x{shape[-2]} image, which is none of this run's scales "

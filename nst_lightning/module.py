@@ -60,6 +60,7 @@ def config_extractor(features: FeaturesConfig, layers: Sequence[str]) -> VGGFeat
         layers,
         weights=features.weights,
         pooling=features.pooling,
+        padding=features.padding,
         preprocessing=features.preprocessing,
         allow_download=features.allow_download,
     )
@@ -197,6 +198,7 @@ class StyleTransferModule(L.LightningModule):
             "weights": self.features_config.weights,
             "preprocessing": self.extractor.preprocessing.name,
             "pooling": self.extractor.pooling,
+            "padding": self.extractor.padding,
             "optimizer": self.optim_config.name,
             "average": self.average_decay,
         }

@@ -52,3 +52,15 @@ def test_paper_loss_under_bf16_keeps_descending_from_noise(tmp_path):
     rows = _run(CONFIGS[0].with_name("gatys2015.yaml"), tmp_path, "bf16-mixed", 128, 1, evals=6)
     # 6 evaluations from noise (loss ~3.7e13): it descends instead of throwing pixels to 0/255 (inf at the 3rd)
     assert 0 < float(rows[-1]["loss"]) < 3e13
+
+
+def test_objective_gradient_starts_at_one_pixel_unit_whatever_the_loss_scale(content_small, style_small, extractor):
+    import torch
+
+    from nst_lightning import StyleTransferModule
+
+    for loss in ({"content_loss": "paper", "style_loss": "paper"}, {}):
+        module = StyleTransferModule(content_small, style_small, loss=loss, init="noise", extractor=extractor)
+        objective = module.objective(module())
+        (grad,) = torch.autograd.grad(objective, module.image)
+        assert float(grad.abs().mean()) == pytest.approx(1.0, rel=1e-4)

@@ -17,10 +17,12 @@ def test_auto_precision_on_cpu_follows_the_bf16_instructions(monkeypatch, has_bf
     assert hardware.resolve_precision("auto", accelerator) == expected
 
 
-@pytest.mark.parametrize(("gpu_bf16", "expected"), [(True, "bf16-mixed"), (False, "32-true")])
-def test_auto_precision_on_gpu_follows_the_device(monkeypatch, gpu_bf16, expected):
+@pytest.mark.parametrize(("native", "emulated", "expected"), [(True, True, "bf16-mixed"), (False, True, "32-true"), (False, False, "32-true")])
+def test_auto_precision_on_gpu_takes_bf16_only_where_it_is_native(monkeypatch, native, emulated, expected):
     monkeypatch.setattr(hardware.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(hardware.torch.cuda, "is_bf16_supported", lambda: gpu_bf16)
+    monkeypatch.setattr(
+        hardware.torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or (including_emulation and emulated)
+    )
     assert hardware.resolve_precision("auto", "auto") == expected
 
 
@@ -33,6 +35,24 @@ def test_cpu_flag_detection_reads_cpuinfo(monkeypatch, tmp_path):
     fake = tmp_path / "cpuinfo"
     fake.write_text("processor : 0\nflags : fpu sse avx2 avx512f avx512_bf16\n")
     monkeypatch.setattr(hardware, "Path", lambda _: fake)
+    monkeypatch.setattr(hardware.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert hardware.cpu_has_bf16()
+    fake.write_text("processor : 0\nflags : fpu sse avx2 amx_bf16 amx_tile\n")
     assert hardware.cpu_has_bf16()
     fake.write_text("processor : 0\nflags : fpu sse avx2\n")
+    assert not hardware.cpu_has_bf16()
+
+
+@pytest.mark.parametrize(("capability", "isa"), [("AVX2", None), ("AVX512", "AVX2"), ("AVX512", "avx512_core")])
+def test_a_cpu_limited_below_bf16_kernels_counts_as_without_bf16(monkeypatch, tmp_path, capability, isa):
+    # ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA imitate an older CPU: auto must then choose as that CPU would
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor : 0\nflags : fpu sse avx2 avx512f avx512_bf16 amx_bf16\n")
+    monkeypatch.setattr(hardware, "Path", lambda _: fake)
+    monkeypatch.setattr(hardware.torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    if isa is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
     assert not hardware.cpu_has_bf16()

@@ -150,7 +150,7 @@ class VGGFeatures(nn.Module):
         state_dict: Mapping[str, torch.Tensor],
         preprocessing: Preprocessing = CAFFE,
         pooling: str = "max",
-        padding: str = "zeros",
+        padding: str = "reflect",
     ) -> None:
         super().__init__()
         if not layers:
@@ -263,11 +263,11 @@ def build_extractor(
     pooling: str = "max",
     preprocessing: str = "auto",
     allow_download: bool = False,
-    padding: str = "zeros",
+    padding: str = "reflect",
 ) -> VGGFeatures:
     """Load ``weights`` and build the frozen extractor for ``layers``; the one entry point most callers need.
 
-    ``padding``: ``zeros`` (VGG as trained) or ``reflect`` (no artificial frame at the borders).
+    ``padding``: ``reflect`` (no artificial frame at the borders, the default) or ``zeros`` (VGG as trained).
     """
     state, pre = load_weights(weights, allow_download)
     if preprocessing != "auto":

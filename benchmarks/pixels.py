@@ -53,14 +53,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--setting", action="append", default=[], help="NAME:key=value,key=value")
     parser.add_argument("--save", type=Path, default=None, help="keep each result as SAVE/<setting>_<style>.png")
-    parser.add_argument("--pairs", type=int, default=len(PAIRS), help="how many of the bundled pairs to run")
+    parser.add_argument("--style", action="append", default=None, help="only the pairs with this style (file stem)")
     args = parser.parse_args()
     settings = [(s.partition(":")[0], [o for o in s.partition(":")[2].split(",") if o]) for s in args.setting or ["default:"]]
     judge = Judge()
     print(f"{args.size} px, {args.steps} L-BFGS steps, configs/example.yaml losses")
     print("| pair | setting | speckle | border | style | content |")
     print("|---|---|---|---|---|---|")
-    for content, style in PAIRS[: args.pairs]:
+    for content, style in [p for p in PAIRS if args.style is None or p[1].stem in args.style]:
         label = f"{content.stem} x {style.stem}"
         source = load_image(content, args.size)
         print(f"| {label} | content image itself | {speckle(Image.open(content).resize(source.shape[-1:-3:-1], Image.BICUBIC)):.2f} "

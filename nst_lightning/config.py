@@ -71,9 +71,10 @@ class FeaturesConfig(_Section):
 
     weights: str = Field("caffe", description="caffe | torchvision | path to a .pth state dict")
     pooling: Literal["max", "avg"] = "max"
-    padding: Literal["reflect", "zeros"] = Field(
-        "reflect",
-        description="convolution padding: reflect (no artificial frame, so no bright border strips) | zeros (VGG as trained)",
+    padding: Literal["replicate", "zeros"] = Field(
+        "replicate",
+        description="convolution padding: replicate (edge pixels repeated: no artificial frame, so no bright border "
+        "strips) | zeros (VGG as trained)",
     )
     preprocessing: Literal["auto", "caffe", "torchvision"] = Field(
         "auto", description="input normalisation; auto follows the weights"

@@ -150,7 +150,7 @@ class VGGFeatures(nn.Module):
         state_dict: Mapping[str, torch.Tensor],
         preprocessing: Preprocessing = CAFFE,
         pooling: str = "max",
-        padding: str = "reflect",
+        padding: str = "replicate",
     ) -> None:
         super().__init__()
         if not layers:
@@ -240,9 +240,10 @@ class VGGFeatures(nn.Module):
 def _vgg19_trunk(end: int, pooling: str, padding: str = "zeros") -> nn.Sequential:
     """torchvision's VGG19 ``features`` layout up to and including index ``end``.
 
-    ``padding="reflect"`` pads every convolution with mirrored pixels instead of zeros. Zero padding shows the
-    network a dark (for caffe input, mean-grey) frame around every image: the style Grams then include the
-    frame's edge responses, and the output grows 1-2 px bright strips along its borders to match them.
+    ``padding="replicate"`` pads every convolution with copies of the edge pixels instead of zeros. Zero
+    padding shows the network a dark (for caffe input, mean-grey) frame around every image: the style Grams
+    then include the frame's edge responses, and the output grows 1-2 px bright strips along its borders to
+    match them. (``reflect`` would need two pixels per side at every layer, which block 5 lacks at 16 px.)
     """
     from torchvision.models.vgg import cfgs, make_layers
 
@@ -263,11 +264,12 @@ def build_extractor(
     pooling: str = "max",
     preprocessing: str = "auto",
     allow_download: bool = False,
-    padding: str = "reflect",
+    padding: str = "replicate",
 ) -> VGGFeatures:
     """Load ``weights`` and build the frozen extractor for ``layers``; the one entry point most callers need.
 
-    ``padding``: ``reflect`` (no artificial frame at the borders, the default) or ``zeros`` (VGG as trained).
+    ``padding``: ``replicate`` (edge pixels repeated: no artificial frame at the borders, the default) or
+    ``zeros`` (VGG as trained).
     """
     state, pre = load_weights(weights, allow_download)
     if preprocessing != "auto":

@@ -71,10 +71,10 @@ class FeaturesConfig(_Section):
 
     weights: str = Field("caffe", description="caffe | torchvision | path to a .pth state dict")
     pooling: Literal["max", "avg"] = "max"
-    padding: Literal["replicate", "zeros"] = Field(
-        "replicate",
-        description="convolution padding: replicate (edge pixels repeated: no artificial frame, so no bright border "
-        "strips) | zeros (VGG as trained)",
+    padding: Literal["zeros", "replicate"] = Field(
+        "zeros",
+        description="convolution padding: zeros (VGG as trained) | replicate (edge pixels repeated: no artificial "
+        "frame at the borders)",
     )
     preprocessing: Literal["auto", "caffe", "torchvision"] = Field(
         "auto", description="input normalisation; auto follows the weights"

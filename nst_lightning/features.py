@@ -150,7 +150,7 @@ class VGGFeatures(nn.Module):
         state_dict: Mapping[str, torch.Tensor],
         preprocessing: Preprocessing = CAFFE,
         pooling: str = "max",
-        padding: str = "replicate",
+        padding: str = "zeros",
     ) -> None:
         super().__init__()
         if not layers:
@@ -264,12 +264,12 @@ def build_extractor(
     pooling: str = "max",
     preprocessing: str = "auto",
     allow_download: bool = False,
-    padding: str = "replicate",
+    padding: str = "zeros",
 ) -> VGGFeatures:
     """Load ``weights`` and build the frozen extractor for ``layers``; the one entry point most callers need.
 
-    ``padding``: ``replicate`` (edge pixels repeated: no artificial frame at the borders, the default) or
-    ``zeros`` (VGG as trained).
+    ``padding``: ``zeros`` (VGG as trained, the default) or ``replicate`` (edge pixels repeated: no
+    artificial frame at the borders).
     """
     state, pre = load_weights(weights, allow_download)
     if preprocessing != "auto":

@@ -38,7 +38,7 @@ def test_example_weights_beat_pastiche_on_style_and_content(tmp_path):
     )
     ours = load_image(fit(cfg, progress=False).final)
     theirs = _pastiche(tmp_path)
-    judge = Judge()  # its own zero-padded VGG: the judge is the same network whatever the runs use
+    judge = Judge()  # its own zero-padded VGG: the same network whatever padding the runs use
     content = load_image(EXAMPLE_CONTENT, SIZE)
     style = load_image(EXAMPLE_STYLE, SIZE)
     q_ours, q_theirs = judge(ours, content, style), judge(theirs, content, style)

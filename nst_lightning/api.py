@@ -23,7 +23,7 @@ from .export import DEFAULT_RTOL, ExportInfo, ExtractorSpec, OnnxFeatures, Valid
 from .faults import AtomicCheckpointIO, GracefulStop
 from .features import VGGFeatures, min_side
 from .hardware import resolve_precision
-from .images import frame_count, load_image, read_image, read_size, style_side, target_shape
+from .images import Loading, frame_count, load_image, load_style, read_image, read_size, style_side, target_shape
 from .lock import FolderLock
 from .module import StyleTransferModule, config_extractor
 from .pairs import is_batch
@@ -43,9 +43,10 @@ log = logging.getLogger(__name__)
 
 def load_images(config: RunConfig, size: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The content image at ``size`` (default ``image.size``) and each style image scaled by its ``style_scale``."""
-    content = load_image(config.content, size or config.image.size, config.image.fit)
+    loading = Loading(**config.image.loading())
+    content = load_image(config.content, size or config.image.size, config.image.fit, loading)
     shape = tuple(content.shape[-2:])
-    styles = [load_image(path, style_side(shape, scale), "long") for path, scale in zip(config.styles, config.style_scales())]
+    styles = [load_style(path, shape, scale, loading) for path, scale in zip(config.styles, config.style_scales())]
     return content, styles
 
 
@@ -87,7 +88,7 @@ def input_warnings(config: RunConfig) -> list[str]:
             f"content image {config.content} is {width}x{height} px and is enlarged {config.image.size / side:.0f}x to "
             f"image.size={config.image.size}; the result will look blurred, so give a larger image or a smaller image.size"
         )
-    shape = target_shape(height, width, config.image.size, config.image.fit)
+    shape = target_shape(height, width, config.image.size, config.image.fit, config.image.rounding)
     for path, scale in zip(config.styles, config.style_scales()):
         long_side, wanted = max(read_size(path)), style_side(shape, scale)
         if wanted > UPSCALE_WARNING * long_side:

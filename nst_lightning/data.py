@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .config import RunConfig
 from .errors import NSTError
-from .images import load_image, read_size, style_side, target_shape
+from .images import Loading, load_image, load_style, read_size, target_shape
 from .pairs import Pair
 
 class PairItem(NamedTuple):
@@ -29,7 +29,7 @@ class PairItem(NamedTuple):
     error: str | None
 
 
-def probe_shape(path: str, size: int, fit: str) -> tuple[int, int] | None:
+def probe_shape(path: str, size: int, fit: str, rounding: str = "round") -> tuple[int, int] | None:
     """The ``(H, W)`` an image will have once loaded, read from its header only; None if unreadable.
 
     Only used to group same-size images, so a wrong guess costs speed, never correctness.
@@ -38,16 +38,18 @@ def probe_shape(path: str, size: int, fit: str) -> tuple[int, int] | None:
         height, width = read_size(path)
     except NSTError:  # unreadable files are reported when the pair is loaded
         return None
-    return target_shape(height, width, size, fit)
+    return target_shape(height, width, size, fit, rounding)
 
 
-def load_pair(pair: Pair, size: int, fit: str, style_scale: float | Sequence[float]) -> PairItem:
+def load_pair(
+    pair: Pair, size: int, fit: str, style_scale: float | Sequence[float], loading: Loading = Loading()
+) -> PairItem:
     """Load a pair as a single run would: content at ``size``, styles at ``style_scale`` (one, or one per style) of its long side."""
     scales = list(style_scale) if isinstance(style_scale, Sequence) else [style_scale] * len(pair.styles)
     try:
-        content = load_image(pair.content, size, fit)
+        content = load_image(pair.content, size, fit, loading)
         shape = tuple(content.shape[-2:])
-        styles = [load_image(path, style_side(shape, scale), "long") for path, scale in zip(pair.styles, scales)]
+        styles = [load_style(path, shape, scale, loading) for path, scale in zip(pair.styles, scales)]
     except NSTError as err:
         return PairItem(pair, None, None, str(err))
     return PairItem(pair, content, styles, None)
@@ -82,16 +84,24 @@ def _as_is(batch: Any) -> Any:
 class StylePairsDataset(Dataset):
     """Groups of pairs; item ``i`` loads group ``i``'s images (a failed load is reported, not raised)."""
 
-    def __init__(self, pairs: Sequence[Pair], groups: Sequence[Sequence[int]], size: int, fit: str, style_scale: float | Sequence[float]):
+    def __init__(
+        self,
+        pairs: Sequence[Pair],
+        groups: Sequence[Sequence[int]],
+        size: int,
+        fit: str,
+        style_scale: float | Sequence[float],
+        loading: Loading = Loading(),
+    ):
         self.pairs = list(pairs)
         self.groups = [list(g) for g in groups]
-        self.size, self.fit, self.style_scale = size, fit, style_scale
+        self.size, self.fit, self.style_scale, self.loading = size, fit, style_scale, loading
 
     def __len__(self) -> int:
         return len(self.groups)
 
     def __getitem__(self, index: int) -> list[PairItem]:
-        return [load_pair(self.pairs[i], self.size, self.fit, self.style_scale) for i in self.groups[index]]
+        return [load_pair(self.pairs[i], self.size, self.fit, self.style_scale, self.loading) for i in self.groups[index]]
 
     def group_size(self, index: int) -> int:
         """How many pairs group ``index`` holds (progress bars count images, not groups)."""
@@ -104,6 +114,7 @@ class StylePairsDataModule(L.LightningDataModule):
     Args:
         pairs: the pairs to produce (see ``nst_lightning.pairs.expand_pairs``).
         size, fit, style_scale: image sizes, as in the config's ``image`` section.
+        loading: resampling, rounding and style fit (``images.Loading``), as in the ``image`` section.
         images_per_device: the largest group optimised together.
         num_workers: DataLoader workers loading images.
     """
@@ -115,12 +126,13 @@ class StylePairsDataModule(L.LightningDataModule):
         size: int = 512,
         fit: str = "long",
         style_scale: float | Sequence[float] = 1.0,
+        loading: Loading = Loading(),
         images_per_device: int = 4,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
         self.pairs = list(pairs)
-        self.size, self.fit, self.style_scale = size, fit, style_scale
+        self.size, self.fit, self.style_scale, self.loading = size, fit, style_scale, loading
         self.images_per_device = images_per_device
         self.num_workers = num_workers
         self.dataset: StylePairsDataset | None = None
@@ -135,6 +147,7 @@ class StylePairsDataModule(L.LightningDataModule):
             size=config.image.size,
             fit=config.image.fit,
             style_scale=config.image.style_scale,
+            loading=Loading(**config.image.loading()),
             images_per_device=images_per_device or config.batch.images_per_device,
         )
 
@@ -144,9 +157,9 @@ class StylePairsDataModule(L.LightningDataModule):
         if self.trainer is not None:
             self.pairs = self.trainer.strategy.broadcast(self.pairs, src=0)
             world_size = self.trainer.world_size
-        shapes = [probe_shape(p.content, self.size, self.fit) for p in self.pairs]
+        shapes = [probe_shape(p.content, self.size, self.fit, self.loading.rounding) for p in self.pairs]
         groups = group_by_shape(shapes, self.images_per_device, world_size)
-        self.dataset = StylePairsDataset(self.pairs, groups, self.size, self.fit, self.style_scale)
+        self.dataset = StylePairsDataset(self.pairs, groups, self.size, self.fit, self.style_scale, self.loading)
 
     def predict_dataloader(self) -> DataLoader:
         if self.dataset is None:

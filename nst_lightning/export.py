@@ -73,12 +73,18 @@ class ExtractorSpec:
     weights_digest: str
     pooling: str
     preprocessing: Preprocessing
+    padding: str = "zeros"
 
     @classmethod
     def of(cls, extractor: VGGFeatures, weights: str) -> ExtractorSpec:
         """The spec of a built extractor; ``weights`` is the source it was loaded from (caffe, torchvision, path)."""
         return cls(
-            network_order(extractor.layers), weights, weights_digest(extractor), extractor.pooling, extractor.preprocessing
+            network_order(extractor.layers),
+            weights,
+            weights_digest(extractor),
+            extractor.pooling,
+            extractor.preprocessing,
+            extractor.padding,
         )
 
     @classmethod
@@ -96,6 +102,7 @@ class ExtractorSpec:
                 mean=tuple(pre["mean"]),
                 std=tuple(pre["std"]),
             ),
+            padding=str(raw.get("padding", "zeros")),
         )
 
     def differences(self, wanted: ExtractorSpec) -> list[str]:
@@ -113,6 +120,8 @@ class ExtractorSpec:
             out.append(f"the graph has weights {self.weights} but the config uses {wanted.weights}{same}")
         if self.pooling != wanted.pooling:
             out.append(f"the graph has {self.pooling} pooling but the config uses {wanted.pooling}")
+        if self.padding != wanted.padding:
+            out.append(f"the graph has {self.padding} padding but the config uses {wanted.padding}")
         if self.preprocessing != wanted.preprocessing:
             theirs, ours = self.preprocessing.name, wanted.preprocessing.name
             same = " (same name, other constants)" if theirs == ours else ""

@@ -27,8 +27,9 @@ from .layers import LAYER_NAMES, deepest
 from .losses import StyleTransferLoss
 
 FINGERPRINT_KEY = "nst_lightning"
-CHECKPOINT_STATE = ("image", "image_average", "average_accum")
-"""The module state a checkpoint keeps: the image and, with iterate averaging, its running average."""
+CHECKPOINT_STATE = ("image", "objective_scale", "image_average", "average_accum")
+"""The module state a checkpoint keeps: the image, the objective's scale and, with iterate averaging, its
+running average."""
 
 # The frozen VGG stays in eval mode on purpose; Lightning >= 2.5.5 would warn about it on every fit.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -59,6 +60,7 @@ def config_extractor(features: FeaturesConfig, layers: Sequence[str]) -> VGGFeat
         layers,
         weights=features.weights,
         pooling=features.pooling,
+        padding=features.padding,
         preprocessing=features.preprocessing,
         allow_download=features.allow_download,
     )
@@ -178,6 +180,8 @@ class StyleTransferModule(L.LightningModule):
         if color == "luminance":
             start = colour.luminance(start)
         self.image = nn.Parameter(start * self.pixel_scale)
+        self.register_buffer("objective_scale", torch.ones(()))
+        self._scale_ready = False
         self.average_decay = self.optim_config.average
         if self.average_decay is not None:
             self.register_buffer("image_average", torch.zeros_like(self.image.detach()))
@@ -194,6 +198,7 @@ class StyleTransferModule(L.LightningModule):
             "weights": self.features_config.weights,
             "preprocessing": self.extractor.preprocessing.name,
             "pooling": self.extractor.pooling,
+            "padding": self.extractor.padding,
             "optimizer": self.optim_config.name,
             "average": self.average_decay,
         }
@@ -272,13 +277,28 @@ class StyleTransferModule(L.LightningModule):
         return itertools.repeat(0)
 
     def objective(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """What the optimiser minimises: the total loss times the number of image elements.
+        """What the optimiser minimises: the total loss times ``objective_scale``, fixed at the first call.
 
-        The scale-free losses give each pixel a gradient of order 1/N; torch's L-BFGS skips curvature pairs
-        with y.s < 1e-10, so at 256 px and above it could stand still. Scaled by N the gradients are
-        size-independent; L-BFGS directions and Adam steps are otherwise invariant to the factor.
+        The scale makes the gradient at the starting image one pixel unit per element on average, whatever
+        the loss kind (the paper's and Keras' losses reach 1e13, the relative ones 1e-6 per pixel). torch's
+        L-BFGS takes a plain gradient step of that size whenever it has no curvature pair; its first step
+        moves the image by 1/|g|_1, below bf16's input resolution, so under bf16 that first pair is often
+        lost and an unscaled 1e13 gradient threw every pixel to 0 or 255. Directions are otherwise invariant
+        to the factor, so fp32 runs are unchanged.
         """
-        return terms["loss"] * self.image.numel()
+        if not self._scale_ready:
+            self._set_objective_scale(terms["loss"])
+        return terms["loss"] * self.objective_scale
+
+    def _set_objective_scale(self, loss: torch.Tensor) -> None:
+        """``objective_scale = 1 / mean |d loss / d image|`` at the current image (the element count if that is 0)."""
+        (grad,) = torch.autograd.grad(loss, self.image, retain_graph=True)
+        mean = grad.float().abs().mean()
+        usable = torch.isfinite(mean) & (mean > 0)
+        fallback = torch.tensor(float(self.image.numel()), device=mean.device)
+        with torch.no_grad():
+            self.objective_scale.copy_(torch.where(usable, 1.0 / torch.where(usable, mean, 1.0), fallback))
+        self._scale_ready = True
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Log the (unscaled) loss terms; hand the optimiser ``objective``."""
@@ -340,6 +360,7 @@ class StyleTransferModule(L.LightningModule):
         ``optim.lr`` really uses it.
         """
         self.check_checkpoint(checkpoint)
+        self._scale_ready = "objective_scale" in checkpoint.get("state_dict", {})
         for state in checkpoint.get("optimizer_states", []):
             for group in state.get("param_groups", []):
                 group["lr"] = self.optim_config.learning_rate

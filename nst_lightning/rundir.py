@@ -166,7 +166,7 @@ def _find_resume(config: RunConfig, resume: str, stages: list[Stage]) -> tuple[i
         raise CheckpointError(f"checkpoint {path} was not written by nst-lightning; resume from a checkpoint of this run")
     full = read_size(config.content)
     for stage in stages:
-        if list(shape[-2:]) == list(target_shape(full[0], full[1], stage.size, config.image.fit)):
+        if list(shape[-2:]) == list(target_shape(full[0], full[1], stage.size, config.image.fit, config.image.rounding)):
             return stage.index, path
     raise CheckpointError(
         f"checkpoint {path} holds a {shape[-1]}x{shape[-2]} image, which is none of this run's scales "

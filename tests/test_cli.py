@@ -66,7 +66,7 @@ def test_fit_end_to_end_then_resume(tmp_path):
 
     r = cli("fit", "--config", str(CONFIGS / "example.yaml"), "-q", "--resume", "last", *sets(tiny_overrides(out, steps=6)))
     assert r.returncode == 0, r.stderr
-    assert len((out / "losses.csv").read_text().splitlines()) == 7
+    assert len((out / "losses.csv").read_text().splitlines()) == 8  # header, steps 0..6
 
 
 @pytest.mark.parametrize(

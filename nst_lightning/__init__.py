@@ -20,7 +20,6 @@ _LAZY = {
     "save_image": ".images",
     "fit": ".api",
     "fit_batch": ".batch",
-    "BatchStylizer": ".batch",
     "StylePairsDataModule": ".data",
     "ImageLogger": ".image_logging",
     "expand_pairs": ".pairs",

@@ -1,13 +1,15 @@
 """The Python API: ``fit(config)`` loads the images, builds the module and the Trainer, and runs.
 
 The one place where config, images, features, module and Trainer are assembled; the CLI calls it.
+Folder runs (``nst_lightning.batch``) and sweeps use the same builders; ONNX export and validation of a
+config's extractor are in ``nst_lightning.export``.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import MutableMapping, Sequence
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +17,17 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from .atomic import check_writable, is_write_failure, reporting_write_failures, write_failure, write_text_atomic
+from .atomic import is_write_failure, reporting_write_failures, write_failure, write_text_atomic
 from .callbacks import FinalImage, ImageSnapshots, LossHistory, RunPlots, StepCheckpoint, StepProgressBar
-from .config import INIT_KEYWORDS, FeaturesConfig, RunConfig, all_layers, dump_config
-from .errors import ConfigError, NSTError, NumericalError, OnnxError, ResourceError, RunInterrupted
-from .export import DEFAULT_RTOL, ExportInfo, ExtractorSpec, OnnxFeatures, ValidationReport, export_onnx, validate_onnx
+from .config import INIT_KEYWORDS, FeaturesConfig, RunConfig, dump_config
+from .errors import ConfigError, NSTError, NumericalError, ResourceError, RunInterrupted
+from .export import onnx_targets
 from .faults import AtomicCheckpointIO, GracefulStop
-from .features import VGGFeatures, min_side
+from .features import VGGFeatures
 from .hardware import resolve_precision
 from .images import Loading, frame_count, load_image, load_style, read_image, read_size, style_side, target_shape
 from .lock import FolderLock
-from .module import StyleTransferModule, config_extractor
+from .module import StyleTransferModule
 from .pairs import is_batch
 from .resources import Shape, check_fits, is_out_of_memory, out_of_memory_message
 from .rundir import (
@@ -108,8 +110,8 @@ def input_warnings(config: RunConfig) -> list[str]:
 
 def build_module(
     config: RunConfig,
-    content: torch.Tensor,
-    styles: list[torch.Tensor],
+    content: torch.Tensor | None,
+    styles: list[torch.Tensor] | None,
     *,
     masks: list[torch.Tensor | None] | None = None,
     init: str | torch.Tensor | None = None,
@@ -117,7 +119,8 @@ def build_module(
     target_cache: MutableMapping[str, Any] | None = None,
     features: FeaturesConfig | None = None,
 ) -> StyleTransferModule:
-    """The LightningModule for ``config`` and already loaded images (``init`` and ``features`` override the config's)."""
+    """The LightningModule for ``config`` and already loaded images (``init`` and ``features`` override the config's);
+    without images, a module for a folder run, fed by ``StylePairsDataModule``."""
     return StyleTransferModule(
         content,
         styles,
@@ -136,29 +139,73 @@ def build_module(
 
 def build_trainer(
     config: RunConfig,
-    outputs: RunOutputs,
+    outputs: RunOutputs | Path,
     progress: bool = True,
     callbacks: list[Callback] | None = None,
     *,
     stage: Stage | None = None,
     shown: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
+    folder: bool = False,
 ) -> L.Trainer:
-    """A Trainer for ``stage`` (default: the whole single-scale run) writing checkpoints, snapshots, the loss
-    history, the result so far as ``final.png`` and, given ``shown`` (the content and styles to show), the
-    loss curve and side-by-side pictures under ``outputs``.
+    """The Trainer of every run.
 
-    One image is one optimisation on one device: ``devices: auto`` means one here, and several devices or
-    nodes are refused (DDP would average one image's gradients across ranks); batch runs use them.
+    A single run (or ``stage`` of one) writes checkpoints, snapshots, the loss history, the result so far as
+    ``final.png`` and, given ``shown`` (the content and styles to show), the loss curve and side-by-side
+    pictures under ``outputs``. One image is one optimisation on one device: ``devices: auto`` means one
+    here, and several devices or nodes are refused (DDP would average one image's gradients across ranks).
+    A ``folder`` run spreads its groups over every device and node, each rank on its own images
+    (``ShardedStrategy``); its module writes the images and group checkpoints itself.
     """
     t = config.trainer
-    devices = 1 if t.devices == "auto" else t.devices
-    if _device_count(devices) != 1 or t.num_nodes > 1:
-        raise ConfigError(
-            f"a single image is optimised on one device, but trainer.devices={t.devices}, "
-            f"trainer.num_nodes={t.num_nodes}; set trainer.devices=1, or give a folder, glob or list of content "
-            "images to spread a batch over devices and nodes"
+    outputs = outputs if isinstance(outputs, RunOutputs) else RunOutputs(Path(outputs))
+    own: list[Callback] = []
+    if folder:
+        from .batch import folder_strategy
+
+        devices, strategy, max_steps = t.devices, folder_strategy(config), -1
+    else:
+        devices, strategy = (1 if t.devices == "auto" else t.devices), t.strategy
+        if _device_count(devices) != 1 or t.num_nodes > 1:
+            raise ConfigError(
+                f"a single image is optimised on one device, but trainer.devices={t.devices}, "
+                f"trainer.num_nodes={t.num_nodes}; set trainer.devices=1, or give a folder, glob or list of content "
+                "images to spread a batch over devices and nodes"
+            )
+        stage = stage or plan_stages(config, outputs)[-1]
+        max_steps = stage.steps
+        own = _run_callbacks(config, outputs, stage, shown, progress)
+    try:
+        return L.Trainer(
+            accelerator=t.accelerator,
+            devices=devices,
+            num_nodes=t.num_nodes,
+            strategy=strategy,
+            precision=resolve_precision(t.precision, t.accelerator),
+            max_steps=max_steps,
+            max_epochs=1 if folder else -1,
+            log_every_n_steps=t.log_every_n_steps,
+            logger=False,
+            callbacks=own + list(callbacks or []),
+            plugins=[AtomicCheckpointIO()],
+            enable_checkpointing=not folder,
+            enable_progress_bar=progress and not folder,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            use_distributed_sampler=False,
+            default_root_dir=outputs.root,
         )
-    stage = stage or plan_stages(config, outputs)[-1]
+    except Exception as err:  # Lightning validates accelerator, devices, strategy here, each with its own type
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"Lightning rejects trainer settings (accelerator={t.accelerator}, devices={t.devices}, "
+            f"strategy={t.strategy}): {first}; fix the trainer section"
+        ) from None
+
+
+def _run_callbacks(
+    config: RunConfig, outputs: RunOutputs, stage: Stage, shown: tuple[torch.Tensor, list[torch.Tensor]] | None, progress: bool
+) -> list[Callback]:
+    """What a single run writes: checkpoints, the loss history, final.png, plots, snapshots; its progress bar."""
     ckpt = StepCheckpoint(
         dirpath=stage.checkpoints,
         filename="step-{step:06d}",
@@ -177,30 +224,7 @@ def build_trainer(
     if progress:
         label = "Stylising" if stage.count == 1 else f"Stage {stage.index + 1}/{stage.count} ({stage.size} px)"
         own.append(StepProgressBar(label))
-    try:
-        return L.Trainer(
-            accelerator=t.accelerator,
-            devices=devices,
-            num_nodes=t.num_nodes,
-            strategy=t.strategy,
-            precision=resolve_precision(t.precision, t.accelerator),
-            max_steps=stage.steps,
-            max_epochs=-1,
-            log_every_n_steps=t.log_every_n_steps,
-            logger=False,
-            callbacks=own + list(callbacks or []),
-            plugins=[AtomicCheckpointIO()],
-            enable_progress_bar=progress,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            default_root_dir=outputs.root,
-        )
-    except Exception as err:  # Lightning validates accelerator, devices, strategy here, each with its own type
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(
-            f"Lightning rejects trainer settings (accelerator={t.accelerator}, devices={t.devices}, "
-            f"strategy={t.strategy}): {first}; fix the trainer section"
-        ) from None
+    return own
 
 
 def _device_count(devices: int | str | list[int]) -> int:
@@ -341,113 +365,3 @@ def _fit_locked(
             return  # asked to stop: later stages wait for a resume
         init = module.optimised_image()
     outputs.interrupted.unlink(missing_ok=True)  # finished: an image of an earlier stop would only mislead
-
-
-def build_config_extractor(config: RunConfig) -> VGGFeatures:
-    """The frozen VGG19 extractor for every layer ``config``'s loss uses, with its weights and preprocessing."""
-    return config_extractor(config.features, all_layers(config))
-
-
-def default_export_path(config: RunConfig) -> Path:
-    """``export/vgg19_<weights>_<pooling>_to_<deepest layer>.onnx`` under the working directory."""
-    weights = config.features.weights
-    source = weights if weights in ("caffe", "torchvision") else Path(weights).stem
-    return Path("export") / f"vgg19_{source}_{config.features.pooling}_to_{all_layers(config)[-1]}.onnx"
-
-
-def export_features(
-    config: RunConfig, path: str | Path | None = None, *, overwrite: bool = False
-) -> tuple[Path, ExportInfo]:
-    """Export ``config``'s feature extractor as a checked ONNX graph plus sidecar; returns its path and metadata.
-
-    An existing graph is replaced only with ``overwrite``, so a re-export never silently changes what a
-    config's ``features.onnx`` points at.
-    """
-    target = Path(path) if path is not None else default_export_path(config)
-    if target.is_dir() or target.suffix != ".onnx":
-        raise ConfigError(f"export output {target} is not a .onnx file path; give e.g. --output export/vgg19.onnx")
-    if target.exists() and not overwrite:
-        raise ConfigError(f"{target} already exists; add --overwrite to replace it or choose another --output")
-    check_writable(target.parent)  # before the costly export
-    extractor = build_config_extractor(config)
-    with reporting_write_failures():
-        return target, export_onnx(extractor, target, config.features.weights)
-
-
-def _label(name: str, image: torch.Tensor) -> str:
-    return f"{name} {image.shape[-1]}x{image.shape[-2]}"
-
-
-def _labelled(content: torch.Tensor, styles: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Images keyed as validation reports name them: ``content 320x240``, ``style 320x200`` (``style2 ...`` for several)."""
-    out = {_label("content", content): content}
-    for i, style in enumerate(styles, start=1):
-        out[_label(f"style{i}" if len(styles) > 1 else "style", style)] = style
-    return out
-
-
-def validation_inputs(config: RunConfig, sizes: Sequence[int]) -> dict[str, torch.Tensor]:
-    """The config's content and style images at each size (as ``image.size``), plus a seeded random image per size.
-
-    The random images are odd-sized, so pooling that floors odd sides is exercised as well.
-    """
-    generator = torch.Generator().manual_seed(config.seed)
-    side = min_side(all_layers(config))
-    out: dict[str, torch.Tensor] = {}
-    for size in sizes:
-        sized = config.model_copy(update={"image": config.image.model_copy(update={"size": size})})
-        out.update(_labelled(*load_images(sized)))
-        noise = torch.rand(1, 3, max(side, size * 3 // 4 | 1), size, generator=generator)
-        out[_label("random", noise)] = noise
-    return out
-
-
-def open_graph(config: RunConfig, path: str | Path, extractor: VGGFeatures) -> OnnxFeatures:
-    """Load an exported graph with onnxruntime; refuse one exported for other layers, weights, pooling or preprocessing."""
-    graph = OnnxFeatures(path)
-    graph.check_matches(ExtractorSpec.of(extractor, config.features.weights))
-    return graph
-
-
-def validate_graph(
-    config: RunConfig, path: str | Path, sizes: Sequence[int] | None = None, rtol: float | None = None
-) -> ValidationReport:
-    """Compare an exported graph with the torch extractor of ``config`` on its images and on random inputs.
-
-    ``sizes`` defaults to ``image.size`` and half of it (never below what the layers need); ``rtol`` to
-    ``DEFAULT_RTOL``.
-    """
-    extractor = build_config_extractor(config)
-    graph = open_graph(config, path, extractor)
-    side = min_side(extractor.layers)
-    sizes = list(dict.fromkeys(sizes or [config.image.size, max(side, config.image.size // 2)]))
-    small = [s for s in sizes if s < side]
-    if small:
-        raise ConfigError(
-            f"size {small[0]} is below the {side} px the layers down to {all_layers(config)[-1]} need; "
-            f"give --size {side} or more"
-        )
-    return validate_onnx(graph, extractor, validation_inputs(config, sizes), DEFAULT_RTOL if rtol is None else rtol)
-
-
-def onnx_targets(config: RunConfig, module: StyleTransferModule) -> None:
-    """Compute the module's fixed targets with the graph at ``features.onnx``, validating it first if asked.
-
-    A graph that does not match the config, or (with ``features.validate_onnx``) disagrees with the torch
-    extractor on this run's own images, is refused before anything is written.
-    """
-    graph = open_graph(config, config.features.onnx, module.extractor)
-    report = None
-    if config.features.validate_onnx:
-        report = validate_onnx(graph, module.extractor, _labelled(module.content_image, module.style_images))
-        if not report.ok:
-            worst = ", ".join(f"{e.layer} {e.relative:.2e}" for e in report.failed)
-            raise OnnxError(
-                f"ONNX graph {graph.path} disagrees with the torch extractor on this run's images (relative error "
-                f"{worst} > {report.rtol:g}); re-export it with `nst-lightning export --config CONFIG --overwrite`"
-            )
-    module.prepare_targets(graph)
-    log.info("ONNX graph %s: onnxruntime providers %s", graph.path, ", ".join(graph.providers))
-    for line in report.lines() if report else []:
-        log.info("%s", line)
-    log.info("content features and style Grams computed with onnxruntime")

@@ -63,36 +63,42 @@ class StepCheckpoint(ModelCheckpoint):
 
 
 class LossHistory(Callback):
-    """Keep every step's loss terms in a CSV file that survives resumes (rows past the resume point are dropped).
+    """Keep every step's loss terms in a CSV file that survives resumes (rows from the resume point on are redone).
 
-    The file is rewritten every ``flush_every_n_steps`` steps, with every checkpoint and when the run ends or
-    fails. Values stay device tensors until a flush, so a GPU run is not synchronised on every step.
-    ``step_offset`` counts the steps of earlier coarse-to-fine stages, so one file spans the whole run.
+    Row ``s`` holds the loss at the image after ``s`` steps: row 0 is the starting image, each step's row
+    comes from the step's first evaluation, and the last row from one evaluation of the final image. Values
+    stay device tensors until the file is rewritten (on logging steps, with every checkpoint, and when the
+    run ends or fails), so a GPU run is not synchronised on every step. ``step_offset`` counts the steps of
+    earlier coarse-to-fine stages, so one file spans the whole run (a stage's first row replaces the
+    previous stage's last: the same step, measured at the new scale).
     """
 
-    def __init__(self, path: str | os.PathLike[str], flush_every_n_steps: int = 25, step_offset: int = 0) -> None:
+    def __init__(self, path: str | os.PathLike[str], step_offset: int = 0) -> None:
         self.path = Path(path)
-        self.flush_every_n_steps = flush_every_n_steps
         self.step_offset = step_offset
         self.rows: list[dict[str, Any]] = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        """Continue the history on disk: every valid row up to the resume point; damaged lines are reported
+        """Continue the history on disk: every valid row before the resume point; damaged lines are reported
         and the damaged file is kept aside (rank zero), never cut away unseen."""
         history = read_history(self.path)
         if history.dropped and trainer.is_global_zero:
             log.warning("%s; the damaged file is kept as %s", history.describe(), keep_damaged(history))
-        self.rows = [r for r in history.rows if r["step"] <= self.step_offset + trainer.global_step]
+        self.rows = [r for r in history.rows if r["step"] < self.step_offset + trainer.global_step]
+
+    def _append(self, step: int, terms: torch.Tensor | None) -> None:
+        if terms is not None:
+            self.rows.append({"step": self.step_offset + step, "terms": terms.detach().clone()})
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        metrics = trainer.callback_metrics
-        row: dict[str, Any] = {"step": self.step_offset + trainer.global_step}
-        row.update({k: metrics[k].detach().clone() for k in LOSS_COLUMNS[1:] if k in metrics})
-        self.rows.append(row)
-        if trainer.global_step % self.flush_every_n_steps == 0:
+        self._append(trainer.global_step - 1, pl_module.step_terms)
+        if pl_module.is_logging_step():
             self.flush(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        with torch.no_grad():
+            terms = pl_module.loss_terms()
+        self._append(trainer.global_step, torch.stack([terms[k].mean() for k in LOSS_COLUMNS[1:]]))
         self.flush(trainer)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
@@ -106,10 +112,15 @@ class LossHistory(Callback):
             pass
 
     def flush(self, trainer: L.Trainer) -> None:
-        """Rewrite the CSV atomically with every row so far."""
+        """Rewrite the CSV atomically with every row so far (reading the device values: a host sync)."""
         if not trainer.is_global_zero:
             return
-        self.rows = [{k: float(v) for k, v in row.items()} for row in self.rows]
+        rows = []
+        for row in self.rows:
+            if "terms" in row:
+                row = {"step": row["step"], **dict(zip(LOSS_COLUMNS[1:], row["terms"].tolist()))}
+            rows.append(row)
+        self.rows = rows
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=LOSS_COLUMNS, extrasaction="ignore")
         writer.writeheader()

@@ -289,7 +289,7 @@ def export(
     """Export the configured VGG19 feature extractor as an ONNX graph (opset 18) plus a JSON sidecar."""
     try:
         cfg = _load(config, set_)
-        from .api import export_features
+        from .export import export_features
 
         path, info = export_features(cfg, output, overwrite=overwrite)
     except NSTError as err:
@@ -328,7 +328,7 @@ def validate_onnx(
     """Compare an exported graph (onnxruntime) with the torch extractor per layer; exit 1 past the tolerance."""
     try:
         cfg = _load(config, set_)
-        from .api import validate_graph
+        from .export import validate_graph
 
         report = validate_graph(cfg, model, size, rtol)
     except NSTError as err:

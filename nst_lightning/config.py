@@ -184,13 +184,15 @@ class TrainerConfig(_Section):
 
     max_steps: int = Field(300, ge=1)
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
-        "auto", description="auto: bf16-mixed where the hardware has native bf16, else 32-true"
+        "auto", description="auto: bf16-mixed where the hardware has native bf16, else 32-true; 16-mixed is refused"
     )
     accelerator: str = "auto"
     devices: Union[int, str, list[int]] = "auto"
     num_nodes: int = Field(1, ge=1)
     strategy: str = "auto"
-    log_every_n_steps: int = Field(1, ge=1)
+    log_every_n_steps: int = Field(
+        10, ge=1, description="steps between reads of the losses and the NaN guard (losses.csv still gets every step)"
+    )
 
 
 class CheckpointConfig(_Section):
@@ -277,10 +279,10 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _compatible(self) -> RunConfig:
-        if self.trainer.precision == "16-mixed" and self.optim.name == "lbfgs":
+        if self.trainer.precision == "16-mixed":
             raise ValueError(
-                "trainer.precision=16-mixed cannot be used with optim.name=lbfgs (AMP's gradient scaler "
-                "breaks L-BFGS); use bf16-mixed or 32-true, or optim.name=adam"
+                "trainer.precision=16-mixed is not supported (the optimisers run without AMP's gradient scaler, "
+                "which fp16 needs); use bf16-mixed or 32-true"
             )
         if self.optim.average is not None and self.optim.name != "adam":
             raise ValueError(

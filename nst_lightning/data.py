@@ -1,24 +1,51 @@
-"""Content x style pairs as Lightning data: groups of same-size pairs and a LightningDataModule serving them.
+"""Content x style pairs as Lightning data: groups of same-size pairs served step by step to ``Trainer.fit``.
 
-One dataset item is one group, the images a device optimises together. In a distributed run Lightning's
-predict sampler (``UnrepeatedDistributedSampler``) hands each rank its own groups without repeating any,
-so every output is written exactly once.
+A group is the images a device optimises together; the data yields one ``GroupStep`` per optimisation step
+of each group (the first one carries the loaded images and, for an interrupted group, its checkpoint).
+In a distributed run every rank takes its own share of the groups, so every output is written exactly
+once and nothing is averaged between ranks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from .config import RunConfig
 from .errors import NSTError
 from .images import Loading, load_image, load_style, read_size, target_shape
 from .pairs import Pair
+
+@dataclass
+class PairResult:
+    """What became of one pair on one rank: ``done`` (file written) or ``failed`` (with the reason).
+
+    ``loss`` is the total loss of the written image, unscaled, as losses.csv reports it for single runs.
+    """
+
+    name: str
+    content: str
+    styles: list[str]
+    output: str
+    rank: int
+    status: str
+    error: str | None = None
+    loss: float | None = None
+    seconds: float = 0.0
+
+
+# The group steps are produced in the main process (no workers), so their length is exact.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+
 
 class PairItem(NamedTuple):
     """A pair with its loaded images, or the one-line reason it could not be loaded."""
@@ -81,87 +108,152 @@ def _as_is(batch: Any) -> Any:
     return batch
 
 
-class StylePairsDataset(Dataset):
-    """Groups of pairs; item ``i`` loads group ``i``'s images (a failed load is reported, not raised)."""
+class GroupStep(NamedTuple):
+    """One optimisation step of one group of pairs, as the data hands it to the module."""
+
+    group: int
+    step: int
+    """1-based step within the group."""
+    steps: int
+    pairs: list[Pair]
+    checkpoint: str
+    """Where the group's state is saved while it runs (removed once its images are written)."""
+    items: list[PairItem] | None = None
+    """The loaded images, on the group's first step only."""
+    resume: dict[str, Any] | None = None
+    """The saved state of an interrupted group, on its first step only."""
+
+    @property
+    def first(self) -> bool:
+        return self.items is not None
+
+    @property
+    def last(self) -> bool:
+        return self.step == self.steps
+
+
+def group_checkpoint(folder: str | Path, pairs: Sequence[Pair]) -> Path:
+    """The checkpoint file of a group: named by its members, so a rerun finds it whatever the rank."""
+    key = hashlib.sha1("\n".join(sorted(p.name for p in pairs)).encode()).hexdigest()[:12]
+    return Path(folder) / f"group-{key}.ckpt"
+
+
+def read_group_checkpoint(path: Path) -> dict[str, Any] | None:
+    """A group's saved state, or None when there is none or it is unreadable (the group then starts again)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a damaged group checkpoint costs its progress, never the run
+        return None
+    return state if isinstance(state, dict) and "step" in state else None
+
+
+class GroupSteps(IterableDataset):
+    """This rank's groups, step by step; images are loaded (and checkpoints read) at each group's first step."""
 
     def __init__(
         self,
         pairs: Sequence[Pair],
         groups: Sequence[Sequence[int]],
+        steps: int,
+        checkpoints: str | Path,
         size: int,
         fit: str,
         style_scale: float | Sequence[float],
         loading: Loading = Loading(),
-    ):
+    ) -> None:
         self.pairs = list(pairs)
         self.groups = [list(g) for g in groups]
+        self.steps = steps
+        self.checkpoints = Path(checkpoints)
         self.size, self.fit, self.style_scale, self.loading = size, fit, style_scale, loading
+        self.starts = []
+        for group in self.groups:
+            saved = read_group_checkpoint(group_checkpoint(self.checkpoints, [self.pairs[i] for i in group]))
+            self.starts.append(min(int(saved["step"]), steps - 1) if saved else 0)
 
     def __len__(self) -> int:
-        return len(self.groups)
+        return sum(self.steps - start for start in self.starts)
 
-    def __getitem__(self, index: int) -> list[PairItem]:
-        return [load_pair(self.pairs[i], self.size, self.fit, self.style_scale, self.loading) for i in self.groups[index]]
+    def images(self) -> int:
+        """How many images this rank's groups hold (progress bars count images, not steps)."""
+        return sum(len(g) for g in self.groups)
 
-    def group_size(self, index: int) -> int:
-        """How many pairs group ``index`` holds (progress bars count images, not groups)."""
-        return len(self.groups[index])
+    def __iter__(self) -> Iterator[GroupStep]:
+        for index, (group, start) in enumerate(zip(self.groups, self.starts)):
+            pairs = [self.pairs[i] for i in group]
+            path = group_checkpoint(self.checkpoints, pairs)
+            for step in range(start + 1, self.steps + 1):
+                item = GroupStep(index, step, self.steps, pairs, str(path))
+                if step == start + 1:
+                    loaded = [load_pair(p, self.size, self.fit, self.style_scale, self.loading) for p in pairs]
+                    item = item._replace(items=loaded, resume=read_group_checkpoint(path) if start else None)
+                yield item
 
 
 class StylePairsDataModule(L.LightningDataModule):
-    """Serves content x style pairs to ``trainer.predict`` as groups of same-size images.
+    """Serves content x style pairs to ``Trainer.fit`` as groups of same-size images, ``steps`` steps each.
 
     Args:
         pairs: the pairs to produce (see ``nst_lightning.pairs.expand_pairs``).
+        steps: optimisation steps per image.
         size, fit, style_scale: image sizes, as in the config's ``image`` section.
         loading: resampling, rounding and style fit (``images.Loading``), as in the ``image`` section.
         images_per_device: the largest group optimised together.
-        num_workers: DataLoader workers loading images.
+        checkpoints: folder of the groups' checkpoints (an interrupted group resumes from its own).
     """
 
     def __init__(
         self,
         pairs: Sequence[Pair],
         *,
+        steps: int = 300,
         size: int = 512,
         fit: str = "long",
         style_scale: float | Sequence[float] = 1.0,
         loading: Loading = Loading(),
         images_per_device: int = 4,
-        num_workers: int = 0,
+        checkpoints: str | Path = "checkpoints",
     ) -> None:
         super().__init__()
         self.pairs = list(pairs)
+        self.steps = steps
         self.size, self.fit, self.style_scale, self.loading = size, fit, style_scale, loading
         self.images_per_device = images_per_device
-        self.num_workers = num_workers
-        self.dataset: StylePairsDataset | None = None
+        self.checkpoints = Path(checkpoints)
+        self.dataset: GroupSteps | None = None
 
     @classmethod
     def from_config(
         cls, config: RunConfig, pairs: Sequence[Pair], images_per_device: int | None = None
     ) -> StylePairsDataModule:
-        """The data module for ``pairs`` with the config's image sizes and batching."""
+        """The data module for ``pairs`` with the config's steps, image sizes and batching; checkpoints in OUTPUT/checkpoints."""
         return cls(
             pairs,
+            steps=config.trainer.max_steps,
             size=config.image.size,
             fit=config.image.fit,
             style_scale=config.image.style_scale,
             loading=Loading(**config.image.loading()),
             images_per_device=images_per_device or config.batch.images_per_device,
+            checkpoints=Path(config.output) / "checkpoints",
         )
 
     def setup(self, stage: str) -> None:
-        """Group the pairs for this run's world size; every rank uses rank 0's list, so they shard the same list."""
-        world_size = 1
+        """Group the pairs (every rank uses rank 0's list) and keep this rank's share of the groups."""
+        world_size, rank = 1, 0
         if self.trainer is not None:
             self.pairs = self.trainer.strategy.broadcast(self.pairs, src=0)
-            world_size = self.trainer.world_size
+            world_size, rank = self.trainer.world_size, self.trainer.global_rank
         shapes = [probe_shape(p.content, self.size, self.fit, self.loading.rounding) for p in self.pairs]
         groups = group_by_shape(shapes, self.images_per_device, world_size)
-        self.dataset = StylePairsDataset(self.pairs, groups, self.size, self.fit, self.style_scale, self.loading)
+        mine = groups[rank::world_size]
+        self.dataset = GroupSteps(
+            self.pairs, mine, self.steps, self.checkpoints, self.size, self.fit, self.style_scale, self.loading
+        )
 
-    def predict_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader:
         if self.dataset is None:
-            self.setup("predict")
-        return DataLoader(self.dataset, batch_size=None, shuffle=False, num_workers=self.num_workers, collate_fn=_as_is)
+            self.setup("fit")
+        return DataLoader(self.dataset, batch_size=None, collate_fn=_as_is)

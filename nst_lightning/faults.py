@@ -55,9 +55,9 @@ class GracefulStop(Callback):
     ``step`` and ``saved`` say what happened and what was written.
     """
 
-    def __init__(self, checkpoint_path: str | Path, image_path: str | Path) -> None:
+    def __init__(self, checkpoint_path: str | Path, image_path: str | Path | None) -> None:
         self.checkpoint_path = Path(checkpoint_path)
-        self.image_path = Path(image_path)
+        self.image_path = None if image_path is None else Path(image_path)
         self.signum: int | None = None
         self.at_once = False
         self.started = False
@@ -104,16 +104,23 @@ class GracefulStop(Callback):
         self.step = trainer.global_step
         if not self.started:
             return
-        image = pl_module.result()
         try:
-            if trainer.is_global_zero and bool(torch.isfinite(image).all()):
-                save_image(image, self.image_path)
-                self.saved.append(self.image_path)
+            if self.image_path is not None and trainer.is_global_zero:
+                image = pl_module.result()
+                if bool(torch.isfinite(image).all()):
+                    save_image(image, self.image_path)
+                    self.saved.append(self.image_path)
             if isinstance(exception, (_StopRequested, SIGTERMException)):
-                trainer.save_checkpoint(self.checkpoint_path)
-                self.saved.append(self.checkpoint_path)
+                saved = self.save_state(trainer, pl_module)
+                if saved is not None:
+                    self.saved.append(saved)
         except OSError:  # e.g. the disk that failed the run is still full: report the first problem, not this one
             pass
+
+    def save_state(self, trainer: L.Trainer, pl_module: Any) -> Path | None:
+        """Save what a resume needs at a step boundary; returns the file written."""
+        trainer.save_checkpoint(self.checkpoint_path)
+        return self.checkpoint_path
 
     @property
     def stopped_by_signal(self) -> bool:

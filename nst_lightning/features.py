@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from copy import deepcopy as copy_module
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,7 +174,6 @@ class VGGFeatures(nn.Module):
         self.eval()
         self._indices = {LAYER_INDEX[n]: n for n in self.layers}
         self.channels_last = False
-        self.checkpointed_blocks = 0
 
     def train(self, mode: bool = True) -> VGGFeatures:
         """Stay in eval mode: the extractor is frozen whatever the surrounding module does."""
@@ -184,30 +184,23 @@ class VGGFeatures(nn.Module):
         """The dtype the convolutions run in."""
         return self.net[0].weight.dtype
 
-    def optimize(self, dtype: torch.dtype = torch.float32, channels_last: bool = True) -> VGGFeatures:
-        """Run the convolutions in ``dtype`` (bfloat16 halves CPU/GPU time) and NHWC layout; returns self.
+    def converted(self, dtype: torch.dtype = torch.float32, channels_last: bool = True) -> VGGFeatures:
+        """A copy running the convolutions in ``dtype`` (bfloat16 halves CPU/GPU time) and NHWC layout.
 
         Explicit casting, not autocast: the weights are converted once, and the caller computes Grams and
-        losses from ``.float()`` activations. The normalisation stays in fp32.
+        losses from ``.float()`` activations. The normalisation stays in fp32. This extractor is left as it
+        is (its fp32 weights are what ONNX export and its digest describe); the copy shares no storage.
         """
+        copy = copy_module(self)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.net.to(dtype=dtype, memory_format=fmt)
-        self.channels_last = channels_last
-        return self
+        copy.net.to(dtype=dtype, memory_format=fmt)
+        copy.channels_last = channels_last
+        return copy
 
-    def checkpoint_blocks(self, blocks: int) -> VGGFeatures:
-        """Recompute the first ``blocks`` VGG blocks in the backward pass instead of storing their activations.
-
-        Trades one extra forward of those blocks for most of their activation memory, which dominates at
-        large sizes (block 1 holds 64 channels at full resolution). 0 turns it off; returns self.
-        """
-        self.checkpointed_blocks = max(0, blocks)
-        return self
-
-    def _segments(self) -> list[tuple[int, int, bool]]:
+    def _segments(self, blocks: int) -> list[tuple[int, int, bool]]:
         """``(start, stop, checkpointed)`` ranges of ``self.net``: one per checkpointed block, then the rest."""
         pools = [i for i, layer in enumerate(self.net) if isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d))]
-        ends = [p + 1 for p in pools[: self.checkpointed_blocks]]
+        ends = [p + 1 for p in pools[: max(0, blocks)]]
         starts = [0, *ends]
         segments = [(a, b, True) for a, b in zip(starts, ends)]
         if starts[-1] < len(self.net):
@@ -222,12 +215,19 @@ class VGGFeatures(nn.Module):
                 taken.append(x)
         return x, taken
 
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, checkpoint_blocks: int = 0) -> dict[str, torch.Tensor]:
+        """``{layer: activation}`` for an RGB ``[0, 1]`` batch.
+
+        ``checkpoint_blocks`` recomputes the first N VGG blocks in the backward pass instead of storing their
+        activations: one extra forward of those blocks for most of their activation memory, which dominates
+        at large sizes (block 1 holds 64 channels at full resolution). A per-call setting, so an extractor
+        shared between runs is never changed by one of them.
+        """
         x = self.normalize(image.float()).to(self.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out: dict[str, torch.Tensor] = {}
-        for start, stop, recompute in self._segments():
+        for start, stop, recompute in self._segments(checkpoint_blocks):
             names = [self._indices[i] for i in range(start, stop) if i in self._indices]
             if recompute and x.requires_grad:
                 x, taken = checkpoint(self._run, x, start, stop, use_reentrant=False)

@@ -1,8 +1,10 @@
-"""The LightningModule: the output image is its only trainable parameter.
+"""The LightningModule and the one optimisation engine of every run: the output images are its only parameter.
 
-Works in any ``lightning.Trainer`` (the CLI's or the user's): it brings its own trivial dataloader,
-logs every loss term, keeps the image in ``[0, 1]`` after each step and refuses checkpoints of
-other runs.
+Single runs, coarse-to-fine stages, sweep cells and folder runs all train this module with ``Trainer.fit``.
+Works in any ``lightning.Trainer`` (the CLI's or the user's): it brings its own trivial dataloader (or
+takes groups of pairs from ``StylePairsDataModule``), keeps the images in ``[0, 1]`` after every update,
+reads nothing back from the device between logging steps and refuses checkpoints of other runs. The
+step is ``training_step``: ``optimizer.step(self.evaluate)``, the package's only call of an optimiser.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import time
 import warnings
+from pathlib import Path
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
@@ -20,11 +24,15 @@ from torch import nn
 
 from . import color as colour
 from .config import FeaturesConfig, LossConfig, OptimConfig
-from .errors import CheckpointError, ConfigError, NumericalError
+from .atomic import atomic_write
+from .data import GroupStep, PairResult
+from .errors import CheckpointError, ConfigError, NSTError, NumericalError
 from .features import VGGFeatures, build_extractor, min_side
-from .images import resize
+from .images import resize, save_image
 from .layers import LAYER_NAMES, deepest
 from .losses import StyleTransferLoss
+from .pairs import Pair
+from .optim import BatchedAdam, BatchedLBFGS
 
 FINGERPRINT_KEY = "nst_lightning"
 CHECKPOINT_STATE = ("image", "objective_scale", "image_average", "average_accum")
@@ -33,6 +41,8 @@ running average."""
 
 # The frozen VGG stays in eval mode on purpose; Lightning >= 2.5.5 would warn about it on every fit.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+# Checkpoints hold the state after the step on purpose (that is where a resume continues).
+warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -81,11 +91,18 @@ def _as_mask(mask: torch.Tensor | None, shape: Sequence[int]) -> torch.Tensor | 
 
 
 class StyleTransferModule(L.LightningModule):
-    """Neural style transfer (Gatys et al. 2015) as a LightningModule.
+    """Neural style transfer (Gatys et al. 2015) as a LightningModule: the engine of every run.
+
+    The trainable parameter is a batch of output images ``(B, 3, H, W)``, each with its own targets; a
+    single run is B = 1, a folder run optimises groups of same-size pairs (``StylePairsDataModule`` feeds
+    them as batches). Every Trainer step runs ``optim.max_iter`` evaluations and updates without reading
+    a value back from the device; losses are logged, and the NaN guard read, on logging steps only.
 
     Args:
-        content: content image, ``(1, 3, H, W)`` RGB in ``[0, 1]``; the output has its size.
-        style: one style image or several (any sizes), same format.
+        content: content image(s), ``(B, 3, H, W)`` RGB in ``[0, 1]``; the output has their size. None for
+            a module fed groups of pairs by ``StylePairsDataModule``.
+        style: one style image or several blended (any sizes), shared by every content image; or, for a
+            batch, one list of style images per content image.
         loss, optim, features: settings (config sections or plain dicts); defaults follow the paper.
             ``features.checkpoint_blocks=auto`` is resolved from the memory estimate by ``nst_lightning.fit``;
             a module built directly treats it as 0 (no checkpointing).
@@ -95,7 +112,8 @@ class StyleTransferModule(L.LightningModule):
             the whole image; regions no mask covers keep only the content loss.
         color: ``none`` (the style's colours), ``luminance`` (keep the content's chroma) or ``histogram``
             (recolour the styles to the content's colour statistics first); see ``nst_lightning.color``.
-        extractor: a prebuilt ``VGGFeatures`` to share between modules; built from ``features`` otherwise.
+        extractor: a prebuilt ``VGGFeatures`` to share between modules (never changed by use); built from
+            ``features`` otherwise.
         target_cache: a dict shared between modules of the same images and layers, so targets are computed once.
         seed: seeds the ``noise`` init.
     """
@@ -105,8 +123,8 @@ class StyleTransferModule(L.LightningModule):
 
     def __init__(
         self,
-        content: torch.Tensor,
-        style: torch.Tensor | Sequence[torch.Tensor],
+        content: torch.Tensor | None = None,
+        style: torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]] | None = None,
         *,
         loss: LossConfig | Mapping[str, Any] | None = None,
         optim: OptimConfig | Mapping[str, Any] | None = None,
@@ -120,21 +138,11 @@ class StyleTransferModule(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        self.automatic_optimization = False
         self.loss_config = LossConfig.model_validate(loss or {})
         self.optim_config = OptimConfig.model_validate(optim or {})
         self.features_config = FeaturesConfig.model_validate(features or {})
-        styles = [style] if isinstance(style, torch.Tensor) else list(style)
-        if content.dim() != 4 or content.shape[:2] != (1, 3):
-            raise ValueError(f"content must be (1, 3, H, W), got {tuple(content.shape)}")
-        layers = [*self.loss_config.content_layers, *self.loss_config.style_layers]
-        need = min_side(layers)
-        for name, t in [("content", content), *[("style", s) for s in styles]]:
-            if min(t.shape[-2:]) < need:
-                raise ConfigError(
-                    f"{name} image is {t.shape[-1]}x{t.shape[-2]} px but layers down to "
-                    f"{LAYER_NAMES[deepest(layers)]} need at least {need} px per side; "
-                    "raise image.size or image.style_scale, or use a less elongated image"
-                )
+        self.layers = [*self.loss_config.content_layers, *self.loss_config.style_layers]
         self.save_hyperparameters(
             {
                 "loss": self.loss_config.model_dump(),
@@ -145,54 +153,80 @@ class StyleTransferModule(L.LightningModule):
                 "color": color,
                 "style_masks": None if style_masks is None else [m is not None for m in style_masks],
                 "seed": seed,
-                "image_shape": list(content.shape),
+                "image_shape": None if content is None else list(content.shape),
             }
         )
-        self.extractor = extractor if extractor is not None else config_extractor(self.features_config, layers)
-        blocks = self.features_config.checkpoint_blocks
-        self.extractor.checkpoint_blocks(0 if blocks == "auto" else blocks)
-        missing = [n for n in layers if n not in self.extractor.layers]
+        self.extractor = extractor if extractor is not None else config_extractor(self.features_config, self.layers)
+        missing = [n for n in self.layers if n not in self.extractor.layers]
         if missing:
             raise ConfigError(f"the given extractor does not return layers {missing}; build it with all loss layers")
-        if style_masks is not None and len(style_masks) != len(styles):
-            raise ConfigError(f"{len(style_masks)} style masks for {len(styles)} style images; give one (or None) per style")
+        blocks = self.features_config.checkpoint_blocks
+        self.checkpoint_blocks = 0 if blocks == "auto" else blocks
+        self.network: VGGFeatures = self.extractor
         self.color = color
-        if color == "luminance":
-            self.register_buffer("chroma_source", content.detach().float().clone(), persistent=False)
-        seen_content, seen_styles = colour.prepare(color, content.detach().float(), [s.detach().float() for s in styles])
-        self.register_buffer("content_image", seen_content.clone(), persistent=False)
-        self.style_images = [s.clone() for s in seen_styles]
-        self.style_masks = None if style_masks is None else [_as_mask(m, content.shape[-2:]) for m in style_masks]
+        self.init = init
+        self.seed = seed
         self.style_blend = list(style_blend) if style_blend is not None else None
+        self.raw_style_masks = None if style_masks is None else list(style_masks)
         self.target_cache = target_cache
-        self.criterion = StyleTransferLoss(
-            self.loss_config.content_layers,
-            self.loss_config.style_layers,
-            self.loss_config.layer_weights(),
-            content_weight=self.loss_config.content_weight,
-            style_weight=self.loss_config.style_weight,
-            tv_weight=self.loss_config.tv_weight,
-            content_loss=self.loss_config.content_loss,
-            style_loss=self.loss_config.style_loss,
-            tv_loss=self.loss_config.tv_loss,
-        )
-        start = initial_image(init, seen_content, seen_styles, seed)
-        if color == "luminance":
-            start = colour.luminance(start)
-        self.image = nn.Parameter(start * self.pixel_scale)
-        self.register_buffer("objective_scale", torch.ones(()))
-        self._scale_ready = False
         self.average_decay = self.optim_config.average
+        self.strict_loading = False
+        self.step_terms: torch.Tensor | None = None
+        """The loss terms (content, style, tv, loss; mean over the batch) at the image this step started from."""
+        self._first_evaluation = True
+        self._scale_ready = False
+        self.group: GroupStep | None = None
+        self.group_pairs: list[Pair] = []
+        self.group_checkpoint_every = 0
+        """Folder runs: save the running group every this many steps (0: only when stopped by a signal)."""
+        self.results: list[PairResult] = []
+        """Folder runs: what became of each pair this rank handled."""
+        self.criteria = nn.ModuleList()
+        self.style_images: list[list[torch.Tensor]] = []
+        self.style_masks: list[torch.Tensor | None] | None = None
+        self.fingerprint: dict[str, Any] = {}
+        self.image = nn.Parameter(torch.zeros(0, 3, 1, 1))
+        if content is not None:
+            self.set_images(content, style)
+
+    # ----------------------------------------------------------------------------------- the problem
+    def set_images(
+        self, content: torch.Tensor, style: torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]] | None
+    ) -> None:
+        """Make ``content`` (``(B, 3, H, W)``) and its styles the problem: targets, starting image, fresh state."""
+        if content.dim() != 4 or content.shape[1] != 3:
+            raise ValueError(f"content must be (B, 3, H, W), got {tuple(content.shape)}")
+        per_image = _styles_per_image(style, content.shape[0])
+        self.check_sizes(content, [s for styles in per_image for s in styles])
+        masks = self.raw_style_masks
+        if masks is not None and any(len(masks) != len(styles) for styles in per_image):
+            raise ConfigError(f"{len(masks)} style masks for {len(per_image[0])} style images; give one (or None) per style")
+        device = self.image.device
+        content = content.detach().float()
+        self.style_masks = None if masks is None else [_as_mask(m, content.shape[-2:]) for m in masks]
+        seen = [colour.prepare(self.color, content[i : i + 1], [s.detach().float() for s in per_image[i]]) for i in range(len(per_image))]
+        self.register_buffer("content_image", torch.cat([c for c, _ in seen]).to(device), persistent=False)
+        self.style_images = [[s.clone() for s in styles] for _, styles in seen]
+        self.register_buffer("chroma_source", content.clone().to(device) if self.color == "luminance" else None, persistent=False)
+        self.criteria = nn.ModuleList([self._criterion() for _ in per_image]).to(device)
+        start = torch.cat([initial_image(self.init, c, styles, self.seed) for c, styles in seen])
+        if self.color == "luminance":
+            start = colour.luminance(start)
+        self.image = nn.Parameter((start * self.pixel_scale).to(device).contiguous())
+        self.register_buffer("objective_scale", torch.ones(len(per_image), device=device))
+        self._scale_ready = False
+        self.register_buffer("last_good", self.image.detach().clone(), persistent=False)
+        self.register_buffer("finite", torch.ones(len(per_image), dtype=torch.bool, device=device), persistent=False)
         if self.average_decay is not None:
             self.register_buffer("image_average", torch.zeros_like(self.image.detach()))
-            self.register_buffer("average_accum", torch.ones(()))
+            self.register_buffer("average_accum", torch.ones((), device=device))
             self.update_average()
         self.fingerprint = {
             "content": _digest(content),
-            "styles": [_digest(s) for s in styles],
+            "styles": [_digest(s) for s in per_image[0]] if len(per_image) == 1 else [[_digest(s) for s in st] for st in per_image],
             "style_blend": self.style_blend,
             "style_masks": None if self.style_masks is None else [m if m is None else _digest(m) for m in self.style_masks],
-            "color": color,
+            "color": self.color,
             "image_shape": list(content.shape),
             "layers": {"content": self.loss_config.content_layers, "style": self.loss_config.style_layers},
             "weights": self.features_config.weights,
@@ -202,44 +236,178 @@ class StyleTransferModule(L.LightningModule):
             "optimizer": self.optim_config.name,
             "average": self.average_decay,
         }
-        self.strict_loading = False
-        self._losses_finite: torch.Tensor | None = None
+        self.hparams["image_shape"] = list(content.shape)
+        self.step_terms = None
 
+    def check_sizes(self, content: torch.Tensor, styles: Sequence[torch.Tensor]) -> None:
+        """ConfigError when an image is too small for the deepest loss layer."""
+        need = min_side(self.layers)
+        for name, t in [("content", content), *[("style", s) for s in styles]]:
+            if min(t.shape[-2:]) < need:
+                raise ConfigError(
+                    f"{name} image is {t.shape[-1]}x{t.shape[-2]} px but layers down to "
+                    f"{LAYER_NAMES[deepest(self.layers)]} need at least {need} px per side; "
+                    "raise image.size or image.style_scale, or use a less elongated image"
+                )
+
+    def _criterion(self) -> StyleTransferLoss:
+        cfg = self.loss_config
+        return StyleTransferLoss(
+            cfg.content_layers,
+            cfg.style_layers,
+            cfg.layer_weights(),
+            content_weight=cfg.content_weight,
+            style_weight=cfg.style_weight,
+            tv_weight=cfg.tv_weight,
+            content_loss=cfg.content_loss,
+            style_loss=cfg.style_loss,
+            tv_loss=cfg.tv_loss,
+        )
+
+    @property
+    def batch_size(self) -> int:
+        """How many images are optimised together."""
+        return self.image.shape[0]
+
+    # ----------------------------------------------------------------------------------- evaluation
     def forward(self, image: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Loss terms for ``image`` (default: the current output), computing targets on first use."""
+        """Loss terms (mean over the batch) for ``image`` (default: the current output), computing targets on first use."""
+        return {k: v.mean() for k, v in self.loss_terms(image).items()}
+
+    def loss_terms(self, image: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Each image's loss terms ``content``, ``style``, ``tv``, ``loss`` as ``(B,)`` tensors: one VGG pass for the batch."""
         self.prepare_targets()
         x = self.image / self.pixel_scale if image is None else image
-        return self.criterion(self.extractor(x), x)
+        feats = self.network(x, checkpoint_blocks=self.checkpoint_blocks)
+        per_image = [
+            criterion({k: v[i : i + 1] for k, v in feats.items()}, x[i : i + 1]) for i, criterion in enumerate(self.criteria)
+        ]
+        return {k: torch.stack([t[k] for t in per_image]) for k in LOSS_TERMS}
 
     @torch.no_grad()
     def prepare_targets(self, features: Callable[[torch.Tensor], Mapping[str, torch.Tensor]] | None = None) -> None:
-        """Compute content features and style Grams once, on the module's current device.
+        """Compute each image's content features and style Grams once, on the module's current device, in fp32.
 
         ``features`` computes the activations instead of the module's extractor, e.g. an exported ONNX
         graph run by onnxruntime; the optimisation itself always uses the torch extractor (it needs gradients).
         Without it, targets may come from ``target_cache``, filled by an earlier module of the same images
         and layers.
         """
-        if self.criterion.has_targets:
+        if all(c.has_targets for c in self.criteria):
             return
         cache = self.target_cache if features is None else None
         extract = features if features is not None else self.extractor
         device = self.image.device
-        key = self._targets_key()
-        if cache is not None and key in cache:
-            self.criterion.load_targets(cache[key])
-            return
-        content_feats = extract(self.content_image.to(device))
-        style_feats = [extract(s.to(device)) for s in self.style_images]
         masks = None if self.style_masks is None else [m if m is None else m.to(device) for m in self.style_masks]
-        self.criterion.set_targets(content_feats, style_feats, self.style_blend, masks)
-        if cache is not None:
-            cache[key] = self.criterion.targets()
+        with torch.autocast(device.type, enabled=False):
+            for i, criterion in enumerate(self.criteria):
+                key = self._targets_key(i)
+                if cache is not None and key in cache:
+                    criterion.load_targets(cache[key])
+                    continue
+                content_feats = extract(self.content_image[i : i + 1].to(device))
+                style_feats = [extract(s.to(device)) for s in self.style_images[i]]
+                criterion.set_targets(content_feats, style_feats, self.style_blend, masks)
+                if cache is not None:
+                    cache[key] = criterion.targets()
 
-    def _targets_key(self) -> str:
-        """What the targets depend on: images, masks, colour mode, layers, weights and device."""
-        parts = {k: v for k, v in self.fingerprint.items() if k not in ("optimizer", "average")}
-        return json.dumps([parts, str(self.image.device)], sort_keys=True)
+    def _targets_key(self, index: int) -> str:
+        """What image ``index``'s targets depend on: its images, masks, colour mode, layers, weights and device."""
+        parts = {k: v for k, v in self.fingerprint.items() if k not in ("optimizer", "average", "content", "styles", "image_shape")}
+        images = [_digest(self.content_image[index]), [_digest(s) for s in self.style_images[index]]]
+        return json.dumps([parts, images, str(self.image.device)], sort_keys=True)
+
+    # ----------------------------------------------------------------------------------- the step
+    def objective(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """What the optimiser minimises: each image's total loss times its ``objective_scale``, summed.
+
+        The scale, fixed at the first evaluation, makes each image's gradient at its starting point one pixel
+        unit per element on average, whatever the loss kind (the paper's and Keras' losses reach 1e13 per
+        pixel, the relative ones 1e-6). L-BFGS takes a plain gradient step of that size whenever it has no
+        curvature pair and skips pairs with y.s < 1e-10: unscaled, a 1e13 gradient threw every pixel to 0 or
+        255 under bf16 (whose input resolution swallowed the tiny first step), and the relative losses stood
+        still at 256 px and above. Directions are otherwise invariant to the factor. The sum keeps the images
+        independent: each one's gradient is its own loss's.
+        """
+        if not self._scale_ready:
+            self._set_objective_scale(terms["loss"])
+        return (terms["loss"] * self.objective_scale).sum()
+
+    def _set_objective_scale(self, losses: torch.Tensor) -> None:
+        """``objective_scale = 1 / mean |d loss_i / d image_i|`` per image at the current images, without a host
+        sync (the element count where that mean is 0 or not finite)."""
+        (grad,) = torch.autograd.grad(losses.sum(), self.image, retain_graph=True)
+        mean = grad.float().abs().flatten(1).mean(1)
+        usable = torch.isfinite(mean) & (mean > 0)
+        fallback = torch.full_like(mean, float(self.image[0].numel()))
+        with torch.no_grad():
+            self.objective_scale.copy_(torch.where(usable, 1.0 / torch.where(usable, mean, 1.0), fallback))
+        self._scale_ready = True
+
+    def evaluate(self) -> torch.Tensor:
+        """One evaluation: loss terms, gradient of the objective, projected; the closure every optimiser calls.
+
+        Static shapes, no host sync: non-finite losses are recorded in ``finite`` on the device. The first
+        evaluation of a step records ``step_terms``.
+        """
+        self.image.grad = None
+        terms = self.loss_terms()
+        objective = self.objective(terms)
+        objective.backward()
+        self.project_gradient()
+        with torch.no_grad():
+            self.finite &= torch.isfinite(terms["loss"])
+            if self._first_evaluation:
+                self.step_terms = torch.stack([terms[k].detach().mean() for k in LOSS_TERMS])
+                self._first_evaluation = False
+        return objective.detach()
+
+    @torch.no_grad()
+    def project_gradient(self) -> None:
+        """Pixels held at 0 or 255 are not pushed further out of range (a projected method with the clamp)."""
+        grad = self.image.grad
+        if grad is not None:
+            x = self.image.detach()
+            grad.masked_fill_(((x <= 0) & (grad > 0)) | ((x >= self.pixel_scale) & (grad < 0)), 0.0)
+
+    @torch.no_grad()
+    def clamp(self) -> None:
+        """Keep the image in the valid pixel range after every update."""
+        self.image.clamp_(0.0, self.pixel_scale)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        """One optimisation step (``optim.max_iter`` evaluations and updates), then, on logging steps only,
+        the NaN guard and the logged losses: the only places values are read back from the device."""
+        if not self.batch_size:
+            return
+        self._first_evaluation = True
+        self.optimizers().step(self.evaluate)
+        with torch.no_grad():
+            self.clamp()
+            self.finite &= torch.isfinite(self.image).flatten(1).all(1)
+            self.last_good.copy_(torch.where(self.finite.view(-1, 1, 1, 1), self.image, self.last_good))
+        if self.average_decay is not None:
+            self.update_average()
+        if self.is_logging_step():
+            self.check_finite()
+            content, style, tv, total = self.step_terms
+            self.log_dict({"content": content, "style": style, "tv": tv, "loss": total}, prog_bar=True,
+                          on_step=True, on_epoch=False, batch_size=self.batch_size)
+
+    def is_logging_step(self) -> bool:
+        """Whether this step (just taken) is one the Trainer logs: every ``log_every_n_steps`` and the last."""
+        trainer = self.trainer
+        step = trainer.global_step
+        return step % max(1, trainer.log_every_n_steps) == 0 or step == trainer.max_steps
+
+    @torch.no_grad()
+    def check_finite(self) -> None:
+        """Read the NaN guard (a host sync): after a NaN or infinity, put back the last good images and raise."""
+        if bool(self.finite.all()):
+            return
+        self.image.copy_(self.last_good)
+        self.finite.fill_(True)
+        raise NumericalError(self._numerical_advice())
 
     @torch.no_grad()
     def update_average(self) -> None:
@@ -249,107 +417,147 @@ class StyleTransferModule(L.LightningModule):
         self.image_average.mul_(decay).add_(self.image.detach(), alpha=1.0 - decay)
 
     def optimised_image(self) -> torch.Tensor:
-        """The image being optimised (its running average with ``optim.average``), ``[0, 1]``, on the CPU.
+        """The images being optimised (their running average with ``optim.average``), ``[0, 1]``, on the CPU.
 
-        Under ``color=luminance`` this is the grey luminance image; ``result()`` adds the content's chroma.
+        Under ``color=luminance`` these are grey luminance images; ``result()`` adds the content's chroma.
+        Reads the NaN guard first, so a non-finite image is never handed out (NumericalError instead).
         """
+        self.check_finite()
         x = self.image.detach()
         if self.average_decay is not None:
             x = self.image_average / (1.0 - self.average_accum)
         return (x / self.pixel_scale).clamp(0.0, 1.0).cpu()
 
     def result(self) -> torch.Tensor:
-        """The output image, ``(1, 3, H, W)`` in ``[0, 1]``, detached on the CPU, colour control applied."""
+        """The output images, ``(B, 3, H, W)`` in ``[0, 1]``, detached on the CPU, colour control applied."""
         x = self.optimised_image()
         if self.color == "luminance":
             x = colour.with_chroma(x, self.chroma_source.cpu())
         return x
 
     def setup(self, stage: str) -> None:
-        """Match the frozen VGG to the Trainer's precision: bf16 weights under bf16-mixed, NHWC layout."""
-        self.extractor.optimize(network_dtype(str(self.trainer.precision) if self._trainer is not None else "32-true"))
+        """Run the frozen VGG as the Trainer's precision asks, on a converted copy: the shared extractor is never changed."""
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        self.network = self.extractor.converted(network_dtype(precision))
 
     def on_fit_start(self) -> None:
-        self.prepare_targets()
+        if self.batch_size:
+            self.prepare_targets()
 
     def train_dataloader(self) -> Iterator[int]:
         """The image is the only data: an endless stream of placeholders, stopped by ``max_steps``."""
         return itertools.repeat(0)
 
-    def objective(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """What the optimiser minimises: the total loss times ``objective_scale``, fixed at the first call.
-
-        The scale makes the gradient at the starting image one pixel unit per element on average, whatever
-        the loss kind (the paper's and Keras' losses reach 1e13, the relative ones 1e-6 per pixel). torch's
-        L-BFGS takes a plain gradient step of that size whenever it has no curvature pair; its first step
-        moves the image by 1/|g|_1, below bf16's input resolution, so under bf16 that first pair is often
-        lost and an unscaled 1e13 gradient threw every pixel to 0 or 255. Directions are otherwise invariant
-        to the factor, so fp32 runs are unchanged.
-        """
-        if not self._scale_ready:
-            self._set_objective_scale(terms["loss"])
-        return terms["loss"] * self.objective_scale
-
-    def _set_objective_scale(self, loss: torch.Tensor) -> None:
-        """``objective_scale = 1 / mean |d loss / d image|`` at the current image (the element count if that is 0)."""
-        (grad,) = torch.autograd.grad(loss, self.image, retain_graph=True)
-        mean = grad.float().abs().mean()
-        usable = torch.isfinite(mean) & (mean > 0)
-        fallback = torch.tensor(float(self.image.numel()), device=mean.device)
-        with torch.no_grad():
-            self.objective_scale.copy_(torch.where(usable, 1.0 / torch.where(usable, mean, 1.0), fallback))
-        self._scale_ready = True
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """Log the (unscaled) loss terms; hand the optimiser ``objective``."""
-        terms = self(None)
-        self.log_dict(terms, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
-        finite = torch.isfinite(terms["loss"].detach())
-        self._losses_finite = finite if self._losses_finite is None else self._losses_finite & finite
-        return self.objective(terms)
-
-    def on_after_backward(self) -> None:
-        """Project the gradient: pixels held at 0 or 255 are not pushed further out of range.
-
-        With the clamp after each step this is a simple projected method; it keeps L-BFGS's curvature
-        pairs consistent with the steps actually taken.
-        """
-        grad = self.image.grad
-        if grad is not None:
-            x = self.image.detach()
-            grad.masked_fill_(((x <= 0) & (grad > 0)) | ((x >= self.pixel_scale) & (grad < 0)), 0.0)
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """Step, then clamp the image to the valid pixel range (before callbacks save or show it).
-
-        A NaN or infinite loss in any evaluation of the step, or a NaN in the image, puts the image back as
-        it was before the step and raises NumericalError, so nothing non-finite is ever saved. One host
-        sync per step; the per-evaluation checks stay on the device.
-        """
-        before = self.image.detach().clone()
-        self._losses_finite = None
-        super().optimizer_step(*args, **kwargs)
-        with torch.no_grad():
-            self.image.clamp_(0.0, self.pixel_scale)
-            finite = torch.isfinite(self.image).all()
-            if self._losses_finite is not None:
-                finite &= self._losses_finite
-            if not bool(finite):
-                self.image.copy_(before)
-                raise NumericalError(self._numerical_advice())
-        if self.average_decay is not None:
-            self.update_average()
-
     def _numerical_advice(self) -> str:
         loss = self.loss_config
         return (
-            f"the loss or the image became NaN or infinite at step {self.global_step + 1}; lower optim.lr "
+            f"the loss or the image became NaN or infinite by step {self.global_step}; lower optim.lr "
             f"(now {self.optim_config.learning_rate:g}) or the loss weights (content_weight {loss.content_weight:g}, "
             f"style_weight {loss.style_weight:g}, tv_weight {loss.tv_weight:g})"
         )
 
+    # ----------------------------------------------------------------------------------- folder runs
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """A folder run's group begins: load its images (recording those that fail) and a fresh optimiser."""
+        if isinstance(batch, GroupStep):
+            if batch.first:
+                self.start_group(batch)
+            self.group = batch
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """A folder run saves its group every ``group_checkpoint_every`` steps and writes its images at the last."""
+        if not isinstance(batch, GroupStep) or not self.batch_size:
+            return
+        if batch.last:
+            self.finish_group(batch)
+        elif self.group_checkpoint_every and batch.step % self.group_checkpoint_every == 0:
+            self.save_group()
+
+    def start_group(self, batch: GroupStep) -> None:
+        """Make the group's loadable pairs the problem; an interrupted group continues from its saved state."""
+        good = []
+        for item in batch.items or []:
+            error = item.error
+            if error is None:
+                try:
+                    self.check_sizes(item.content, item.styles)
+                except NSTError as err:
+                    error = str(err)
+            if error is None:
+                good.append(item)
+            else:
+                self.results.append(self._pair_result(item.pair, "failed", error=error))
+        self.group = batch
+        self.group_pairs = [item.pair for item in good]
+        self._group_started = time.perf_counter()
+        if not good:
+            self.image = nn.Parameter(self.image.new_zeros((0, 3, 1, 1)))
+            return
+        self.set_images(torch.cat([item.content for item in good]), [item.styles for item in good])
+        self.prepare_targets()
+        optimizer = self.configure_optimizers()
+        if batch.resume is not None:
+            self._restore_group(batch.resume, optimizer)
+        self.trainer.strategy.optimizers = [optimizer]
+
+    def group_state(self) -> dict[str, Any]:
+        """What a group checkpoint holds: members, fingerprint, step, images (and average) and optimiser state."""
+        self.check_finite()
+        state = {k: v for k, v in self.state_dict().items() if k in CHECKPOINT_STATE}
+        return {
+            "members": [p.name for p in self.group_pairs],
+            FINGERPRINT_KEY: self.fingerprint,
+            "step": self.group.step,
+            "state_dict": state,
+            "optimizer": self.trainer.strategy.optimizers[0].state_dict(),
+        }
+
+    def save_group(self) -> Path | None:
+        """Write the running group's checkpoint (atomically, by this rank alone); its path, or None if none runs."""
+        if not self.batch_size or self.group is None:
+            return None
+        path = Path(self.group.checkpoint)
+        state = self.group_state()
+        atomic_write(path, lambda fh: torch.save(state, fh), fsync=True)
+        return path
+
+    def _restore_group(self, saved: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> None:
+        if saved.get("members") != [p.name for p in self.group_pairs] or saved.get(FINGERPRINT_KEY) != self.fingerprint:
+            raise CheckpointError(
+                f"{self.group.checkpoint} was written by a run with other images or settings; rerun with "
+                "--overwrite to start the folder again, or restore the settings it was written with"
+            )
+        self.load_state_dict(saved["state_dict"], strict=False)
+        self._scale_ready = "objective_scale" in saved["state_dict"]
+        state = saved["optimizer"]
+        for group in state.get("param_groups", []):
+            group["lr"] = self.optim_config.learning_rate
+        optimizer.load_state_dict(state)
+        self.last_good.copy_(self.image.detach())
+
+    @torch.no_grad()
+    def finish_group(self, batch: GroupStep) -> None:
+        """Write each image of the group to its pair's file and record its loss at the result (unscaled)."""
+        self.check_finite()
+        losses = self.loss_terms()["loss"].tolist()
+        seconds = (time.perf_counter() - self._group_started) / self.batch_size
+        for pair, image, loss in zip(self.group_pairs, self.result(), losses):
+            save_image(image.unsqueeze(0), pair.output)
+            self.results.append(self._pair_result(pair, "done", loss=loss, seconds=seconds))
+        Path(batch.checkpoint).unlink(missing_ok=True)
+        self.image = nn.Parameter(self.image.new_zeros((0, 3, 1, 1)))
+
+    def _pair_result(self, pair: Pair, status: str, **details: Any) -> PairResult:
+        return PairResult(pair.name, pair.content, list(pair.styles), pair.output, self.global_rank, status, **details)
+
+    def on_train_start(self) -> None:
+        self.results: list[PairResult] = []
+
+    # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep checkpoints small: the image (and its average) and optimiser state, not the frozen VGG weights."""
+        """Keep checkpoints small (the image, its average and optimiser state, not the frozen VGG) and good:
+        the NaN guard is read first, so a non-finite state is never saved."""
+        self.check_finite()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in CHECKPOINT_STATE}
         checkpoint[FINGERPRINT_KEY] = self.fingerprint
 
@@ -382,15 +590,40 @@ class StyleTransferModule(L.LightningModule):
             )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Batched L-BFGS or Adam over the stacked images (``optim.max_iter`` updates per step, clamped after
+        each); torch's L-BFGS for ``line_search: strong_wolfe`` (one image, clamped after the step)."""
         cfg = self.optim_config
+        if cfg.line_search == "strong_wolfe":
+            return torch.optim.LBFGS(
+                [self.image],
+                lr=cfg.learning_rate,
+                max_iter=cfg.max_iter,
+                history_size=cfg.history_size,
+                line_search_fn=cfg.line_search,
+                tolerance_grad=0.0,
+                tolerance_change=0.0,
+            )
         if cfg.name == "adam":
-            return torch.optim.Adam([self.image], lr=cfg.learning_rate)
-        return torch.optim.LBFGS(
-            [self.image],
-            lr=cfg.learning_rate,
-            max_iter=cfg.max_iter,
-            history_size=cfg.history_size,
-            line_search_fn=None if cfg.line_search == "none" else cfg.line_search,
-            tolerance_grad=0.0,
-            tolerance_change=0.0,
+            return BatchedAdam([self.image], lr=cfg.learning_rate, max_iter=cfg.max_iter, after_update=self.clamp)
+        return BatchedLBFGS(
+            [self.image], lr=cfg.learning_rate, history_size=cfg.history_size, max_iter=cfg.max_iter, after_update=self.clamp
         )
+
+
+LOSS_TERMS = ("content", "style", "tv", "loss")
+
+
+def _styles_per_image(
+    style: torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]] | None, count: int
+) -> list[list[torch.Tensor]]:
+    """The style images of each of ``count`` content images: one shared list, or one list per image."""
+    if style is None:
+        raise ValueError("give the style image(s)")
+    if isinstance(style, torch.Tensor):
+        return [[style]] * count
+    items = list(style)
+    if items and all(isinstance(s, torch.Tensor) for s in items):
+        return [items] * count
+    if len(items) != count:
+        raise ValueError(f"{len(items)} style lists for {count} content images; give one list per image or one shared")
+    return [[s] if isinstance(s, torch.Tensor) else list(s) for s in items]

@@ -7,7 +7,7 @@ optimiser's copies of the image and the frozen weights. Arithmetic only: nothing
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import MAX_CHECKPOINT_BLOCKS, MAX_IMAGE_SIZE, RunConfig, all_layers
@@ -187,13 +187,15 @@ def estimate_for(
     style_shapes: Sequence[Shape],
     size: int | None = None,
     checkpoint_blocks: int | None = None,
+    batch: int = 1,
 ) -> MemoryEstimate:
     """The estimate for ``config`` and source images of these shapes (at ``size`` instead of ``image.size`` if given).
 
-    ``checkpoint_blocks`` defaults to the most memory-saving value the config allows (see ``checkpoint_choices``).
+    ``checkpoint_blocks`` defaults to the most memory-saving value the config allows (see ``checkpoint_choices``);
+    ``batch`` images optimised together multiply everything but the shared weights.
     """
     shape, styles = run_shapes(config, content_shape, style_shapes, size or config.image.size)
-    return estimate_memory(
+    one = estimate_memory(
         shape,
         styles,
         all_layers(config),
@@ -205,10 +207,11 @@ def estimate_for(
         source_pixels=max(h * w for h, w in [content_shape, *style_shapes]),
         checkpoint_blocks=checkpoint_choices(config)[-1] if checkpoint_blocks is None else checkpoint_blocks,
     )
+    return replace(one, activations=one.activations * batch, optimizer=one.optimizer * batch, targets=one.targets * batch)
 
 
 def plan_memory(
-    config: RunConfig, content_shape: Shape, style_shapes: Sequence[Shape], available: int | None
+    config: RunConfig, content_shape: Shape, style_shapes: Sequence[Shape], available: int | None, batch: int = 1
 ) -> tuple[int, MemoryEstimate]:
     """The fewest checkpointed VGG blocks whose estimate fits in ``available`` bytes, and that estimate.
 
@@ -219,7 +222,7 @@ def plan_memory(
     if available is None:
         choices = choices[:1]
     for blocks in choices:
-        estimate = estimate_for(config, content_shape, style_shapes, checkpoint_blocks=blocks)
+        estimate = estimate_for(config, content_shape, style_shapes, checkpoint_blocks=blocks, batch=batch)
         if available is None or estimate.total <= available:
             return blocks, estimate
     return blocks, estimate
@@ -312,14 +315,18 @@ def advice(config: RunConfig, content_shape: Shape, style_shapes: Sequence[Shape
     return "; ".join(tips)
 
 
-def check_fits(config: RunConfig, content_shape: Shape, style_shapes: Sequence[Shape]) -> tuple[int, MemoryEstimate]:
-    """The VGG blocks to checkpoint and the estimate; ResourceError before anything starts when even that does not fit."""
+def check_fits(
+    config: RunConfig, content_shape: Shape, style_shapes: Sequence[Shape], batch: int = 1
+) -> tuple[int, MemoryEstimate]:
+    """The VGG blocks to checkpoint and the estimate for ``batch`` images optimised together; ResourceError
+    before anything starts when even that does not fit."""
     device, available = target_device(config)
-    blocks, estimate = plan_memory(config, content_shape, style_shapes, available)
+    blocks, estimate = plan_memory(config, content_shape, style_shapes, available, batch)
     if available is not None and estimate.total > available:
         saving = f" with {blocks} VGG blocks checkpointed" if blocks else ""
+        images = f" ({batch} images together; lower batch.images_per_device)" if batch > 1 else ""
         raise ResourceError(
-            f"image.size={config.image.size} needs {estimate.describe()}{saving} but {device} has only "
+            f"image.size={config.image.size}{images} needs {estimate.describe()}{saving} but {device} has only "
             f"{available / GiB:.1f} GiB free; {advice(config, content_shape, style_shapes, available)}"
         )
     return blocks, estimate

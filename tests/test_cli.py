@@ -66,7 +66,7 @@ def test_fit_end_to_end_then_resume(tmp_path):
 
     r = cli("fit", "--config", str(CONFIGS / "example.yaml"), "--resume", "last", *sets(tiny_overrides(out, steps=6)))
     assert r.returncode == 0, r.stderr
-    assert len((out / "losses.csv").read_text().splitlines()) == 7
+    assert len((out / "losses.csv").read_text().splitlines()) == 8  # header, steps 0..6
     # progress: not a terminal here, so plain lines on stderr (no \r redraws), none on stdout
     assert "\r" not in r.stderr and "step" not in r.stdout
     assert re.fullmatch(r"Stylising: step 6/6 \(100%\), \d+\.\d\d s/step, loss=\d\.\d\de[+-]\d\d", r.stderr.splitlines()[-1]), r.stderr
@@ -77,7 +77,7 @@ def test_fit_end_to_end_then_resume(tmp_path):
     [
         (["--set", "loss.style_weight=-1"], "loss.style_weight"),
         (["--set", "bogus=1"], "bogus: unknown key"),
-        (["--set", "trainer.precision=16-mixed"], "16-mixed cannot be used with optim.name=lbfgs"),
+        (["--set", "trainer.precision=16-mixed"], "16-mixed is not supported"),
         (["--set", "content=/nonexistent/photo.jpg"], "image /nonexistent/photo.jpg does not exist"),
         (["--config", "/nonexistent.yaml"], "does not exist"),
         (["--set", "loss.style_layers=[relu6_1]"], "unknown VGG19 layer"),
@@ -235,7 +235,7 @@ def test_checkpoints_of_other_runs_are_refused_and_the_run_is_untouched(tmp_path
 def test_a_numerical_fault_through_the_command_is_one_line(tmp_path):
     out = tmp_path / "run"
     r = invoke("fit", "-q", *sets(tiny_overrides(out, steps=3)), "--set", "loss.style_weight=1e39")
-    assert_one_line_error(r, "the loss or the image became NaN or infinite at step 1; lower optim.lr")
+    assert_one_line_error(r, "the loss or the image became NaN or infinite by step 2; lower optim.lr")
     assert "style_weight 1e+39" in r.stderr and "no checkpoint was written yet" in r.stderr
     from nst_lightning.images import load_image, read_image
 

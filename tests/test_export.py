@@ -12,7 +12,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from nst_lightning import api
+from nst_lightning import api, export
 from nst_lightning.config import load_config
 from nst_lightning.errors import ConfigError, OnnxError
 from nst_lightning.export import (
@@ -88,11 +88,11 @@ def test_export_never_replaces_a_graph_unless_asked_and_wants_an_onnx_path(expor
     path = exported[0]
     before = path.read_bytes()
     with pytest.raises(ConfigError, match="already exists; add --overwrite to replace it"):
-        api.export_features(load_config(), path)
+        export.export_features(load_config(), path)
     with pytest.raises(ConfigError, match="is not a .onnx file path"):
-        api.export_features(load_config(), path.parent)
+        export.export_features(load_config(), path.parent)
     assert path.read_bytes() == before
-    assert api.default_export_path(load_config()).as_posix() == "export/vgg19_caffe_max_to_relu5_1.onnx"
+    assert export.default_export_path(load_config()).as_posix() == "export/vgg19_caffe_max_to_relu5_1.onnx"
 
 
 def test_parity_with_torch_at_sizes_other_than_the_export_size(graph, extractor, content_small, style_small):
@@ -184,9 +184,9 @@ def test_targets_from_onnxruntime_match_the_torch_targets(exported, tiny_config)
     config = tiny_config(**{"features.onnx": exported[0]})
     content, styles = api.load_images(config)
     with_onnx, with_torch = api.build_module(config, content, styles), api.build_module(config, content, styles)
-    api.onnx_targets(config, with_onnx)
+    export.onnx_targets(config, with_onnx)
     with_torch.prepare_targets()
-    from_onnx, from_torch = dict(with_onnx.criterion.named_buffers()), dict(with_torch.criterion.named_buffers())
+    from_onnx, from_torch = dict(with_onnx.criteria[0].named_buffers()), dict(with_torch.criteria[0].named_buffers())
     assert sorted(from_onnx) == sorted(from_torch) and len(from_torch) == 6  # relu4_2 content, five style Grams
     for name, target in from_torch.items():
         torch.testing.assert_close(from_onnx[name], target, rtol=1e-4, atol=1e-4 * target.abs().max().item())
@@ -244,3 +244,12 @@ def test_fit_on_the_command_line_refuses_another_config_s_graph_in_one_line(expo
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "the graph has max pooling but the config uses avg" in lines[0], r.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_a_bf16_multiscale_run_uses_the_graph_in_every_stage(exported, tiny_config):
+    """setup() used to cast the shared VGG to bf16 in place: from stage 2 on its weights digest no longer
+    matched the graph's, and the run was refused there."""
+    config = tiny_config(steps=2, **{"features.onnx": exported[0], "trainer.precision": "bf16-mixed",
+                                     "scales": "[32,48]", "scale_steps": "[2,2]", "snapshot.every_n_steps": 0})
+    outputs = api.fit(config, progress=False)
+    assert outputs.final.is_file() and (outputs.checkpoints / "stage2" / "last.ckpt").is_file()

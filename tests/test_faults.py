@@ -157,7 +157,7 @@ def test_a_nan_loss_stops_with_advice_and_keeps_the_last_good_image_and_checkpoi
     with pytest.raises(NumericalError) as err:
         fit(cfg, progress=False)
     message = str(err.value)
-    assert "NaN or infinite at step 6" in message and "lower optim.lr (now 1)" in message
+    assert "NaN or infinite by step 6" in message and "lower optim.lr (now 1)" in message
     assert "holds step 4: continue with --resume last" in message
     run = Path(cfg.output)
     assert _ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 4
@@ -175,7 +175,7 @@ def test_a_nan_loss_stops_with_advice_and_keeps_the_last_good_image_and_checkpoi
     fixed = tiny_config(steps=8, **{"checkpoint.every_n_steps": 2, "optim.lr": 0.5})
     out = fit(fixed, resume="last", progress=False, callbacks=[RecordLR()])
     assert lrs == [0.5] * 4 and read_image(out.final).isfinite().all()
-    assert _steps(out.losses) == list(range(1, 9))
+    assert _steps(out.losses) == list(range(0, 9))
 
 
 def test_running_out_of_memory_mid_run_is_reported_with_advice(tiny_config, monkeypatch):
@@ -258,7 +258,7 @@ def test_ctrl_c_to_the_command_saves_checkpoint_and_image_and_says_how_to_resume
     ckpt = out / "checkpoints" / "last.ckpt"
     assert _ckpt(ckpt)["global_step"] == step >= 2
     torch.testing.assert_close(read_image(out / "interrupted.png"), _checkpoint_image(ckpt))
-    assert _steps(out / "losses.csv") == list(range(1, step + 1))
+    assert _steps(out / "losses.csv") == list(range(0, step))  # row s: the image after s steps; a resume adds the rest
 
 
 def test_a_killed_run_resumes_to_a_valid_final_image(tmp_path):
@@ -281,4 +281,4 @@ def test_a_killed_run_resumes_to_a_valid_final_image(tmp_path):
     final = read_image(out / "final.png")
     assert final.shape[-2:] == (48, 48) and final.std() > 0.05
     assert _ckpt(ckpt)["global_step"] == step + 3
-    assert _steps(out / "losses.csv") == list(range(1, step + 4))
+    assert _steps(out / "losses.csv") == list(range(0, step + 4))

@@ -123,15 +123,15 @@ def test_vggfeatures_needs_layers():
         VGGFeatures([], caffe_state_dict())
 
 
-def test_bf16_channels_last_fast_path_stays_close_to_fp32(content_small):
+def test_bf16_channels_last_fast_path_stays_close_to_fp32_and_leaves_the_source_unchanged(content_small):
     ext = build_extractor(["relu1_1", "relu4_2"])
     ref = {k: v.clone() for k, v in ext(content_small).items()}
-    ext.optimize(torch.float32, channels_last=True)
-    for k, v in ext(content_small).items():
+    for k, v in ext.converted(torch.float32, channels_last=True)(content_small).items():
         assert (v - ref[k]).norm() / ref[k].norm() < 1e-4, k
-    ext.optimize(torch.bfloat16, channels_last=True)
-    assert ext.dtype == torch.bfloat16
-    fast = ext(content_small)
+    fast_ext = ext.converted(torch.bfloat16, channels_last=True)
+    assert fast_ext.dtype == torch.bfloat16 and ext.dtype == torch.float32
+    assert not ext.channels_last and ext.net[0].weight.is_contiguous()
+    fast = fast_ext(content_small)
     for k, v in fast.items():
         assert v.dtype == torch.bfloat16
         rel = (v.float() - ref[k]).norm() / ref[k].norm()
@@ -141,17 +141,16 @@ def test_bf16_channels_last_fast_path_stays_close_to_fp32(content_small):
 def test_checkpointed_blocks_give_the_same_features_and_gradients(content_small):
     ext = build_extractor(["relu1_1", "relu2_1", "relu3_1", "relu4_2", "relu5_1"])
 
-    def loss_and_grad():
+    def loss_and_grad(blocks=0):
         x = content_small.clone().requires_grad_(True)
-        feats = ext(x)
+        feats = ext(x, checkpoint_blocks=blocks)
         loss = sum(f.float().pow(2).mean() for f in feats.values())
         loss.backward()
         return {k: v.detach() for k, v in feats.items()}, x.grad
 
     ref_feats, ref_grad = loss_and_grad()
     for blocks in (1, 2, 4, 5):
-        ext.checkpoint_blocks(blocks)
-        feats, grad = loss_and_grad()
+        feats, grad = loss_and_grad(blocks)
         assert feats.keys() == ref_feats.keys()
         for k in feats:
             torch.testing.assert_close(feats[k], ref_feats[k])

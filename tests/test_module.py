@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from nst_lightning.api import fit
+from nst_lightning.api import fit, load_images
 from nst_lightning.errors import CheckpointError, ConfigError
 from nst_lightning.image_logging import ImageLogger
 from nst_lightning.images import read_image, resize
@@ -20,6 +20,7 @@ def test_the_image_is_the_only_trainable_parameter(content_small, style_small, e
     trainable = [name for name, p in module.named_parameters() if p.requires_grad]
     assert trainable == ["image"]
     assert module.image.shape == content_small.shape
+    assert module.batch_size == 1
 
 
 @pytest.mark.parametrize("init", ["content", "noise", "style"])
@@ -66,12 +67,18 @@ def test_loss_falls_and_vgg_is_unchanged(content_small, style_small, extractor, 
     assert module.image.min() >= 0 and module.image.max() <= module.pixel_scale
 
 
-def test_bf16_mixed_runs_the_vgg_in_bf16_and_keeps_the_image_fp32(content_small, style_small):
-    module = StyleTransferModule(content_small, style_small)
+def test_bf16_mixed_runs_a_bf16_copy_of_the_vgg_and_keeps_the_image_and_the_shared_extractor_fp32(
+    content_small, style_small, extractor
+):
+    from nst_lightning.export import weights_digest
+
+    digest = weights_digest(extractor)
+    module = StyleTransferModule(content_small, style_small, extractor=extractor)
     start = module()["loss"].item()
     _run(module, 5, precision="bf16-mixed")
-    assert module.extractor.dtype == torch.bfloat16
-    assert module.image.dtype == torch.float32 and module.criterion.gram0_relu1_1.dtype == torch.float32
+    assert module.network.dtype == torch.bfloat16
+    assert extractor.dtype == torch.float32 and weights_digest(extractor) == digest  # cast in place before: digest changed
+    assert module.image.dtype == torch.float32 and module.criteria[0].gram0_relu1_1.dtype == torch.float32
     assert module()["loss"].item() < start
 
 
@@ -82,9 +89,12 @@ def test_fit_writes_the_run_directory(tiny_config):
     assert out.config.is_file() and out.last_checkpoint.is_file()
     assert sorted(p.name for p in out.snapshots.iterdir()) == ["step_000003.png", "step_000006.png"]
     rows = out.losses.read_text().splitlines()
-    assert rows[0] == "step,content,style,tv,loss" and len(rows) == 7
+    assert rows[0] == "step,content,style,tv,loss" and len(rows) == 8
+    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(7))  # step 0: the starting image
     losses = [float(r.split(",")[-1]) for r in rows[1:]]
     assert losses[-1] < losses[0]
+    module = StyleTransferModule(*load_images(cfg))
+    assert abs(losses[0] - module()["loss"].item()) <= 1e-3 * losses[0]
 
 
 def test_resume_continues_the_same_optimisation(tiny_config, tmp_path):
@@ -95,7 +105,7 @@ def test_resume_continues_the_same_optimisation(tiny_config, tmp_path):
     a, b = read_image(whole.final), read_image(second.final)
     assert (a - b).abs().max() <= 2 / 255
     rows = second.losses.read_text().splitlines()[1:]
-    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 9))
+    assert [int(r.split(",")[0]) for r in rows] == list(range(0, 9))
     torch.testing.assert_close(
         torch.load(whole.last_checkpoint, weights_only=True)["state_dict"]["image"],
         torch.load(second.last_checkpoint, weights_only=True)["state_dict"]["image"],
@@ -152,7 +162,7 @@ def test_module_works_in_a_user_trainer_with_callbacks_and_csv_logger(content_sm
             seen.append(float(trainer.callback_metrics["style"]))
 
     module = StyleTransferModule(content_small, style_small, extractor=extractor)
-    _run(module, 4, callbacks=[Record()], **{})
+    _run(module, 4, callbacks=[Record()], log_every_n_steps=1)
     assert len(seen) == 4 and seen[-1] < seen[0]
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=CSVLogger(tmp_path), enable_progress_bar=False,
                         enable_checkpointing=False, log_every_n_steps=1, callbacks=[ImageLogger(every_n_steps=2)])

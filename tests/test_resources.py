@@ -156,7 +156,7 @@ class _SeenBlocks(Callback):
     """Records how many VGG blocks the running module recomputes."""
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.blocks = pl_module.extractor.checkpointed_blocks
+        self.blocks = pl_module.checkpoint_blocks
 
 
 def _sources(cfg):

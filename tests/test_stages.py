@@ -57,7 +57,7 @@ def test_each_stage_starts_from_the_previous_result_upsampled(unbroken):
     assert (seen.starts[1] - content).abs().mean() > 0.02  # carried on, not restarted from the content
     assert read_image(out.final).shape[-2:] == (48, 48)
     steps = [int(r.split(",")[0]) for r in out.losses.read_text().splitlines()[1:]]
-    assert steps == list(range(1, 7))
+    assert steps == list(range(0, 7))
     assert all((out.checkpoints / f"stage{k}" / "last.ckpt").is_file() for k in (1, 2))
 
 
@@ -77,7 +77,7 @@ def test_a_stopped_multiscale_run_resumes_in_its_stage_and_ends_where_an_unbroke
     resumed = fit(split_cfg, resume="last", progress=False)
     assert (read_image(unbroken[0].final) - read_image(resumed.final)).abs().max() <= 2 / 255
     steps = [int(r.split(",")[0]) for r in resumed.losses.read_text().splitlines()[1:]]
-    assert steps == list(range(1, 7))
+    assert steps == list(range(0, 7))
 
 
 def test_a_checkpoint_of_another_scale_list_is_refused(tiny_config, tmp_path):

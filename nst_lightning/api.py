@@ -7,11 +7,9 @@ config's extractor are in ``nst_lightning.export``.
 
 from __future__ import annotations
 
-import errno
-import shutil
+import logging
 import signal
 from collections.abc import MutableMapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,100 +17,39 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from .atomic import remove_stale_temps, write_text_atomic
+from .atomic import is_write_failure, reporting_write_failures, write_failure, write_text_atomic
 from .callbacks import FinalImage, ImageSnapshots, LossHistory, RunPlots, StepCheckpoint, StepProgressBar
 from .config import INIT_KEYWORDS, FeaturesConfig, RunConfig, dump_config
-from .errors import CheckpointError, ConfigError, NSTError, NumericalError, ResourceError, RunInterrupted
+from .errors import ConfigError, NSTError, NumericalError, ResourceError, RunInterrupted
 from .export import onnx_targets
 from .faults import AtomicCheckpointIO, GracefulStop
 from .features import VGGFeatures
 from .hardware import resolve_precision
-from .images import load_image, read_image, read_size, style_side, target_shape
-from .module import FINGERPRINT_KEY, StyleTransferModule
+from .images import Loading, frame_count, load_image, load_style, read_image, read_size, style_side, target_shape
+from .lock import FolderLock
+from .module import StyleTransferModule
 from .pairs import is_batch
 from .quiet import lightning_quiet
 from .resources import Shape, check_fits, is_out_of_memory, out_of_memory_message
+from .rundir import (
+    RunOutputs,
+    Stage,
+    check_output,
+    checkpoint_step,
+    plan_stages,
+    prepare_output,
+    read_checkpoint,
+    resume_point,
+)
 
-RUN_FILES = ("config.yaml", "final.png", "interrupted.png", "losses.csv", "loss_curve.png", "side_by_side.png")
-RUN_DIRS = ("checkpoints", "snapshots")
-
-
-@dataclass(frozen=True)
-class RunOutputs:
-    """Where a run's files are."""
-
-    root: Path
-
-    @property
-    def final(self) -> Path:
-        return self.root / "final.png"
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def interrupted(self) -> Path:
-        """The image saved when a run stops early (signal or failure); final.png only ever holds a finished run."""
-        return self.root / "interrupted.png"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def last_checkpoint(self) -> Path:
-        return self.checkpoints / "last.ckpt"
-
-    @property
-    def snapshots(self) -> Path:
-        return self.root / "snapshots"
-
-    @property
-    def losses(self) -> Path:
-        return self.root / "losses.csv"
-
-    @property
-    def loss_curve(self) -> Path:
-        return self.root / "loss_curve.png"
-
-    @property
-    def side_by_side(self) -> Path:
-        return self.root / "side_by_side.png"
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One coarse-to-fine stage: its output size, steps, the steps before it, where it checkpoints."""
-
-    index: int
-    count: int
-    size: int
-    steps: int
-    offset: int
-    checkpoints: Path
-
-    @property
-    def last_checkpoint(self) -> Path:
-        return self.checkpoints / "last.ckpt"
-
-
-def plan_stages(config: RunConfig, outputs: RunOutputs) -> list[Stage]:
-    """The stages of ``config``; a single-scale run is one stage checkpointing into ``checkpoints/``."""
-    sizes = config.stages()
-    out, offset = [], 0
-    for k, (size, steps) in enumerate(sizes):
-        where = outputs.checkpoints if len(sizes) == 1 else outputs.checkpoints / f"stage{k + 1}"
-        out.append(Stage(k, len(sizes), size, steps, offset, where))
-        offset += steps
-    return out
-
+log = logging.getLogger(__name__)
 
 def load_images(config: RunConfig, size: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The content image at ``size`` (default ``image.size``) and each style image scaled by its ``style_scale``."""
-    content = load_image(config.content, size or config.image.size, config.image.fit)
+    loading = Loading(**config.image.loading())
+    content = load_image(config.content, size or config.image.size, config.image.fit, loading)
     shape = tuple(content.shape[-2:])
-    styles = [load_image(path, style_side(shape, scale), "long") for path, scale in zip(config.styles, config.style_scales())]
+    styles = [load_style(path, shape, scale, loading) for path, scale in zip(config.styles, config.style_scales())]
     return content, styles
 
 
@@ -125,7 +62,51 @@ def load_masks(config: RunConfig) -> list[torch.Tensor | None] | None:
 
 def init_input(config: RunConfig) -> str | torch.Tensor:
     """``config.init`` as the module takes it: a keyword (content, noise, style) or the loaded image."""
-    return config.init if config.init in INIT_KEYWORDS else load_image(config.init)
+    if config.init in INIT_KEYWORDS:
+        return config.init
+    if not Path(config.init).exists():
+        raise ConfigError(
+            f"init {config.init!r} is none of {', '.join(INIT_KEYWORDS)} and no image exists at that path; "
+            "set init to content, noise, style or an image file"
+        )
+    return load_image(config.init)
+
+
+UPSCALE_WARNING = 2.0
+"""An input enlarged more than this many times is reported: the run sees a blurred, blocky image."""
+
+
+def input_warnings(config: RunConfig) -> list[str]:
+    """One line per input the run will use in a way the user may not expect: animated (first frame used),
+    enlarged many times over, or a style mask stretched to other proportions than the output's."""
+    out = []
+    for role, path in [("content", config.content), *(("style", p) for p in config.styles)]:
+        frames = frame_count(path)
+        if frames > 1:
+            out.append(f"{role} image {path} has {frames} frames (animated or multi-page); only the first is used")
+    height, width = read_size(config.content)
+    side = {"long": max(height, width), "height": height, "width": width}[config.image.fit]
+    if config.image.size > UPSCALE_WARNING * side:
+        out.append(
+            f"content image {config.content} is {width}x{height} px and is enlarged {config.image.size / side:.0f}x to "
+            f"image.size={config.image.size}; the result will look blurred, so give a larger image or a smaller image.size"
+        )
+    shape = target_shape(height, width, config.image.size, config.image.fit, config.image.rounding)
+    for path, scale in zip(config.styles, config.style_scales()):
+        long_side, wanted = max(read_size(path)), style_side(shape, scale)
+        if wanted > UPSCALE_WARNING * long_side:
+            out.append(
+                f"style image {path} is {long_side} px on its long side and is enlarged {wanted / long_side:.0f}x; "
+                "its texture will look blurred, so give a larger style image or a smaller image.style_scale"
+            )
+    for path in [p for p in config.style_masks or [] if p]:
+        mh, mw = read_size(path)
+        if abs(mw / mh - width / height) > 0.01 * (width / height):
+            out.append(
+                f"style mask {path} is {mw}x{mh} but the content is {width}x{height}; the mask is stretched to the "
+                "output's proportions, so crop it to the content's to place the style exactly"
+            )
+    return out
 
 
 def build_module(
@@ -260,120 +241,6 @@ def _device_count(devices: int | str | list[int]) -> int:
     return 1
 
 
-def resolve_resume(resume: str | None, outputs: RunOutputs) -> Path | None:
-    """``last`` means this run's ``checkpoints/last.ckpt``; anything else is a checkpoint path."""
-    if resume is None:
-        return None
-    path = outputs.last_checkpoint if resume == "last" else Path(resume)
-    if not path.is_file():
-        hint = "run without resume= to start it" if resume == "last" else 'give an existing .ckpt file or resume="last"'
-        raise CheckpointError(f"no checkpoint at {path}; {hint}")
-    return path
-
-
-def resume_point(config: RunConfig, resume: str | None, stages: list[Stage]) -> tuple[int, Path | None]:
-    """The stage to start in and the checkpoint to resume it from.
-
-    ``last`` in a multi-scale run is the ``last.ckpt`` of the latest stage that has one; a checkpoint
-    path belongs to the stage whose image size it holds.
-    """
-    if resume is None:
-        return 0, None
-    if len(stages) == 1:
-        return 0, resolve_resume(resume, RunOutputs(Path(config.output)))
-    if resume == "last":
-        for stage in reversed(stages):
-            if stage.last_checkpoint.is_file():
-                return stage.index, stage.last_checkpoint
-        raise CheckpointError(f"no checkpoint in {stages[0].checkpoints.parent}/stage*/; run without resume= to start it")
-    path = resolve_resume(resume, RunOutputs(Path(config.output)))
-    shape = read_checkpoint(path).get(FINGERPRINT_KEY, {}).get("image_shape")
-    if not shape:
-        raise CheckpointError(f"checkpoint {path} was not written by nst-lightning; resume from a checkpoint of this run")
-    full = read_size(config.content)
-    for stage in stages:
-        if list(shape[-2:]) == list(target_shape(full[0], full[1], stage.size, config.image.fit)):
-            return stage.index, path
-    raise CheckpointError(
-        f"checkpoint {path} holds a {shape[-1]}x{shape[-2]} image, which is none of this run's scales "
-        f"{config.scales}; resume with the scales it was written with"
-    )
-
-
-def read_checkpoint(path: Path) -> dict:
-    """Load a checkpoint file for inspection, with a one-line error when it is not one."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(
-            f"cannot read checkpoint {path} ({type(err).__name__}); it is corrupt or not a Lightning checkpoint, "
-            "resume from another one in the run's checkpoints/ folder"
-        ) from None
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path} is not a Lightning checkpoint; resume from a .ckpt written by nst-lightning")
-    return checkpoint
-
-
-def input_paths(config: RunConfig) -> list[Path]:
-    """Every file the run reads: content, styles, style masks, an init image and a weights file."""
-    paths = [config.content, *config.styles, *(p for p in config.style_masks or [] if p)]
-    if config.init not in INIT_KEYWORDS:
-        paths.append(config.init)
-    if config.features.weights not in ("caffe", "torchvision"):
-        paths.append(config.features.weights)
-    return [Path(p).expanduser().resolve() for p in paths]
-
-
-def check_output(config: RunConfig, outputs: RunOutputs, resuming: bool, overwrite: bool) -> None:
-    """Refuse an output directory that would overwrite or delete an input, or clobber a previous run."""
-    root = outputs.root.expanduser().resolve()
-    if outputs.root.is_file():
-        raise ConfigError(f"output {outputs.root} is a file (an input image?); give a directory for the run's outputs")
-    written = {root / name for name in RUN_FILES}
-    for path in input_paths(config):
-        if path == root or path in written or any(path.is_relative_to(root / d) for d in RUN_DIRS):
-            raise ConfigError(
-                f"input {path} is where the run writes its outputs (final.png, snapshots/, ...) and would be "
-                "overwritten; choose another output= directory or move the input"
-            )
-    previous = any((root / name).exists() for name in (*RUN_FILES, *RUN_DIRS))
-    if previous and not resuming and not overwrite:
-        raise ConfigError(
-            f'output {outputs.root} holds a previous run; add resume="last" to continue it, '
-            "overwrite=True to replace it, or choose another output= directory"
-        )
-
-
-def prepare_output(outputs: RunOutputs, resuming: bool, overwrite: bool) -> None:
-    """Create the run directory; with ``overwrite`` (and not resuming) remove a previous run's files first.
-
-    Temporary files that a killed run left half-written are removed; finished files are never touched.
-    """
-    root = outputs.root
-    if overwrite and not resuming:
-        for name in RUN_FILES:
-            (root / name).unlink(missing_ok=True)
-        for name in RUN_DIRS:
-            shutil.rmtree(root / name, ignore_errors=True)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"cannot create output directory {root} ({err.strerror}); choose another output= directory") from None
-    remove_stale_temps(root, RUN_FILES)
-    for name in RUN_DIRS:
-        remove_stale_temps(root / name)
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """The step a checkpoint holds (read memory-mapped, so a large file costs nothing); None if it is unreadable."""
-    if not path.is_file():
-        return None
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
-    except Exception:  # unreadable for any reason: report it as no checkpoint, never fail the report itself
-        return None
-
-
 def _kept(stop: GracefulStop, outputs: RunOutputs) -> str:
     """What a failed run left on disk and where to go on from."""
     image = f"the last good image is in {outputs.interrupted}" if outputs.interrupted in stop.saved else "no image was saved"
@@ -409,11 +276,8 @@ def _as_nst_error(
         return NumericalError(f"{err}; {_kept(stop, outputs)}")
     if is_out_of_memory(err):
         return ResourceError(f"{out_of_memory_message(config, *shapes)}; {_kept(stop, outputs)}")
-    if isinstance(err, OSError) and (err.errno in (errno.ENOSPC, errno.EDQUOT) or err.filename is not None):
-        where = err.filename or f"the run's files in {outputs.root}"  # a failed write() names no file
-        return ResourceError(
-            f"cannot write {where} ({err.strerror}); free disk space or fix permissions; {_kept(stop, outputs)}"
-        )
+    if is_write_failure(err):
+        return write_failure(err, _kept(stop, outputs), where=f"the run's files in {outputs.root}")
     return None
 
 
@@ -464,12 +328,32 @@ def _fit(
             "the config names a folder, glob or list of images; run it with nst_lightning.fit_batch(config)"
         )
     outputs = RunOutputs(Path(config.output))
+    if outputs.root.is_file():
+        raise ConfigError(f"output {outputs.root} is a file (an input image?); give a directory for the run's outputs")
+    with FolderLock(outputs.root):
+        _fit_locked(config, outputs, resume, overwrite, progress, callbacks, extractor, target_cache)
+    return outputs
+
+
+def _fit_locked(
+    config: RunConfig,
+    outputs: RunOutputs,
+    resume: str | None,
+    overwrite: bool,
+    progress: bool,
+    callbacks: list[Callback] | None,
+    extractor: VGGFeatures | None,
+    target_cache: MutableMapping[str, Any] | None,
+) -> None:
+    """``fit`` while holding the output folder's lock, so the checks below still hold when files are written."""
     check_output(config, outputs, resuming=resume is not None, overwrite=overwrite)
     stages = plan_stages(config, outputs)
     start, ckpt_path = resume_point(config, resume, stages)
     shapes = (read_size(config.content), [read_size(p) for p in config.styles])
     blocks, _ = check_fits(config, *shapes)
     features = config.features.model_copy(update={"checkpoint_blocks": blocks})
+    for line in input_warnings(config):  # once the run is known to go ahead
+        log.warning("%s", line)
     masks = load_masks(config)
     L.seed_everything(config.seed, workers=False, verbose=False)
     init: str | torch.Tensor | None = None
@@ -491,7 +375,8 @@ def _fit(
             onnx_targets(config, module)
         if first:
             prepare_output(outputs, resuming=ckpt_path is not None, overwrite=overwrite)
-            write_text_atomic(outputs.config, dump_config(config))
+            with reporting_write_failures():
+                write_text_atomic(outputs.config, dump_config(config))
         with stop.handling_signals():
             try:
                 trainer.fit(module, ckpt_path=ckpt_path if first else None)
@@ -501,6 +386,6 @@ def _fit(
                     raise
                 raise known from None
         if trainer.should_stop or trainer.global_step < stage.steps:
-            break  # asked to stop: later stages wait for a resume
+            return  # asked to stop: later stages wait for a resume
         init = module.optimised_image()
-    return outputs
+    outputs.interrupted.unlink(missing_ok=True)  # finished: an image of an earlier stop would only mislead

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
 from .api import build_module, build_trainer, init_input, load_masks
-from .atomic import remove_stale_temps, write_text_atomic
+from .atomic import check_writable, remove_stale_temps, write_text_atomic
 from .config import RunConfig, dump_config
 from .data import GroupStep, PairResult, StylePairsDataModule
 from .errors import ConfigError, NSTError, NumericalError, ResourceError, RunInterrupted
@@ -163,17 +163,6 @@ def gather_results(results: list[PairResult]) -> list[PairResult]:
     return [r for rank in everyone for r in (rank or [])]
 
 
-def gather_results(results: list[PairResult]) -> list[PairResult]:
-    """Every rank's results on every rank (one ``all_gather_object``); the local list when not distributed."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(results)
-    everyone: list[list[PairResult] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, results)
-    return [r for rank in everyone for r in (rank or [])]
-
-
 def folder_strategy(config: RunConfig) -> str | ShardedStrategy:
     """``ShardedStrategy`` whenever the run may span several processes; plain ``auto`` on one device."""
     t = config.trainer
@@ -259,6 +248,7 @@ def _fit_batch(
     output = Path(config.output)
     if output.is_file():
         raise ConfigError(f"output {output} is a file; give a directory for the batch's images")
+    check_writable(output)
     skipped = [p.name for p in complete]
     checkpoints = output / "checkpoints"
     if not todo:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import sys
 import time
@@ -19,9 +20,10 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 
 from .atomic import write_text_atomic
+from .history import LOSS_COLUMNS, keep_damaged, read_history
 from .images import save_image
 
-LOSS_COLUMNS = ("step", "content", "style", "tv", "loss")
+log = logging.getLogger(__name__)
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -104,13 +106,12 @@ class LossHistory(Callback):
         self.rows: list[dict[str, Any]] = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self.rows = [r for r in self._read() if int(r["step"]) < self.step_offset + trainer.global_step]
-
-    def _read(self) -> list[dict[str, float]]:
-        if not self.path.is_file():
-            return []
-        with self.path.open(newline="", encoding="utf-8") as fh:
-            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+        """Continue the history on disk: every valid row before the resume point; damaged lines are reported
+        and the damaged file is kept aside (rank zero), never cut away unseen."""
+        history = read_history(self.path)
+        if history.dropped and trainer.is_global_zero:
+            log.warning("%s; the damaged file is kept as %s", history.describe(), keep_damaged(history))
+        self.rows = [r for r in history.rows if r["step"] < self.step_offset + trainer.global_step]
 
     def _append(self, step: int, terms: torch.Tensor | None) -> None:
         if terms is not None:

@@ -71,6 +71,24 @@ def _resume_command(config: Optional[Path], overrides: Optional[list[str]], outp
     return shlex.join([*args, "--resume", "last"])
 
 
+def _sweep_resume_command(
+    config: Optional[Path], overrides: Optional[list[str]], grid: Optional[list[str]], output: Optional[Path], cell_px: int
+) -> str:
+    """The command that continues a stopped sweep: the same config, overrides, grid and output, plus --resume."""
+    args = ["nst-lightning", "sweep"]
+    if config is not None:
+        args += ["--config", str(config)]
+    for item in overrides or []:
+        args += ["--set", item]
+    for item in grid or []:
+        args += ["--grid", item]
+    if output is not None:
+        args += ["--output", str(output)]
+    if cell_px != 160:
+        args += ["--cell-px", str(cell_px)]
+    return shlex.join([*args, "--resume"])
+
+
 def _load(config: Optional[Path], overrides: Optional[list[str]], output: Optional[Path] = None):
     from .config import load_config
 
@@ -81,14 +99,18 @@ def _load(config: Optional[Path], overrides: Optional[list[str]], output: Option
 
 
 def _show_api_messages() -> None:
-    """Print the API's INFO messages (logger ``nst_lightning``: ONNX providers, validation) to stderr as plain lines."""
+    """Print the API's messages (logger ``nst_lightning``: ONNX providers, validation, warnings about the input
+    or a damaged history) to stderr, one line each; warnings start with ``warning:``."""
     import logging
+
+    class OneLine(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:  # sys.stderr as it is now, not as it was when added
+            text = record.getMessage().replace("\r", "\\r").replace("\n", "\\n")
+            typer.echo(f"warning: {text}" if record.levelno >= logging.WARNING else text, err=True)
 
     logger = logging.getLogger("nst_lightning")
     if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+        logger.addHandler(OneLine())
     logger.setLevel(logging.INFO)
 
 
@@ -160,6 +182,7 @@ def _fit_batch(cfg: RunConfig, resume: Optional[str], overwrite: bool, quiet: bo
         )
     from .batch import fit_batch
 
+    _show_api_messages()
     report = fit_batch(cfg, overwrite=overwrite, progress=not quiet)
     if report.is_global_zero:
         typer.echo("\n".join(report.lines()))
@@ -185,6 +208,9 @@ def sweep(
         Optional[Path], typer.Option("--output", "-o", help="Sweep directory (overrides `output`).", show_default=False)
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous sweep in the output directory.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue a stopped sweep: keep finished cells, resume the others.")
+    ] = False,
     cell_px: Annotated[int, typer.Option("--cell-px", help="Width of each cell in the contact sheet, 32-1024 px.")] = 160,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
@@ -200,13 +226,23 @@ def sweep(
         cells = grid_cells(cfg, values)
         from .sweep import sweep as run_sweep
 
+        _show_api_messages()
+
         def announce(cell, total: int) -> None:
             where = ", ".join(f"{k}={v}" for k, v in cell.values.items())
             typer.echo(f"cell {cell.index + 1}/{total}: {where}")
 
-        outputs = run_sweep(cfg, values, overwrite=overwrite, progress=not quiet, on_cell=announce, cell_px=cell_px)
+        outputs = run_sweep(
+            cfg, values, overwrite=overwrite, resume=resume, progress=not quiet, on_cell=announce, cell_px=cell_px
+        )
+    except RunInterrupted as err:
+        again = _sweep_resume_command(config, set_, grid, output, cell_px)
+        raise fail(f"{err.summary}; continue the sweep with: {again}", EXIT_SIGNAL + err.signum, prefix="") from None
     except NSTError as err:
         raise fail(str(err)) from None
+    except KeyboardInterrupt:
+        again = _sweep_resume_command(config, set_, grid, output, cell_px)
+        raise fail(f"interrupted; continue the sweep with: {again}", EXIT_SIGNAL + signal.SIGINT) from None
     typer.echo(f"wrote {outputs.sheet} ({len(cells)} cells)")
 
 

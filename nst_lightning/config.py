@@ -37,7 +37,18 @@ class ImageConfig(_Section):
     """Output size. ``size`` measures the side named by ``fit`` (the long side by default)."""
 
     size: int = Field(512, ge=16, le=MAX_IMAGE_SIZE, description="pixels along the side named by `fit`")
-    fit: Literal["long", "height", "width"] = Field("long", description="which side `size` sets")
+    fit: Literal["long", "short", "height", "width"] = Field("long", description="which side `size` sets")
+    rounding: Literal["round", "floor"] = Field(
+        "round", description="the other side rounded, or truncated as the Keras notebook and torchvision's Resize do"
+    )
+    resample: Literal["bicubic", "nearest", "bilinear", "lanczos", "pil_bicubic"] = Field(
+        "bicubic",
+        description="bicubic: antialiased on float pixels | nearest, bilinear, lanczos, pil_bicubic: Pillow's filters "
+        "in 8 bits, as the seeds' loaders",
+    )
+    style_fit: Literal["keep_aspect", "stretch"] = Field(
+        "keep_aspect", description="keep the style's aspect ratio, or stretch it to the content's shape (times style_scale)"
+    )
     style_scale: Union[float, list[float]] = Field(
         1.0, description="style image size relative to `size`; one value, or one per style image"
     )
@@ -50,12 +61,21 @@ class ImageConfig(_Section):
             raise ValueError("style_scale must be in (0, 8], one value or a non-empty list")
         return scale
 
+    def loading(self) -> dict[str, str]:
+        """The keyword arguments of ``images.Loading``: resampling, rounding and style fit."""
+        return {"resample": self.resample, "rounding": self.rounding, "style_fit": self.style_fit}
+
 
 class FeaturesConfig(_Section):
     """Which VGG19 weights and pooling the extractor uses."""
 
     weights: str = Field("caffe", description="caffe | torchvision | path to a .pth state dict")
     pooling: Literal["max", "avg"] = "max"
+    padding: Literal["zeros", "replicate"] = Field(
+        "zeros",
+        description="convolution padding: zeros (VGG as trained) | replicate (edge pixels repeated: no artificial "
+        "frame at the borders)",
+    )
     preprocessing: Literal["auto", "caffe", "torchvision"] = Field(
         "auto", description="input normalisation; auto follows the weights"
     )
@@ -100,9 +120,10 @@ class LossConfig(_Section):
     content_loss: Literal["mse", "paper", "sum", "relative"] = Field(
         "relative", description="mse | paper (1/2 sum of squares) | sum (as Keras) | relative (over the target's norm)"
     )
-    style_loss: Literal["paper", "keras", "relative"] = Field(
+    style_loss: Literal["paper", "keras", "mean_chw", "relative"] = Field(
         "relative",
-        description="paper: 1/(4 N^2 M^2) per layer | keras: N=3, M=image pixels | relative: |G-A|^2/|A|^2",
+        description="paper: 1/(4 N^2 M^2) per layer | keras: N=3, M=image pixels | mean_chw: mean((G-A)^2)/(N*M) "
+        "on unnormalised Grams, as the PyTorch tutorials | relative: |G-A|^2/|A|^2",
     )
     tv_loss: Literal["keras", "squared"] = Field(
         "keras", description="keras: sum((dx^2+dy^2)^1.25) | squared: sum(dx^2)+sum(dy^2), pixels in 0..255"
@@ -140,7 +161,9 @@ class OptimConfig(_Section):
     """The optimiser of the image: L-BFGS (the paper's choice) or Adam."""
 
     name: Literal["lbfgs", "adam"] = "lbfgs"
-    lr: float | None = Field(None, gt=0, description="default 1.0 for lbfgs, 4.0 for adam (pixel units, 0..255)")
+    lr: float | None = Field(
+        None, gt=0, le=1e6, description="default 1.0 for lbfgs, 4.0 for adam (pixel units, 0..255); at most 1e6"
+    )
     max_iter: int = Field(1, ge=1, le=1000, description="L-BFGS loss evaluations per Trainer step")
     history_size: int = Field(20, ge=1, le=1000, description="L-BFGS history (memory and checkpoint size)")
     line_search: Literal["none", "strong_wolfe"] = "none"

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .config import RunConfig
 from .errors import ConfigError, NSTError
-from .images import load_image, read_size, style_side, target_shape
+from .images import Loading, load_image, load_style, read_size, target_shape
 from .pairs import Pair, expand_pairs, pending
 
 @dataclass
@@ -56,7 +56,7 @@ class PairItem(NamedTuple):
     error: str | None
 
 
-def probe_shape(path: str, size: int, fit: str) -> tuple[int, int] | None:
+def probe_shape(path: str, size: int, fit: str, rounding: str = "round") -> tuple[int, int] | None:
     """The ``(H, W)`` an image will have once loaded, read from its header only; None if unreadable.
 
     Only used to group same-size images, so a wrong guess costs speed, never correctness.
@@ -65,16 +65,18 @@ def probe_shape(path: str, size: int, fit: str) -> tuple[int, int] | None:
         height, width = read_size(path)
     except NSTError:  # unreadable files are reported when the pair is loaded
         return None
-    return target_shape(height, width, size, fit)
+    return target_shape(height, width, size, fit, rounding)
 
 
-def load_pair(pair: Pair, size: int, fit: str, style_scale: float | Sequence[float]) -> PairItem:
+def load_pair(
+    pair: Pair, size: int, fit: str, style_scale: float | Sequence[float], loading: Loading = Loading()
+) -> PairItem:
     """Load a pair as a single run would: content at ``size``, styles at ``style_scale`` (one, or one per style) of its long side."""
     scales = list(style_scale) if isinstance(style_scale, Sequence) else [style_scale] * len(pair.styles)
     try:
-        content = load_image(pair.content, size, fit)
+        content = load_image(pair.content, size, fit, loading)
         shape = tuple(content.shape[-2:])
-        styles = [load_image(path, style_side(shape, scale), "long") for path, scale in zip(pair.styles, scales)]
+        styles = [load_style(path, shape, scale, loading) for path, scale in zip(pair.styles, scales)]
     except NSTError as err:
         return PairItem(pair, None, None, str(err))
     return PairItem(pair, content, styles, None)
@@ -159,12 +161,13 @@ class GroupSteps(IterableDataset):
         size: int,
         fit: str,
         style_scale: float | Sequence[float],
+        loading: Loading = Loading(),
     ) -> None:
         self.pairs = list(pairs)
         self.groups = [list(g) for g in groups]
         self.steps = steps
         self.checkpoints = Path(checkpoints)
-        self.size, self.fit, self.style_scale = size, fit, style_scale
+        self.size, self.fit, self.style_scale, self.loading = size, fit, style_scale, loading
         self.starts = []
         for group in self.groups:
             saved = read_group_checkpoint(group_checkpoint(self.checkpoints, [self.pairs[i] for i in group]))
@@ -184,7 +187,7 @@ class GroupSteps(IterableDataset):
             for step in range(start + 1, self.steps + 1):
                 item = GroupStep(index, step, self.steps, pairs, str(path))
                 if step == start + 1:
-                    loaded = [load_pair(p, self.size, self.fit, self.style_scale) for p in pairs]
+                    loaded = [load_pair(p, self.size, self.fit, self.style_scale, self.loading) for p in pairs]
                     item = item._replace(items=loaded, resume=read_group_checkpoint(path) if start else None)
                 yield item
 
@@ -200,6 +203,7 @@ class StylePairsDataModule(L.LightningDataModule):
         overwrite: with ``content``/``style``, redo pairs whose output exists (skipped otherwise, as a rerun would).
         steps: optimisation steps per image.
         size, fit, style_scale: image sizes, as in the config's ``image`` section.
+        loading: resampling, rounding and style fit (``images.Loading``), as in the ``image`` section.
         images_per_device: the largest group optimised together.
         checkpoints: folder of the groups' checkpoints (an interrupted group resumes from its own); default
             ``OUTPUT/checkpoints``, or ``checkpoints`` for given pairs.
@@ -217,6 +221,7 @@ class StylePairsDataModule(L.LightningDataModule):
         size: int = 512,
         fit: Literal["long", "height", "width"] = "long",
         style_scale: float | Sequence[float] = 1.0,
+        loading: Loading = Loading(),
         images_per_device: int = 4,
         checkpoints: str | Path | None = None,
     ) -> None:
@@ -228,7 +233,7 @@ class StylePairsDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["pairs"])
         self.pairs = list(pairs)
         self.steps = steps
-        self.size, self.fit, self.style_scale = size, fit, style_scale
+        self.size, self.fit, self.style_scale, self.loading = size, fit, style_scale, loading
         self.images_per_device = images_per_device
         default = Path(output) / "checkpoints" if output is not None else Path("checkpoints")
         self.checkpoints = Path(checkpoints) if checkpoints is not None else default
@@ -245,6 +250,7 @@ class StylePairsDataModule(L.LightningDataModule):
             size=config.image.size,
             fit=config.image.fit,
             style_scale=config.image.style_scale,
+            loading=Loading(**config.image.loading()),
             images_per_device=images_per_device or config.batch.images_per_device,
             checkpoints=Path(config.output) / "checkpoints",
         )
@@ -255,10 +261,12 @@ class StylePairsDataModule(L.LightningDataModule):
         if self.trainer is not None:
             self.pairs = self.trainer.strategy.broadcast(self.pairs, src=0)
             world_size, rank = self.trainer.world_size, self.trainer.global_rank
-        shapes = [probe_shape(p.content, self.size, self.fit) for p in self.pairs]
+        shapes = [probe_shape(p.content, self.size, self.fit, self.loading.rounding) for p in self.pairs]
         groups = group_by_shape(shapes, self.images_per_device, world_size)
         mine = groups[rank::world_size]
-        self.dataset = GroupSteps(self.pairs, mine, self.steps, self.checkpoints, self.size, self.fit, self.style_scale)
+        self.dataset = GroupSteps(
+            self.pairs, mine, self.steps, self.checkpoints, self.size, self.fit, self.style_scale, self.loading
+        )
 
     def train_dataloader(self) -> DataLoader:
         if self.dataset is None:

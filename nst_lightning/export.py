@@ -27,7 +27,7 @@ from . import __version__
 from .config import all_layers
 from .errors import ConfigError, OnnxError
 from .features import Preprocessing, VGGFeatures, build_extractor, min_side
-from .atomic import replace_atomically, write_text_atomic
+from .atomic import check_writable, replace_atomically, reporting_write_failures, write_text_atomic
 from .layers import LAYER_INDEX
 
 if TYPE_CHECKING:
@@ -82,12 +82,18 @@ class ExtractorSpec:
     weights_digest: str
     pooling: str
     preprocessing: Preprocessing
+    padding: str = "zeros"
 
     @classmethod
     def of(cls, extractor: VGGFeatures, weights: str) -> ExtractorSpec:
         """The spec of a built extractor; ``weights`` is the source it was loaded from (caffe, torchvision, path)."""
         return cls(
-            network_order(extractor.layers), weights, weights_digest(extractor), extractor.pooling, extractor.preprocessing
+            network_order(extractor.layers),
+            weights,
+            weights_digest(extractor),
+            extractor.pooling,
+            extractor.preprocessing,
+            extractor.padding,
         )
 
     @classmethod
@@ -105,6 +111,7 @@ class ExtractorSpec:
                 mean=tuple(pre["mean"]),
                 std=tuple(pre["std"]),
             ),
+            padding=str(raw.get("padding", "zeros")),
         )
 
     def differences(self, wanted: ExtractorSpec) -> list[str]:
@@ -122,6 +129,8 @@ class ExtractorSpec:
             out.append(f"the graph has weights {self.weights} but the config uses {wanted.weights}{same}")
         if self.pooling != wanted.pooling:
             out.append(f"the graph has {self.pooling} pooling but the config uses {wanted.pooling}")
+        if self.padding != wanted.padding:
+            out.append(f"the graph has {self.padding} padding but the config uses {wanted.padding}")
         if self.preprocessing != wanted.preprocessing:
             theirs, ours = self.preprocessing.name, wanted.preprocessing.name
             same = " (same name, other constants)" if theirs == ours else ""
@@ -431,7 +440,10 @@ def export_features(
         raise ConfigError(f"export output {target} is not a .onnx file path; give e.g. output=export/vgg19.onnx")
     if target.exists() and not overwrite:
         raise ConfigError(f"{target} already exists; add overwrite=True to replace it or choose another output= path")
-    return target, export_onnx(build_config_extractor(config), target, config.features.weights)
+    check_writable(target.parent)  # before the costly export
+    extractor = build_config_extractor(config)
+    with reporting_write_failures():
+        return target, export_onnx(extractor, target, config.features.weights)
 
 
 def _label(name: str, image: torch.Tensor) -> str:

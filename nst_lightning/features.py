@@ -151,6 +151,7 @@ class VGGFeatures(nn.Module):
         state_dict: Mapping[str, torch.Tensor],
         preprocessing: Preprocessing = CAFFE,
         pooling: str = "max",
+        padding: str = "zeros",
     ) -> None:
         super().__init__()
         if not layers:
@@ -158,8 +159,9 @@ class VGGFeatures(nn.Module):
         self.layers = [canonical_layer(n) for n in layers]
         self.preprocessing = preprocessing
         self.pooling = pooling
+        self.padding = padding
         self.normalize = Normalize(preprocessing)
-        self.net = _vgg19_trunk(deepest(self.layers), pooling)
+        self.net = _vgg19_trunk(deepest(self.layers), pooling, padding)
         wanted = {
             k: v for k, v in state_dict.items() if k.split(".")[0].isdigit() and int(k.split(".")[0]) < len(self.net)
         }
@@ -235,13 +237,21 @@ class VGGFeatures(nn.Module):
         return out
 
 
-def _vgg19_trunk(end: int, pooling: str) -> nn.Sequential:
-    """torchvision's VGG19 ``features`` layout up to and including index ``end``."""
+def _vgg19_trunk(end: int, pooling: str, padding: str = "zeros") -> nn.Sequential:
+    """torchvision's VGG19 ``features`` layout up to and including index ``end``.
+
+    ``padding="replicate"`` pads every convolution with copies of the edge pixels instead of zeros. Zero
+    padding shows the network a dark (for caffe input, mean-grey) frame around every image: the style Grams
+    then include the frame's edge responses, and the output grows 1-2 px bright strips along its borders to
+    match them. (``reflect`` would need two pixels per side at every layer, which block 5 lacks at 16 px.)
+    """
     from torchvision.models.vgg import cfgs, make_layers
 
     features = make_layers(cfgs["E"])[: end + 1]
     for i, layer in enumerate(features):
-        if isinstance(layer, nn.ReLU):
+        if isinstance(layer, nn.Conv2d):
+            layer.padding_mode = padding
+        elif isinstance(layer, nn.ReLU):
             features[i] = nn.ReLU(inplace=False)
         elif isinstance(layer, nn.MaxPool2d) and pooling == "avg":
             features[i] = nn.AvgPool2d(kernel_size=2, stride=2)
@@ -254,9 +264,14 @@ def build_extractor(
     pooling: str = "max",
     preprocessing: str = "auto",
     allow_download: bool = False,
+    padding: str = "zeros",
 ) -> VGGFeatures:
-    """Load ``weights`` and build the frozen extractor for ``layers``; the one entry point most callers need."""
+    """Load ``weights`` and build the frozen extractor for ``layers``; the one entry point most callers need.
+
+    ``padding``: ``zeros`` (VGG as trained, the default) or ``replicate`` (edge pixels repeated: no
+    artificial frame at the borders).
+    """
     state, pre = load_weights(weights, allow_download)
     if preprocessing != "auto":
         pre = PREPROCESSING[preprocessing]
-    return VGGFeatures(layers, state, pre, pooling)
+    return VGGFeatures(layers, state, pre, pooling, padding)

@@ -5,8 +5,10 @@ Tensors are ``(1, 3, H, W)`` float32 RGB in ``[0, 1]``; preprocessing for the ne
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,8 @@ def _open(path: Path, decode: bool = True) -> Image.Image:
         raise ImageError(f"image {path} does not exist; check the path")
     if path.is_dir():
         raise ImageError(f"image path {path} is a directory; give an image file")
+    if not path.is_file():
+        raise ImageError(f"image path {path} is not a regular file (a FIFO, socket or device?); give an image file")
     if path.stat().st_size == 0:
         raise ImageError(f"image {path} is an empty file; give a real image")
     old_limit = Image.MAX_IMAGE_PIXELS
@@ -74,6 +78,12 @@ def read_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
+def frame_count(path: str | os.PathLike[str]) -> int:
+    """How many frames (pages) an image file holds: more than one for an animated GIF, WebP or APNG or a TIFF stack."""
+    with _open(Path(path), decode=False) as img:
+        return getattr(img, "n_frames", 1)
+
+
 def _to_float_rgb(img: Image.Image, path: Path) -> np.ndarray:
     """Any Pillow mode to an ``H x W x 3`` float32 array in ``[0, 1]``, alpha composited on white."""
     mode = img.mode
@@ -100,30 +110,105 @@ def _to_float_rgb(img: Image.Image, path: Path) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
-def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
-    """Read ``path`` at full size as a ``(1, 3, H, W)`` RGB tensor in ``[0, 1]``, EXIF rotation applied."""
-    p = Path(path)
-    img = _open(p)
+RESAMPLE = ("bicubic", "nearest", "bilinear", "lanczos", "pil_bicubic")
+"""Resampling filters: ``bicubic`` is antialiased bicubic on float pixels (the default); the others are
+Pillow's filters applied as the seeds' loaders do (8-bit sources resized in 8 bits)."""
+
+_PIL_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "lanczos": Image.Resampling.LANCZOS,
+    "pil_bicubic": Image.Resampling.BICUBIC,
+}
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+@dataclass(frozen=True)
+class Loading:
+    """How images are brought to a run's size, beyond the size itself; the seed systems differ here.
+
+    ``resample``: one of ``RESAMPLE``. ``rounding``: ``round`` or ``floor`` (the Keras notebook's
+    ``int(width * rows / height)``) for the side ``size`` does not set. ``style_fit``: ``keep_aspect``
+    (long side at ``style_scale`` times the output's) or ``stretch`` (to the content's shape, as the
+    Keras notebook and the PyTorch tutorial load the style).
+    """
+
+    resample: str = "bicubic"
+    rounding: str = "round"
+    style_fit: str = "keep_aspect"
+
+
+def _decode(path: Path) -> tuple[Image.Image, str]:
+    """The decoded, EXIF-rotated Pillow image of ``path`` and its original mode."""
+    img = _open(path)
+    mode = img.mode
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # a malformed EXIF block must not make the pixels unusable
         pass
     if min(img.size) < 2:
-        raise ImageError(f"image {p} is only {img.size[0]}x{img.size[1]} pixels; give a larger image")
-    arr = _to_float_rgb(img, p)
+        raise ImageError(f"image {path} is only {img.size[0]}x{img.size[1]} pixels; give a larger image")
+    return img, mode
+
+
+def _as_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
-def target_shape(height: int, width: int, size: int, fit: str = "long") -> tuple[int, int]:
-    """The ``(H, W)`` that scales ``height x width`` so the side named by ``fit`` equals ``size``."""
-    side = {"long": max(height, width), "height": height, "width": width}[fit]
+def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
+    """Read ``path`` at full size as a ``(1, 3, H, W)`` RGB tensor in ``[0, 1]``, EXIF rotation applied."""
+    p = Path(path)
+    img, _ = _decode(p)
+    return _as_tensor(_to_float_rgb(img, p))
+
+
+def _pil_resize(arr: np.ndarray, shape: tuple[int, int], resample: str, wide: bool) -> np.ndarray:
+    """Resize an ``H x W x 3`` float array with a Pillow filter: in 8 bits unless the source was wider."""
+    size = (shape[1], shape[0])
+    filt = _PIL_FILTERS[resample]
+    if not wide:
+        rgb = Image.fromarray(np.rint(arr * 255.0).astype(np.uint8), mode="RGB")
+        return np.asarray(rgb.resize(size, filt), dtype=np.float32) / 255.0
+    channels = [np.asarray(Image.fromarray(arr[..., c], mode="F").resize(size, filt)) for c in range(3)]
+    return np.clip(np.stack(channels, axis=2), 0.0, 1.0).astype(np.float32)
+
+
+def read_resized(path: str | os.PathLike[str], shape: tuple[int, int], resample: str = "bicubic") -> torch.Tensor:
+    """Read ``path`` resized to exactly ``shape`` = ``(H, W)`` with the ``resample`` filter."""
+    if resample not in RESAMPLE:
+        raise ValueError(f"unknown resample {resample!r}; use one of {', '.join(RESAMPLE)}")
+    p = Path(path)
+    img, mode = _decode(p)
+    arr = _to_float_rgb(img, p)
+    if resample == "bicubic" or arr.shape[:2] == tuple(shape):
+        return resize(_as_tensor(arr), shape)
+    return _as_tensor(_pil_resize(arr, shape, resample, mode in _WIDE_MODES))
+
+
+def target_shape(height: int, width: int, size: int, fit: str = "long", rounding: str = "round") -> tuple[int, int]:
+    """The ``(H, W)`` that scales ``height x width`` so the side named by ``fit`` equals ``size``.
+
+    The other side is rounded (``round``) or truncated (``floor``, as ``int()`` in the Keras notebook and
+    torchvision's ``Resize``).
+    """
+    side = {"long": max(height, width), "short": min(height, width), "height": height, "width": width}[fit]
     scale = size / side
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    snap = round if rounding == "round" else math.floor
+    return max(1, int(snap(height * scale))), max(1, int(snap(width * scale)))
 
 
 def style_side(content_shape: tuple[int, int], scale: float) -> int:
     """Long side of a style image at ``scale`` times the content's long side (at least 8 px)."""
     return max(8, round(max(content_shape) * scale))
+
+
+def style_shape(
+    style_hw: tuple[int, int], content_shape: tuple[int, int], scale: float, loading: Loading = Loading()
+) -> tuple[int, int]:
+    """The ``(H, W)`` a ``style_hw`` style image is loaded at beside a ``content_shape`` output."""
+    if loading.style_fit == "stretch":
+        return max(8, round(content_shape[0] * scale)), max(8, round(content_shape[1] * scale))
+    return target_shape(style_hw[0], style_hw[1], style_side(content_shape, scale), "long", loading.rounding)
 
 
 def resize(image: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -134,12 +219,21 @@ def resize(image: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return out.clamp_(0.0, 1.0)
 
 
-def load_image(path: str | os.PathLike[str], size: int | None = None, fit: str = "long") -> torch.Tensor:
+def load_image(
+    path: str | os.PathLike[str], size: int | None = None, fit: str = "long", loading: Loading = Loading()
+) -> torch.Tensor:
     """Read an image and scale it so its ``fit`` side is ``size`` pixels (full size when ``size`` is None)."""
-    image = read_image(path)
     if size is None:
-        return image
-    return resize(image, target_shape(image.shape[-2], image.shape[-1], size, fit))
+        return read_image(path)
+    height, width = read_size(path)
+    return read_resized(path, target_shape(height, width, size, fit, loading.rounding), loading.resample)
+
+
+def load_style(
+    path: str | os.PathLike[str], content_shape: tuple[int, int], scale: float = 1.0, loading: Loading = Loading()
+) -> torch.Tensor:
+    """Read a style image at the size ``style_shape`` gives beside a ``content_shape`` output."""
+    return read_resized(path, style_shape(read_size(path), content_shape, scale, loading), loading.resample)
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

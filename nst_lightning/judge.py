@@ -1,7 +1,8 @@
 """One fixed quality judge for comparing style-transfer results across tools and settings.
 
 Style distance: mean over relu1_1..relu5_1 of ``|G(x) - G(s)|_F / |G(s)|_F`` (position-normalised
-Grams); content distance: ``|F(x) - F(c)|_F / |F(c)|_F`` at relu4_2. Both on the caffe VGG19, on
+Grams); content distance: ``|F(x) - F(c)|_F / |F(c)|_F`` at relu4_2. Both on the caffe VGG19 (zero
+padding, as trained, whatever the runs use), on
 images as saved (8-bit), so what users get is what is measured. Lower is better.
 """
 
@@ -31,7 +32,7 @@ class Judge:
     """Scores results against a content and a style image with a fixed caffe VGG19."""
 
     def __init__(self, extractor: VGGFeatures | None = None) -> None:
-        self.extractor = extractor or build_extractor([*JUDGE_STYLE_LAYERS, JUDGE_CONTENT_LAYER])
+        self.extractor = extractor or build_extractor([*JUDGE_STYLE_LAYERS, JUDGE_CONTENT_LAYER], padding="zeros")
 
     @torch.no_grad()
     def __call__(self, result: torch.Tensor, content: torch.Tensor, style: torch.Tensor) -> Quality:

@@ -134,8 +134,9 @@ def style_layer_loss(
 
     ``paper``: ``sum (G - A)^2 / (4 N^2)`` with N channels (the paper's normalisation);
     ``keras``: the Keras example's ``sum (G' - A')^2 / (4 * 3^2 * P^2)`` on unnormalised Grams G', with
-    P the image's pixel count; ``relative``: ``|G - A|^2 / |A|^2``, the squared relative Gram error, so
-    every layer counts alike whatever its activation scale.
+    P the image's pixel count; ``mean_chw``: the PyTorch tutorials' ``mean((G' - A')^2) / (N * M)`` on
+    unnormalised Grams with M = ``positions``; ``relative``: ``|G - A|^2 / |A|^2``, the squared relative
+    Gram error, so every layer counts alike whatever its activation scale.
     """
     sq = (gram - target).pow(2).sum()
     if kind == "relative":
@@ -145,6 +146,8 @@ def style_layer_loss(
         return sq / (4.0 * channels**2)
     if kind == "keras":
         return sq * positions**2 / (4.0 * 9.0 * float(image_pixels) ** 2)
+    if kind == "mean_chw":
+        return sq * positions / float(gram.shape[-1]) ** 3
     raise ValueError(f"unknown style loss {kind!r}")
 
 

@@ -28,7 +28,7 @@ from .atomic import atomic_write
 from .data import GroupStep, PairResult
 from .errors import CheckpointError, ConfigError, NSTError, NumericalError
 from .features import VGGFeatures, build_extractor, min_side
-from .images import load_image, read_image, resize, save_image, style_side
+from .images import load_image, load_style, read_image, resize, save_image
 from .layers import LAYER_NAMES, deepest
 from .losses import StyleTransferLoss
 from .pairs import Pair
@@ -37,8 +37,9 @@ from .optim import BatchedAdam, BatchedLBFGS
 FINGERPRINT_KEY = "nst_lightning"
 ImageInput = Union[str, Path, torch.Tensor]
 """An image given to the module: a ``(1, 3, H, W)`` tensor in ``[0, 1]`` or the path of an image file."""
-CHECKPOINT_STATE = ("image", "image_average", "average_accum")
-"""The module state a checkpoint keeps: the image and, with iterate averaging, its running average."""
+CHECKPOINT_STATE = ("image", "objective_scale", "image_average", "average_accum")
+"""The module state a checkpoint keeps: the image, the objective's scale and, with iterate averaging, its
+running average."""
 
 # The frozen VGG stays in eval mode on purpose; Lightning >= 2.5.5 would warn about it on every fit.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -72,8 +73,8 @@ def _load_inputs(
     if isinstance(style, (list, tuple)) and any(isinstance(s, (str, Path)) for s in style):
         if content is None:
             raise ConfigError("style images given as files need a content image; give content=")
-        side = style_side(tuple(content.shape[-2:]), style_scale)
-        style = [load_image(s, side) if isinstance(s, (str, Path)) else s for s in style]
+        shape = tuple(content.shape[-2:])
+        style = [load_style(s, shape, style_scale) if isinstance(s, (str, Path)) else s for s in style]
     return content, style
 
 
@@ -98,6 +99,7 @@ def config_extractor(features: FeaturesConfig, layers: Sequence[str]) -> VGGFeat
         layers,
         weights=features.weights,
         pooling=features.pooling,
+        padding=features.padding,
         preprocessing=features.preprocessing,
         allow_download=features.allow_download,
     )
@@ -215,6 +217,7 @@ class StyleTransferModule(L.LightningModule):
         self.step_terms: torch.Tensor | None = None
         """The loss terms (content, style, tv, loss; mean over the batch) at the image this step started from."""
         self._first_evaluation = True
+        self._scale_ready = False
         self.group: GroupStep | None = None
         self.group_pairs: list[Pair] = []
         self.group_checkpoint_every = 0
@@ -253,6 +256,8 @@ class StyleTransferModule(L.LightningModule):
         if self.color == "luminance":
             start = colour.luminance(start)
         self.image = nn.Parameter((start * self.pixel_scale).to(device).contiguous())
+        self.register_buffer("objective_scale", torch.ones(len(per_image), device=device))
+        self._scale_ready = False
         self.register_buffer("last_good", self.image.detach().clone(), persistent=False)
         self.register_buffer("finite", torch.ones(len(per_image), dtype=torch.bool, device=device), persistent=False)
         if self.average_decay is not None:
@@ -270,6 +275,7 @@ class StyleTransferModule(L.LightningModule):
             "weights": self.features_config.weights,
             "preprocessing": self.extractor.preprocessing.name,
             "pooling": self.extractor.pooling,
+            "padding": self.extractor.padding,
             "optimizer": self.optim_config.name,
             "average": self.average_decay,
         }
@@ -356,14 +362,30 @@ class StyleTransferModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- the step
     def objective(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """What the optimiser minimises: each image's total loss times its number of elements, summed.
+        """What the optimiser minimises: each image's total loss times its ``objective_scale``, summed.
 
-        The scale-free losses give each pixel a gradient of order 1/N; L-BFGS skips curvature pairs with
-        y.s < 1e-10, so at 256 px and above it could stand still. Scaled by N the gradients are
-        size-independent; L-BFGS directions and Adam steps are otherwise invariant to the factor. The
-        sum keeps the images independent: each one's gradient is its own loss's.
+        The scale, fixed at the first evaluation, makes each image's gradient at its starting point one pixel
+        unit per element on average, whatever the loss kind (the paper's and Keras' losses reach 1e13 per
+        pixel, the relative ones 1e-6). L-BFGS takes a plain gradient step of that size whenever it has no
+        curvature pair and skips pairs with y.s < 1e-10: unscaled, a 1e13 gradient threw every pixel to 0 or
+        255 under bf16 (whose input resolution swallowed the tiny first step), and the relative losses stood
+        still at 256 px and above. Directions are otherwise invariant to the factor. The sum keeps the images
+        independent: each one's gradient is its own loss's.
         """
-        return (terms["loss"] * self.image[0].numel()).sum()
+        if not self._scale_ready:
+            self._set_objective_scale(terms["loss"])
+        return (terms["loss"] * self.objective_scale).sum()
+
+    def _set_objective_scale(self, losses: torch.Tensor) -> None:
+        """``objective_scale = 1 / mean |d loss_i / d image_i|`` per image at the current images, without a host
+        sync (the element count where that mean is 0 or not finite)."""
+        (grad,) = torch.autograd.grad(losses.sum(), self.image, retain_graph=True)
+        mean = grad.float().abs().flatten(1).mean(1)
+        usable = torch.isfinite(mean) & (mean > 0)
+        fallback = torch.full_like(mean, float(self.image[0].numel()))
+        with torch.no_grad():
+            self.objective_scale.copy_(torch.where(usable, 1.0 / torch.where(usable, mean, 1.0), fallback))
+        self._scale_ready = True
 
     def evaluate(self) -> torch.Tensor:
         """One evaluation: loss terms, gradient of the objective, projected; the closure every optimiser calls.
@@ -549,6 +571,7 @@ class StyleTransferModule(L.LightningModule):
                 "overwrite=True to start the folder again, or restore the settings it was written with"
             )
         self.load_state_dict(saved["state_dict"], strict=False)
+        self._scale_ready = "objective_scale" in saved["state_dict"]
         state = saved["optimizer"]
         for group in state.get("param_groups", []):
             group["lr"] = self.optim_config.learning_rate
@@ -588,6 +611,7 @@ class StyleTransferModule(L.LightningModule):
         ``optim.lr`` really uses it.
         """
         self.check_checkpoint(checkpoint)
+        self._scale_ready = "objective_scale" in checkpoint.get("state_dict", {})
         for state in checkpoint.get("optimizer_states", []):
             for group in state.get("param_groups", []):
                 group["lr"] = self.optim_config.learning_rate

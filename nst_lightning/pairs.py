@@ -94,6 +94,8 @@ def _expand(entry: str, role: str) -> list[Path]:
     elif path.is_dir():
         found = [p for p in path.iterdir() if not p.name.startswith(".")]
         what = f"{role} folder {path} holds"
+    elif not path.exists():
+        raise ConfigError(f"{role} image {path} does not exist; check the path")
     else:
         return [path]
     images = sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -112,6 +114,8 @@ def _style_sets(entries: list[str]) -> list[tuple[str, ...]]:
             f"style list entry {many[0]!r} is a folder or glob, but a style list is blended into one style; "
             "give the folder or glob alone for one output per style, or list image files to blend"
         )
+    for entry in entries:
+        _expand(entry, "style")  # a missing style file fails every pair: say so once, before any work
     return [tuple(entries)]
 
 

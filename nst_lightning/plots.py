@@ -6,7 +6,6 @@ when a plot is made; files are written atomically.
 
 from __future__ import annotations
 
-import csv
 import io
 import os
 from collections.abc import Mapping, Sequence
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from .history import read_history
 from .images import save_pil
 
 if TYPE_CHECKING:
@@ -60,9 +60,8 @@ def _show(ax: Axes, image: torch.Tensor, title: str | None = None) -> None:
 
 def read_losses(path: str | os.PathLike[str]) -> dict[str, list[float]]:
     """The columns of a run's ``losses.csv`` (``step``, ``content``, ``style``, ``tv``, ``loss``) as lists."""
-    with Path(path).open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    return {key: [float(r[key]) for r in rows if r.get(key)] for key in ("step", *LOSS_SERIES)}
+    rows = read_history(path).rows
+    return {key: [float(r[key]) for r in rows] for key in ("step", *LOSS_SERIES)}
 
 
 def loss_curve(losses: str | os.PathLike[str], path: str | os.PathLike[str], stage_starts: Sequence[int] = ()) -> Path:

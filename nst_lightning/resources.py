@@ -13,7 +13,7 @@ from pathlib import Path
 from .config import MAX_CHECKPOINT_BLOCKS, MAX_IMAGE_SIZE, RunConfig, all_layers
 from .errors import ResourceError
 from .hardware import resolve_precision
-from .images import style_side, target_shape
+from .images import Loading, style_shape, target_shape
 from .layers import LAYER_NAMES, LAYER_INDEX
 
 Shape = tuple[int, int]
@@ -164,9 +164,10 @@ def run_shapes(
     config: RunConfig, content_shape: Shape, style_shapes: Sequence[Shape], size: int
 ) -> tuple[Shape, list[Shape]]:
     """The content and style shapes a run of ``config`` uses at ``image.size = size``, from the source shapes."""
-    shape = target_shape(content_shape[0], content_shape[1], size, config.image.fit)
-    sides = [style_side(shape, scale) for scale in config.style_scales()]
-    return shape, [target_shape(h, w, side, "long") for (h, w), side in zip(style_shapes, sides)]
+    image = config.image
+    loading = Loading(**image.loading())
+    shape = target_shape(content_shape[0], content_shape[1], size, image.fit, image.rounding)
+    return shape, [style_shape(hw, shape, scale, loading) for hw, scale in zip(style_shapes, config.style_scales())]
 
 
 def run_precision(config: RunConfig) -> str:

@@ -128,6 +128,7 @@ def sweep(
     grid: Mapping[str, Sequence[Any]],
     *,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = True,
     on_cell: Callable[[Cell, int], None] | None = None,
     cell_px: int = 160,
@@ -135,34 +136,108 @@ def sweep(
     """Run every cell of ``grid`` over ``config`` and write ``contact_sheet.png`` and ``sweep.csv`` in ``config.output``.
 
     Rows of the sheet are the combinations of all keys but the last, columns the last key's values.
-    ``on_cell(cell, total)`` is called before each cell runs (the CLI prints progress with it).
+    ``on_cell(cell, total)`` is called before each cell runs (the CLI prints progress with it). ``resume``
+    continues a stopped sweep: finished cells are kept, a stopped cell resumes from its last checkpoint;
+    ``overwrite`` replaces a previous sweep. The folder is locked while the sweep runs.
     """
-    from .api import fit, load_images
-    from .atomic import write_text_atomic
-    from .module import config_extractor
-    from .images import read_image
-    from .plots import contact_sheet, read_losses
+    from .lock import FolderLock
 
     cells = grid_cells(config, grid)
     root = Path(config.output)
+    if resume and overwrite:
+        raise ConfigError("resume=True continues the sweep and overwrite=True replaces it; give one of them, not both")
+    if root.is_file():
+        raise ConfigError(f"output {root} is a file; give a directory for the sweep")
+    with FolderLock(root, "sweep"):
+        _run_cells(config, grid, cells, overwrite, resume, progress, on_cell)
+        return _summarise(config, grid, cells, cell_px)
+
+
+def _run_cells(
+    config: RunConfig,
+    grid: Mapping[str, Sequence[Any]],
+    cells: list[Cell],
+    overwrite: bool,
+    resume: bool,
+    progress: bool,
+    on_cell: Callable[[Cell, int], None] | None,
+) -> None:
+    """Run each cell not yet finished, sharing one extractor per features setting and the computed targets."""
+    from .api import fit
+    from .atomic import reporting_write_failures
+    from .module import config_extractor
+
+    root = Path(config.output)
     if (root / SUMMARY).exists() or (root / CELLS).exists():
-        if not overwrite:
-            raise ConfigError(f"output {root} holds a previous sweep; add overwrite=True to replace it or choose another output= directory")
-        (root / SHEET).unlink(missing_ok=True)
-        (root / SUMMARY).unlink(missing_ok=True)
-        shutil.rmtree(root / CELLS, ignore_errors=True)
+        if not (overwrite or resume):
+            raise ConfigError(
+                f"output {root} holds a previous sweep; add resume=True to finish its unfinished cells, overwrite=True "
+                "to replace it, or choose another output= directory"
+            )
+        if overwrite:
+            with reporting_write_failures("the sweep's folder must be writable"):
+                (root / SHEET).unlink(missing_ok=True)
+                (root / SUMMARY).unlink(missing_ok=True)
+                if (root / CELLS).exists():
+                    shutil.rmtree(root / CELLS)
+        else:
+            check_same_cells(cells)
     extractors: dict[str, Any] = {}
     targets: dict[str, Any] = {}
     for cell in cells:
         if on_cell is not None:
             on_cell(cell, len(cells))
+        state = cell_state(cell)
+        if state == "finished":
+            continue
         feats = cell.config.features
         key = feats.model_dump_json()
         if key not in extractors:
             layers = sorted({n for c in cells if c.config.features == feats for n in all_layers(c.config)})
             extractors[key] = config_extractor(feats, layers)
-        fit(cell.config, overwrite=True, progress=progress, extractor=extractors[key], target_cache=targets)
+        fit(
+            cell.config,
+            resume="last" if state == "resumable" else None,
+            overwrite=state != "resumable",
+            progress=progress,
+            extractor=extractors[key],
+            target_cache=targets,
+        )
 
+
+def cell_state(cell: Cell) -> str:
+    """``finished`` (final image at the last stage's last step), ``resumable`` (a checkpoint to go on from), or
+    ``new`` (nothing worth keeping: not started, or stopped before its first checkpoint)."""
+    from .rundir import RunOutputs, checkpoint_step, has_checkpoint, plan_stages
+
+    outputs = RunOutputs(Path(cell.config.output))
+    last = plan_stages(cell.config, outputs)[-1]
+    if outputs.final.is_file() and checkpoint_step(last.last_checkpoint) == last.steps:
+        return "finished"
+    return "resumable" if has_checkpoint(outputs) else "new"
+
+
+def check_same_cells(cells: list[Cell]) -> None:
+    """Refuse to resume a sweep whose cells were written with other settings (another grid or --set)."""
+    from .config import dump_config
+
+    for cell in cells:
+        written = Path(cell.config.output) / "config.yaml"
+        if written.is_file() and written.read_text(encoding="utf-8", errors="replace") != dump_config(cell.config):
+            raise ConfigError(
+                f"sweep cell {written.parent} was run with other settings (its config.yaml differs); resume with the "
+                "same --config, --set and --grid, or use overwrite=True to start the sweep again"
+            )
+
+
+def _summarise(config: RunConfig, grid: Mapping[str, Sequence[Any]], cells: list[Cell], cell_px: int) -> SweepOutputs:
+    """Draw the contact sheet and write ``sweep.csv`` from the finished cells."""
+    from .api import load_images
+    from .atomic import reporting_write_failures, write_text_atomic
+    from .images import read_image
+    from .plots import contact_sheet, read_losses
+
+    root = Path(config.output)
     keys = list(grid)
     columns = len(grid[keys[-1]])
     results = [read_image(Path(c.config.output) / "final.png") for c in cells]
@@ -170,7 +245,8 @@ def sweep(
     row_labels = [cells[i].title(keys[:-1]) for i in range(0, len(cells), columns)]
     col_labels = [f"{keys[-1]} = {label(v)}" for v in grid[keys[-1]]]
     content, styles = load_images(config)
-    contact_sheet(content, styles, rows, row_labels, col_labels, root / SHEET, cell_px=cell_px)
+    with reporting_write_failures():
+        contact_sheet(content, styles, rows, row_labels, col_labels, root / SHEET, cell_px=cell_px)
 
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -183,5 +259,6 @@ def sweep(
             + [f"{last.get(k, float('nan')):.6g}" for k in ("content", "style", "tv", "loss")]
             + [str(out / "final.png")]
         )
-    write_text_atomic(root / SUMMARY, buf.getvalue())
+    with reporting_write_failures():
+        write_text_atomic(root / SUMMARY, buf.getvalue())
     return SweepOutputs(root, [Path(c.config.output) for c in cells])

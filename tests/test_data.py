@@ -51,8 +51,13 @@ def test_a_pair_that_cannot_load_is_served_with_its_reason(tmp_path):
     Image.new("RGB", (40, 40), "green").save(style)
     bad.write_bytes(b"")
     pairs = [Pair(str(p), (str(style),), str(tmp_path / f"{p.stem}__style.png")) for p in (good, bad)]
-    data = StylePairsDataModule(pairs, size=32, style_scale=0.5, images_per_device=2)
-    items = [item for group in data.predict_dataloader() for item in group]
+    data = StylePairsDataModule(pairs, steps=3, size=32, style_scale=0.5, images_per_device=2,
+                                checkpoints=tmp_path / "checkpoints")
+    steps = list(data.train_dataloader())  # the unreadable image has no known shape: a group of its own
+    assert [(s.group, s.step, s.first, s.last) for s in steps] == [
+        (g, k, k == 1, k == 3) for g in (0, 1) for k in (1, 2, 3)
+    ]
+    items = [item for s in steps if s.first for item in s.items]
     by_name = {item.pair.name: item for item in items}
     assert by_name["good__style.png"].content.shape == (1, 3, 32, 32)
     assert by_name["good__style.png"].styles[0].shape == (1, 3, 16, 16)

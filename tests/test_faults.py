@@ -81,7 +81,7 @@ def test_checkpoint_writes_are_atomic_and_stay_in_the_checkpoint_folder(tmp_path
 
 
 def test_half_written_files_of_a_killed_run_are_cleared_on_the_next_start(tmp_path):
-    from nst_lightning.api import RunOutputs, prepare_output
+    from nst_lightning.rundir import RunOutputs, prepare_output
 
     outputs = RunOutputs(tmp_path / "run")
     outputs.checkpoints.mkdir(parents=True)

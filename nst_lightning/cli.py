@@ -95,9 +95,20 @@ def _show_api_messages() -> None:
     """Print the API's INFO messages (logger ``nst_lightning``: ONNX providers, validation) to stderr as plain lines."""
     import logging
 
+    class CurrentStderr(logging.StreamHandler):
+        """Writes to ``sys.stderr`` as it is when a message comes (commands run in one process each get theirs)."""
+
+        @property
+        def stream(self):  # type: ignore[override]
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value: object) -> None:
+            pass
+
     logger = logging.getLogger("nst_lightning")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)

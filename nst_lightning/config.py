@@ -199,7 +199,7 @@ class VideoConfig(_Section):
         None, gt=0, le=1000, description="output frame rate; default the video's own rate (over every_nth_frame), 24 for frames"
     )
     temporal_weight: float = Field(
-        50.0, ge=0, description="weight of the temporal loss (Ruder et al. 2016); 0 stylises frames independently"
+        500.0, ge=0, description="weight of the temporal loss (Ruder et al. 2016); 0 stylises frames independently"
     )
     flow: Literal["dis", "farneback"] = Field("dis", description="optical flow algorithm (OpenCV)")
     passes: int = Field(1, ge=1, le=20, description="passes over the clip, alternating direction after the first")

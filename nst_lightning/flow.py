@@ -19,7 +19,7 @@ FLOW_METHODS = ("dis", "farneback")
 VIDEO_EXTRA = "pip install 'nst-lightning[video]'"
 
 
-def _cv2() -> Any:
+def require_opencv() -> Any:
     """OpenCV, or a one-line error naming the extra that installs it."""
     try:
         import cv2
@@ -39,7 +39,7 @@ def _grey(image: torch.Tensor) -> np.ndarray:
 
 def optical_flow(source: torch.Tensor, target: torch.Tensor, method: str = "dis") -> torch.Tensor:
     """Dense flow from ``source`` to ``target`` (same-size ``(1, 3, H, W)`` images) with OpenCV's DIS or Farneback."""
-    cv2 = _cv2()
+    cv2 = require_opencv()
     a, b = _grey(source), _grey(target)
     if method == "dis":
         dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)

@@ -187,7 +187,7 @@ class StyleTransferModule(L.LightningModule):
         start = initial_image(init, seen_content, seen_styles, seed)
         if color == "luminance":
             start = colour.luminance(start)
-        self.image = nn.Parameter(start * self.pixel_scale)
+        self.image = nn.Parameter((start * self.pixel_scale).contiguous())  # L-BFGS views the gradient flat
         self.average_decay = self.optim_config.average
         if self.average_decay is not None:
             self.register_buffer("image_average", torch.zeros_like(self.image.detach()))

@@ -29,7 +29,7 @@ from .config import RunConfig, dump_config
 from .errors import CheckpointError, ConfigError, RunInterrupted
 from .faults import GracefulStop
 from .features import VGGFeatures
-from .flow import flow_and_weights, warp
+from .flow import flow_and_weights, require_opencv, warp
 from .images import load_image, read_image, save_image, style_side
 from .losses import TemporalTarget
 from .resources import check_fits
@@ -210,6 +210,7 @@ def fit_clip(
     blocks, _ = check_fits(config, *shapes)
     features = config.features.model_copy(update={"checkpoint_blocks": blocks})
     masks = load_masks(config)
+    require_opencv()
     _prepare(outputs, config, record, resuming, overwrite)
     log.info("clip %s: %d frames of %dx%d at %s fps", clip.source, len(clip), clip.shape[1], clip.shape[0], _fps(clip))
     L.seed_everything(config.seed, workers=False, verbose=False)

@@ -67,7 +67,7 @@ def _av() -> Any:
 
 
 def _as_uint8(image: torch.Tensor) -> torch.Tensor:
-    return (image.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+    return (image.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).contiguous()
 
 
 def _check_memory(count: int, shape: tuple[int, int], source: str) -> None:
@@ -137,7 +137,7 @@ def _read_video(path: Path, size: int, fit: str, every_nth: int, fps: float | No
         raise VideoError(f"cannot read video {path} ({_reason(err)}); it is corrupt or not a video, re-export it") from None
     with container:
         if not container.streams.video:
-            raise VideoError(f"{path} holds no video stream; give a video file with pictures")
+            raise VideoError(f"video {path} has no frames (no picture stream); give a clip with at least one picture")
         stream = container.streams.video[0]
         width, height = stream.codec_context.width, stream.codec_context.height
         if width and height:

@@ -27,7 +27,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-IMAGES = ROOT.parent / "shared" / "images"
+SHARED = ROOT.parent / "shared" / "images"
+BUNDLED = ROOT / "nst_lightning" / "examples"
+HAS_SHARED = (SHARED / "tubingen.jpg").is_file()
+DEFAULT_CONTENT = SHARED / "tubingen.jpg" if HAS_SHARED else BUNDLED / "astronaut.jpg"
+DEFAULT_STYLE = SHARED / "starry_night.jpg" if HAS_SHARED else BUNDLED / "starry_night.jpg"
+"""The classic Gatys pair where the project's sample folder sits beside the clone; the bundled pair elsewhere."""
 
 
 @dataclass
@@ -137,8 +142,8 @@ def machine() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--content", type=Path, default=IMAGES / "tubingen.jpg")
-    p.add_argument("--style", type=Path, default=IMAGES / "starry_night.jpg")
+    p.add_argument("--content", type=Path, default=DEFAULT_CONTENT)
+    p.add_argument("--style", type=Path, default=DEFAULT_STYLE)
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     p.add_argument("--evals", type=int, default=300, help="L-BFGS evaluations (= steps) per run")
     p.add_argument("--snapshot-every", type=int, default=20)

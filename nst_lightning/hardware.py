@@ -5,21 +5,32 @@ Plain PyTorch; the benchmark (benchmarks/RESULTS.md) is the evidence for the cho
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+"""``ONEDNN_MAX_CPU_ISA`` values that keep oneDNN below its native bf16 kernels."""
 
 
 def cpu_has_bf16() -> bool:
-    """Whether the CPU has native bf16 dot-product instructions (AVX512-BF16 or AMX)."""
+    """Whether bf16 convolutions run natively: the CPU has AVX512-BF16 or AMX and PyTorch may use them.
+
+    ``ATEN_CPU_CAPABILITY=avx2`` or a lower ``ONEDNN_MAX_CPU_ISA`` (how one machine imitates an older CPU)
+    leave bf16 emulated, so they count as no bf16.
+    """
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return any(flag in flags for flag in BF16_CPU_FLAGS)
+    if not any(flag in flags for flag in BF16_CPU_FLAGS):
+        return False
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
+    return os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper() not in ONEDNN_ISAS_WITHOUT_BF16
 
 
 def resolve_precision(precision: str, accelerator: str = "auto") -> str:

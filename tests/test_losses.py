@@ -124,3 +124,38 @@ def test_grams_and_losses_stay_fp32_under_bf16_autocast(extractor, content_small
     ref.set_targets(extractor(content_small), [extractor(style_small)])
     exact = ref(extractor(content_small), content_small)["style"]
     assert terms["style"].item() == pytest.approx(exact.item(), rel=0.05)
+
+
+def test_relative_content_loss_is_the_squared_error_over_the_targets_squared_norm():
+    f, c = torch.randn(1, 8, 6, 7), torch.randn(1, 8, 6, 7)
+    expected = ((f - c) ** 2).sum() / (c**2).sum()
+    torch.testing.assert_close(content_loss(f, c, "relative"), expected)
+    torch.testing.assert_close(content_loss(3 * f, 3 * c, "relative"), expected)  # scale-free
+
+
+def test_relative_style_loss_is_the_squared_relative_error_of_position_normalised_grams():
+    f, s = torch.randn(1, 8, 6, 7), torch.randn(1, 8, 9, 5)  # output and style of different sizes
+    g = f.reshape(8, 42) @ f.reshape(8, 42).T / 42
+    a = s.reshape(8, 45) @ s.reshape(8, 45).T / 45
+    expected = ((g - a) ** 2).sum() / (a**2).sum()
+    torch.testing.assert_close(style_layer_loss(gram_matrix(f), gram_matrix(s), 42, 99, "relative"), expected)
+
+
+def test_default_criterion_is_the_weighted_sum_of_the_relative_formulas(extractor, content_small, style_small):
+    image = (content_small + 0.1 * torch.randn_like(content_small)).clamp(0, 1)
+    crit = _criterion(content_weight=2.0, style_weight=3.0, content_loss="relative", style_loss="relative")
+    crit.set_targets(extractor(content_small), [extractor(style_small)])
+    terms = crit(extractor(image), image)
+
+    def gram(x: torch.Tensor) -> torch.Tensor:
+        m = x.reshape(x.shape[1], -1).double()
+        return m @ m.T / m.shape[1]
+
+    out, c, s = extractor(image), extractor(content_small), extractor(style_small)
+    content = ((out["relu4_2"].double() - c["relu4_2"].double()) ** 2).sum() / (c["relu4_2"].double() ** 2).sum()
+    style = sum(
+        0.5 * ((gram(out[n]) - gram(s[n])) ** 2).sum() / (gram(s[n]) ** 2).sum() for n in ("relu1_1", "relu2_1")
+    )
+    assert terms["content"].item() == pytest.approx(2.0 * content.item(), rel=1e-4)
+    assert terms["style"].item() == pytest.approx(3.0 * style.item(), rel=1e-4)
+    assert terms["content"].item() > 0 and terms["style"].item() > 0

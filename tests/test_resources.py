@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 
 from nst_lightning import resources
 from nst_lightning.api import fit
-from nst_lightning.config import DEFAULT_STYLE_LAYERS, EXAMPLE_STYLE, load_config
+from nst_lightning.config import DEFAULT_STYLE_LAYERS, EXAMPLE_STYLE, all_layers, load_config
 from nst_lightning.errors import ResourceError
 from nst_lightning.images import read_size
 from nst_lightning.resources import (
@@ -58,7 +58,14 @@ def test_one_style_scale_per_style_image_sizes_each_style(tiny_config):
     cfg = tiny_config(**{"style": f"[{EXAMPLE_STYLE},{EXAMPLE_STYLE}]", "image.style_scale": "[1.0,0.5]"})
     shape, styles = resources.run_shapes(cfg, (600, 800), [(1000, 1000), (1000, 1000)], 400)
     assert shape == (300, 400) and styles == [(400, 400), (200, 200)]
-    assert estimate_for(cfg, (600, 800), [(1000, 1000), (1000, 1000)]).total > 0
+    scaled = estimate_for(cfg, (600, 800), [(1000, 1000), (1000, 1000)], size=400)
+    assert scaled.targets == estimate_memory(
+        (300, 400), [(400, 400), (200, 200)], all_layers(cfg), cfg.loss.content_layers,
+        precision="32-true", source_pixels=1000 * 1000, checkpoint_blocks=4,
+    ).targets
+    same = tiny_config(**{"style": f"[{EXAMPLE_STYLE},{EXAMPLE_STYLE}]", "image.style_scale": "[1.0,1.0]"})
+    full = estimate_for(same, (600, 800), [(1000, 1000), (1000, 1000)], size=400)
+    assert full.targets - scaled.targets == 3 * 4 * (400 * 400 - 200 * 200)  # the smaller style's pixels, fp32 RGB
 
 
 def test_large_sources_and_style_scale_raise_the_peak():

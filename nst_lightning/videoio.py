@@ -140,9 +140,10 @@ def _read_video(path: Path, size: int, fit: str, every_nth: int, fps: float | No
             raise VideoError(f"video {path} has no frames (no picture stream); give a clip with at least one picture")
         stream = container.streams.video[0]
         width, height = stream.codec_context.width, stream.codec_context.height
-        if width and height:
-            _check_frame_size(height, width, f"video {path}")
-        shape = target_shape(height, width, size, fit) if width and height else None
+        if not (width and height):
+            raise VideoError(f"video {path} states no frame size; it is corrupt, re-export it")
+        _check_frame_size(height, width, f"video {path}")
+        shape = target_shape(height, width, size, fit)
         times: list[float] = []
         frames: list[torch.Tensor] = []
         try:
@@ -155,11 +156,10 @@ def _read_video(path: Path, size: int, fit: str, every_nth: int, fps: float | No
                 if frame.time is not None:
                     times.append(float(frame.time))
                 if index % every_nth == 0:
-                    if shape is not None and index == 0:
-                        _check_memory(max(1, (stream.frames or 1) // every_nth), shape, str(path))
+                    _check_memory(max(len(frames) + 1, (stream.frames or 0) // every_nth), shape, str(path))
                     rgb = torch.from_numpy(np.ascontiguousarray(frame.to_ndarray(format="rgb24")))
                     image = rgb.permute(2, 0, 1).unsqueeze(0).float() / 255.0
-                    frames.append(_as_uint8(resize(image, target_shape(height, width, size, fit))))
+                    frames.append(_as_uint8(resize(image, shape)))
         except av.FFmpegError as err:
             raise VideoError(
                 f"video {path} is corrupt after {len(times)} frames ({_reason(err)}); re-export or cut the file"
@@ -167,9 +167,10 @@ def _read_video(path: Path, size: int, fit: str, every_nth: int, fps: float | No
         if not frames:
             raise VideoError(f"video {path} has no frames; give a clip with at least one picture")
         rate = _constant_rate(times, path) or stream.average_rate or stream.guessed_rate or DEFAULT_FPS
-        if container.streams.audio:
+        has_audio = bool(container.streams.audio)
+        if has_audio:
             log.warning("note: the audio of %s is dropped; the stylised video has no sound", path)
-        return Clip(frames, _rate(fps, Fraction(rate)) / every_nth, str(path), bool(container.streams.audio))
+        return Clip(frames, _rate(fps, Fraction(rate)) / every_nth, str(path), has_audio)
 
 
 def _reason(err: Exception) -> str:

@@ -123,17 +123,37 @@ def test_an_interrupted_clip_resumes_at_its_first_unfinished_frame(tmp_path):
     with pytest.raises(CheckpointError, match="settings"):
         fit_clip(clip_config(clip, out, **{"loss.style_weight": 3}), resume="last", progress=False)
 
-    started = []
-
-    class Count(Callback):
-        def on_train_start(self, trainer, pl_module) -> None:
-            started.append(1)
-
-    fit_clip(config, resume="last", progress=False, callbacks=[Count()])
-    assert len(started) == 2  # frames 3 and 4 only
+    starts = _Starts()
+    fit_clip(config, resume="last", progress=False, callbacks=[starts])
+    assert starts.count == 2  # frames 3 and 4 only
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in frames.iterdir() if p.name in kept} == kept
     assert sorted(p.name for p in frames.iterdir()) == [f"{i:06d}.png" for i in range(1, 5)]
     assert video_info(out / "stylised.mp4")[0] == 4
+
+
+class _Starts(Callback):
+    """Counts the frames optimised."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.count += 1
+
+
+def test_two_passes_go_forward_then_back_and_a_finished_clip_resumes_to_nothing(tmp_path):
+    clip = write_clip(tmp_path / "clip.mp4", pan(3))
+    config = clip_config(clip, tmp_path / "out", **{"video.passes": 2, "trainer.max_steps": 2})
+    starts = _Starts()
+    fit_clip(config, progress=False, callbacks=[starts])
+    assert starts.count == 6
+    first = sorted((tmp_path / "out" / "passes" / "pass1").glob("*.png"))
+    final = sorted((tmp_path / "out" / "frames").glob("*.png"))
+    assert [p.name for p in first] == [p.name for p in final] == ["000001.png", "000002.png", "000003.png"]
+    assert not torch.equal(read_image(first[0]), read_image(final[0]))  # the second pass changed the frames
+    again = _Starts()
+    fit_clip(config, resume="last", progress=False, callbacks=[again])
+    assert again.count == 0 and video_info(tmp_path / "out" / "stylised.mp4")[0] == 3
 
 
 def _clip_warping_error(clip: Path, frames: Path) -> float:

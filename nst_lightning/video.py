@@ -215,7 +215,6 @@ def fit_clip(
     log.info("clip %s: %d frames of %dx%d at %s fps", clip.source, len(clip), clip.shape[1], clip.shape[0], _fps(clip))
     L.seed_everything(config.seed, workers=False, verbose=False)
     frames = _Frames(clip, video.flow, keep=video.passes > 1)
-    cache: dict[str, Any] = {}
     redo = False
     for p, i, neighbour in frame_order(len(clip), video.passes):
         target = outputs.frame(i, p, video.passes)
@@ -224,11 +223,10 @@ def fit_clip(
         redo = True  # every later frame depends on this one
         init, temporal = _start(config, outputs, frames, p, i, neighbour)
         module = build_module(
-            config, clip.frame(i), styles, masks=masks, init=init, extractor=extractor, target_cache=cache,
-            features=features, temporal=temporal,
+            config, clip.frame(i), styles, masks=masks, init=init, extractor=extractor, features=features, temporal=temporal
         )
         extractor = module.extractor
-        if not _run_frame(config, outputs, module, shapes, f"{_where(p, i, len(clip), video.passes)}", progress, callbacks):
+        if not _run_frame(config, outputs, module, shapes, _where(p, i, len(clip), video.passes), progress, callbacks):
             log.warning("stopped by a callback at frame %d; continue with --resume last", i + 1)
             return outputs
         save_image(module.result(), target)

@@ -50,6 +50,7 @@ class Run:
     precision: str
     quality: tuple[float, float] = (float("nan"), float("nan"))
     curve: list[tuple[int, float, float]] = field(default_factory=list)
+    gpu_peak_bytes: int = 0
 
     @property
     def opt_s(self) -> float:
@@ -87,7 +88,8 @@ def run_worker(system: str, script: str, args: list[str], size: int, evals: int,
     if proc.returncode != 0:
         raise SystemExit(f"{system} failed ({proc.returncode}):\n{errors[-3000:]}")
     data = json.loads(text.strip().splitlines()[-1])
-    return Run(system, size, evals, wall, usage.ru_maxrss / 1024, data["setup_s"], data["step_times"], output, data["precision"])
+    return Run(system, size, evals, wall, usage.ru_maxrss / 1024, data["setup_s"], data["step_times"], output,
+               data["precision"], gpu_peak_bytes=data.get("gpu_peak_bytes", 0))
 
 
 def judge_run(run: Run, judge, content_path: Path, style_path: Path) -> None:

@@ -24,6 +24,7 @@ def main() -> None:
     args = p.parse_args()
     request_huge_pages(args.size)
 
+    import torch
     from lightning.pytorch.callbacks import Callback
 
     from nst_lightning.api import fit
@@ -40,6 +41,8 @@ def main() -> None:
             self.start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if pl_module.device.type == "cuda" and trainer.global_step == trainer.max_steps:
+                torch.cuda.synchronize()  # steps are queued asynchronously: the last time is when all were computed
             self.times.append(time.perf_counter() - self.start)
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -60,7 +63,9 @@ def main() -> None:
     )
     clock = StepClock()
     fit(cfg, overwrite=True, progress=False, callbacks=[clock])
-    print(json.dumps({"step_times": clock.times, "setup_s": clock.start - T0, "precision": cfg.trainer.precision}))
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else 0
+    print(json.dumps({"step_times": clock.times, "setup_s": clock.start - T0, "precision": cfg.trainer.precision,
+                      "gpu_peak_bytes": peak}))
 
 
 if __name__ == "__main__":

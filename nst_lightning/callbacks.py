@@ -8,13 +8,15 @@ from __future__ import annotations
 import csv
 import io
 import os
+import sys
+import time
 from pathlib import Path
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 
 from .atomic import write_text_atomic
 from .images import save_image
@@ -148,20 +150,77 @@ class RunPlots(Callback):
         side_by_side(self.content, self.styles, pl_module.result(), self.picture)
 
 
-class StepProgressBar(TQDMProgressBar):
-    """A progress bar that counts optimisation steps towards ``max_steps`` (the dataloader is endless)."""
+class StepProgressBar(ProgressBar):
+    """One progress line per run on stderr: steps done of ``max_steps``, seconds per step and the total loss.
 
-    def __init__(self, description: str = "Stylising") -> None:
+    On a terminal it is a tqdm bar redrawn in place (``Stylising: 40%|████  | 120/300 [00:50<01:16, 0.42s/it,
+    loss=5.68e-1]``); elsewhere (a log file, CI) a plain line every few steps and at the end, so logs hold no
+    ``\r`` redraws. The loss is read only on the Trainer's logging steps (``log_every_n_steps``), so the bar
+    adds no device synchronisation to the steps between them.
+    """
+
+    def __init__(self, description: str = "Stylising", stream: TextIO | None = None) -> None:
         super().__init__()
         self.description = description
+        self.stream = stream
+        self._enabled = True
+        self._bar: Any = None
+        self._start = (0, 0.0)
+        self._loss = ""
+        self._line_every = 1
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
 
     @property
-    def total_train_batches(self) -> int | float:
-        max_steps = self.trainer.max_steps
-        return max_steps if max_steps and max_steps > 0 else super().total_train_batches
+    def _out(self) -> TextIO:
+        return self.stream if self.stream is not None else sys.stderr
 
-    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
-        super().on_train_epoch_start(trainer)
-        self.train_progress_bar.initial = trainer.global_step
-        self.train_progress_bar.n = trainer.global_step
-        self.train_progress_bar.set_description(self.description)
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if not (self._enabled and trainer.is_global_zero):
+            return
+        total = trainer.max_steps
+        self._start = (trainer.global_step, time.perf_counter())
+        self._loss = ""
+        if self._out.isatty():
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(
+                total=total, initial=trainer.global_step, desc=self.description, file=self._out,
+                dynamic_ncols=True, unit="step", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_inv_fmt}{postfix}]",
+            )
+        else:
+            every = max(1, trainer.log_every_n_steps)
+            self._line_every = every * max(1, -(-total // (20 * every)))  # about 20 lines, on logging steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not (self._enabled and trainer.is_global_zero):
+            return
+        step = trainer.global_step
+        if step % max(1, trainer.log_every_n_steps) == 0 or step == trainer.max_steps:
+            loss = trainer.callback_metrics.get("loss")
+            if loss is not None:
+                self._loss = f"loss={float(loss):.2e}"
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix_str(self._loss, refresh=False)
+            self._bar.refresh()
+        elif step % self._line_every == 0 or step == trainer.max_steps:
+            self._print_line(step, trainer.max_steps)
+
+    def _print_line(self, step: int, total: int) -> None:
+        first, started = self._start
+        rate = (time.perf_counter() - started) / max(1, step - first)
+        parts = [f"{self.description}: step {step}/{total} ({100 * step // max(1, total)}%)", f"{rate:.2f} s/step"]
+        print(", ".join([*parts, *([self._loss] if self._loss else [])]), file=self._out, flush=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
+        self.on_train_end(trainer, pl_module)

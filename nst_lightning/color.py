@@ -75,7 +75,7 @@ def matched_colors(style: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
     s = style[0].reshape(3, -1).double()
     c = content[0].reshape(3, -1).double()
     mu_s, mu_c = s.mean(1, keepdim=True), c.mean(1, keepdim=True)
-    eye = 1e-5 * torch.eye(3, dtype=torch.float64)
+    eye = 1e-5 * torch.eye(3, dtype=torch.float64, device=style.device)
     cov_s = torch.cov(s) + eye
     cov_c = torch.cov(c) + eye
     a = _sqrtm(cov_c) @ _sqrtm(cov_s, inverse=True)

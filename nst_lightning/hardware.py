@@ -43,5 +43,6 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
         return precision
     on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     if on_gpu:
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+        # emulated bf16 (V100, T4) is slower than fp32: only native support counts
+        return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "32-true"
     return "bf16-mixed" if accelerator in ("auto", "cpu") and cpu_has_bf16() else "32-true"

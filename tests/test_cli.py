@@ -64,9 +64,12 @@ def test_fit_end_to_end_then_resume(tmp_path):
     r = cli("fit", "--config", str(CONFIGS / "example.yaml"), "-q", *sets(tiny_overrides(out, steps=4)))
     assert r.returncode == 2 and "holds a previous run" in r.stderr
 
-    r = cli("fit", "--config", str(CONFIGS / "example.yaml"), "-q", "--resume", "last", *sets(tiny_overrides(out, steps=6)))
+    r = cli("fit", "--config", str(CONFIGS / "example.yaml"), "--resume", "last", *sets(tiny_overrides(out, steps=6)))
     assert r.returncode == 0, r.stderr
     assert len((out / "losses.csv").read_text().splitlines()) == 7
+    # progress: not a terminal here, so plain lines on stderr (no \r redraws), none on stdout
+    assert "\r" not in r.stderr and "step" not in r.stdout
+    assert re.fullmatch(r"Stylising: step 6/6 \(100%\), \d+\.\d\d s/step, loss=\d\.\d\de[+-]\d\d", r.stderr.splitlines()[-1]), r.stderr
 
 
 @pytest.mark.parametrize(

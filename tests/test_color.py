@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import lightning as L
 import pytest
 import torch
@@ -59,10 +61,11 @@ def test_matched_luminance_has_the_contents_brightness_and_spread(content_small,
 
 
 @pytest.fixture(scope="module")
-def stylised(content_small, style_small, extractor):
-    """The result of a short run in each colour mode."""
+def stylised(content_small, style_small, _pristine_extractor):
+    """The result of a short run in each colour mode, each on its own copy of the network."""
 
     def run(mode: str) -> torch.Tensor:
+        extractor = copy.deepcopy(_pristine_extractor)
         module = StyleTransferModule(content_small, style_small, extractor=extractor, color=mode)
         L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, enable_model_summary=False).fit(module)

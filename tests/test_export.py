@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import sys
@@ -35,10 +36,10 @@ NETWORK_ORDER = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu4_2", "relu5_1
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, extractor):
+def exported(tmp_path_factory, _pristine_extractor):
     """The default config's extractor (caffe weights, relu1_1..relu5_1 and relu4_2), exported once."""
     path = tmp_path_factory.mktemp("export") / "vgg19.onnx"
-    info = export_onnx(extractor, path, "caffe")
+    info = export_onnx(copy.deepcopy(_pristine_extractor), path, "caffe")
     return path, info
 
 

@@ -17,10 +17,12 @@ def test_auto_precision_on_cpu_follows_the_bf16_instructions(monkeypatch, has_bf
     assert hardware.resolve_precision("auto", accelerator) == expected
 
 
-@pytest.mark.parametrize(("gpu_bf16", "expected"), [(True, "bf16-mixed"), (False, "32-true")])
-def test_auto_precision_on_gpu_follows_the_device(monkeypatch, gpu_bf16, expected):
+@pytest.mark.parametrize(("native", "emulated", "expected"), [(True, True, "bf16-mixed"), (False, True, "32-true"), (False, False, "32-true")])
+def test_auto_precision_on_gpu_takes_bf16_only_where_it_is_native(monkeypatch, native, emulated, expected):
     monkeypatch.setattr(hardware.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(hardware.torch.cuda, "is_bf16_supported", lambda: gpu_bf16)
+    monkeypatch.setattr(
+        hardware.torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or (including_emulation and emulated)
+    )
     assert hardware.resolve_precision("auto", "auto") == expected
 
 

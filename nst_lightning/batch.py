@@ -234,7 +234,6 @@ def fit_batch(
     output = Path(config.output)
     if output.is_file():
         raise ConfigError(f"output {output} is a file; give a directory for the batch's images")
-    check_writable(output)
     skipped = [p.name for p in complete]
     checkpoints = output / "checkpoints"
     if not todo:
@@ -243,6 +242,7 @@ def fit_batch(
     else:
         per_device = config.batch.images_per_device if config.optim.line_search == "none" else 1
         blocks = plan_folder_memory(config, todo, per_device)
+        check_writable(output)  # after every refusal, before any work: a read-only or full disk is said at once
         features = config.features.model_copy(update={"checkpoint_blocks": blocks})
         stop = GroupStop()
         trainer = build_trainer(config, output, progress=False, callbacks=[stop, *(callbacks or [])], folder=True)

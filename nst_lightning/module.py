@@ -359,6 +359,19 @@ class StyleTransferModule(L.LightningModule):
             self.objective_scale.copy_(torch.where(usable, 1.0 / torch.where(usable, mean, 1.0), fallback))
         self._scale_ready = True
 
+    def starting_objective_scale(self) -> torch.Tensor:
+        """The objective scale at the current images (one evaluation), as the first step would fix it."""
+        with torch.enable_grad():
+            self._set_objective_scale(self.loss_terms()["loss"])
+        return self.objective_scale.detach().clone()
+
+    def use_objective_scale(self, scale: torch.Tensor) -> None:
+        """Fix the objective scale instead of measuring it at the start: a warm start (a clip's frame begun from
+        the previous result) sits near a minimum, and a scale measured there would make its steps far too big."""
+        with torch.no_grad():
+            self.objective_scale.copy_(scale.to(self.objective_scale.device).expand_as(self.objective_scale))
+        self._scale_ready = True
+
     def evaluate(self) -> torch.Tensor:
         """One evaluation: loss terms, gradient of the objective, projected; the closure every optimiser calls.
 

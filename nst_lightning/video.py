@@ -217,6 +217,7 @@ def fit_clip(
     L.seed_everything(config.seed, workers=False, verbose=False)
     frames = _Frames(clip, video.flow, keep=video.passes > 1)
     redo = False
+    scale: torch.Tensor | None = None
     for p, i, neighbour in frame_order(len(clip), video.passes):
         target = outputs.frame(i, p, video.passes)
         if target.is_file() and not redo:
@@ -227,6 +228,10 @@ def fit_clip(
             config, clip.frame(i), styles, masks=masks, init=init, extractor=extractor, features=features, temporal=temporal
         )
         extractor = module.extractor
+        if scale is None:  # the first frame's cold-start scale, for every frame (also when resuming mid-clip)
+            first = build_module(config, clip.frame(0), styles, masks=masks, extractor=extractor, features=features)
+            scale = first.starting_objective_scale()
+        module.use_objective_scale(scale)
         if not _run_frame(config, outputs, module, shapes, _where(p, i, len(clip), video.passes), progress, callbacks):
             log.warning("stopped by a callback at frame %d; continue with --resume last", i + 1)
             return outputs

@@ -20,6 +20,7 @@ _LAZY = {
     "save_image": ".images",
     "fit": ".api",
     "fit_batch": ".batch",
+    "fit_clip": ".video",
     "StylePairsDataModule": ".data",
     "ImageLogger": ".image_logging",
     "FinalImage": ".callbacks",

@@ -27,8 +27,9 @@ from .features import VGGFeatures
 from .hardware import resolve_precision
 from .images import Loading, frame_count, load_image, load_style, read_image, read_size, style_side, target_shape
 from .lock import FolderLock
+from .losses import TemporalTarget
 from .module import StyleTransferModule
-from .pairs import is_batch
+from .pairs import is_batch, is_clip
 from .quiet import lightning_quiet
 from .resources import Shape, check_fits, is_out_of_memory, out_of_memory_message
 from .rundir import (
@@ -119,9 +120,11 @@ def build_module(
     extractor: VGGFeatures | None = None,
     target_cache: MutableMapping[str, Any] | None = None,
     features: FeaturesConfig | None = None,
+    temporal: TemporalTarget | None = None,
 ) -> StyleTransferModule:
     """The LightningModule for ``config`` and already loaded images (``init`` and ``features`` override the config's);
-    without images, a module for a folder run, fed by ``StylePairsDataModule``."""
+    without images, a module for a folder run, fed by ``StylePairsDataModule``. ``temporal`` adds the temporal
+    term of a clip's frame (see ``nst_lightning.video``)."""
     return StyleTransferModule(
         content,
         styles,
@@ -135,6 +138,7 @@ def build_module(
         extractor=extractor,
         target_cache=target_cache,
         seed=config.seed,
+        temporal=temporal,
     )
 
 
@@ -147,6 +151,7 @@ def build_trainer(
     stage: Stage | None = None,
     shown: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
     folder: bool = False,
+    label: str | None = None,
 ) -> L.Trainer:
     """The Trainer of every run.
 
@@ -174,7 +179,7 @@ def build_trainer(
             )
         stage = stage or plan_stages(config, outputs)[-1]
         max_steps = stage.steps
-        own = _run_callbacks(config, outputs, stage, shown, progress)
+        own = _run_callbacks(config, outputs, stage, shown, progress, label)
     try:
         return L.Trainer(
             accelerator=t.accelerator,
@@ -204,9 +209,15 @@ def build_trainer(
 
 
 def _run_callbacks(
-    config: RunConfig, outputs: RunOutputs, stage: Stage, shown: tuple[torch.Tensor, list[torch.Tensor]] | None, progress: bool
+    config: RunConfig,
+    outputs: RunOutputs,
+    stage: Stage,
+    shown: tuple[torch.Tensor, list[torch.Tensor]] | None,
+    progress: bool,
+    label: str | None = None,
 ) -> list[Callback]:
-    """What a single run writes: checkpoints, the loss history, final.png, plots, snapshots; its progress bar."""
+    """What a single run writes: checkpoints, the loss history, final.png, plots, snapshots; its progress bar
+    (named ``label``, by default after the stage)."""
     ckpt = StepCheckpoint(
         dirpath=stage.checkpoints,
         filename="step-{step:06d}",
@@ -223,7 +234,8 @@ def _run_callbacks(
     if config.snapshot.every_n_steps:
         own.append(ImageSnapshots(outputs.snapshots, config.snapshot.every_n_steps, step_offset=stage.offset))
     if progress:
-        label = "Stylising" if stage.count == 1 else f"Stage {stage.index + 1}/{stage.count} ({stage.size} px)"
+        if label is None:
+            label = "Stylising" if stage.count == 1 else f"Stage {stage.index + 1}/{stage.count} ({stage.size} px)"
         own.append(StepProgressBar(label))
     return own
 
@@ -327,6 +339,8 @@ def _fit(
         raise ConfigError(
             "the config names a folder, glob or list of images; run it with nst_lightning.fit_batch(config)"
         )
+    if is_clip(config):
+        raise ConfigError("the config names a clip (a video file or video.enabled); run it with nst_lightning.fit_clip(config)")
     outputs = RunOutputs(Path(config.output))
     if outputs.root.is_file():
         raise ConfigError(f"output {outputs.root} is a file (an input image?); give a directory for the run's outputs")

@@ -105,7 +105,7 @@ def _show_api_messages() -> None:
 
     class OneLine(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:  # sys.stderr as it is now, not as it was when added
-            text = record.getMessage().replace("\r", "\\r").replace("\n", "\\n")
+            text = for_cli(record.getMessage()).replace("\r", "\\r").replace("\n", "\\n")
             typer.echo(f"warning: {text}" if record.levelno >= logging.WARNING else text, err=True)
 
     logger = logging.getLogger("nst_lightning")
@@ -147,14 +147,18 @@ def fit(
     """Stylise the content image; writes OUTPUT/final.png, snapshots, checkpoints, config and losses.
 
     With a folder, glob or list of images: one OUTPUT/<content>__<style>.png per pair, finished ones skipped.
+    With a video file (or frames and video.enabled=true): OUTPUT/stylised.mp4 and OUTPUT/frames/000001.png, ...
     Ctrl-C or SIGTERM stops after the current step, saving checkpoints/last.ckpt and interrupted.png
     (exit code 130 or 143); bad input or a failure exits with code 2.
     """
     try:
         cfg = _load(config, set_, output)
         request_huge_pages(cfg.image.size)
-        from .pairs import is_batch
+        from .pairs import is_batch, is_clip
 
+        if is_clip(cfg):
+            _fit_clip(cfg, resume, overwrite, quiet)
+            return
         if is_batch(cfg):
             _fit_batch(cfg, resume, overwrite, quiet)
             return
@@ -172,6 +176,17 @@ def fit(
     except KeyboardInterrupt:
         raise fail("interrupted; the files written so far are intact", EXIT_SIGNAL + signal.SIGINT) from None
     typer.echo(f"wrote {outputs.final}")
+
+
+def _fit_clip(cfg: RunConfig, resume: Optional[str], overwrite: bool, quiet: bool) -> None:
+    """A clip: frames one after another, then the video."""
+    from .video import fit_clip
+
+    _show_api_messages()
+    outputs = fit_clip(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
+    if outputs.video.is_file():
+        count = len(list(outputs.frames.glob("*.png")))
+        typer.echo(f"wrote {outputs.video} and {count} frames in {outputs.frames}")
 
 
 def _fit_batch(cfg: RunConfig, resume: Optional[str], overwrite: bool, quiet: bool) -> None:

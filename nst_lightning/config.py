@@ -216,6 +216,24 @@ class BatchConfig(_Section):
     )
 
 
+class VideoConfig(_Section):
+    """Clips: a video file as ``content``, or a folder or glob of frames with ``enabled: true``."""
+
+    enabled: bool = Field(False, description="a folder or glob of frames is one clip (a video file always is)")
+    fps: float | None = Field(
+        None, gt=0, le=1000, description="output frame rate; default the video's own rate (over every_nth_frame), 24 for frames"
+    )
+    temporal_weight: float = Field(
+        500.0, ge=0, description="weight of the temporal loss (Ruder et al. 2016); 0 stylises frames independently"
+    )
+    flow: Literal["dis", "farneback"] = Field("dis", description="optical flow algorithm (OpenCV)")
+    passes: int = Field(1, ge=1, le=20, description="passes over the clip, alternating direction after the first")
+    init: Literal["warped", "content"] = Field(
+        "warped", description="start each frame from the previous stylised frame warped by the flow, or from its content"
+    )
+    every_nth_frame: int = Field(1, ge=1, le=10000, description="stylise every n-th frame of the source (1 = all)")
+
+
 class RunConfig(_Section):
     """One style-transfer run: inputs, output directory and every setting."""
 
@@ -246,6 +264,7 @@ class RunConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     snapshot: SnapshotConfig = Field(default_factory=SnapshotConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
+    video: VideoConfig = Field(default_factory=VideoConfig)
 
     @field_validator("content", "style")
     @classmethod

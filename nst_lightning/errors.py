@@ -68,3 +68,11 @@ class NumericalError(NSTError):
 
 class ResourceError(NSTError):
     """The run needs more memory than the machine has (found before the run, or when it ran out), or disk."""
+
+
+class DependencyError(NSTError):
+    """An optional dependency a feature needs is not installed; the message names the extra to install."""
+
+
+class VideoError(NSTError):
+    """A clip is unreadable or unusable: corrupt, no frames, a variable frame rate, mixed frame sizes, too large."""

@@ -7,6 +7,7 @@ weighted terms by name. Plain PyTorch.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -166,6 +167,23 @@ def tv_loss(image: torch.Tensor, kind: str = "keras") -> torch.Tensor:
     raise ValueError(f"unknown total variation {kind!r}")
 
 
+def temporal_loss(image: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Ruder et al.'s short-term temporal loss: ``sum c (x - w)^2 / D`` over the image's D values.
+
+    ``target`` is the previous stylised frame warped to this one, ``weights`` (``(1, 1, H, W)``) is 0 where
+    the warp cannot be trusted (disocclusions, motion boundaries) and 1 elsewhere; images in ``[0, 1]``.
+    """
+    return (weights.float() * (image.float() - target.float()).pow(2)).sum() / image.numel()
+
+
+class TemporalTarget(NamedTuple):
+    """What the temporal loss pulls a frame towards: the warped previous result, its weights, the term's weight."""
+
+    image: torch.Tensor
+    weights: torch.Tensor
+    weight: float
+
+
 def blend_grams(style_features: Sequence[Features], layers: Sequence[str], blend: Sequence[float]) -> dict[str, torch.Tensor]:
     """Per-layer Gram target mixing several style images with ``blend`` weights (normalised to sum 1).
 
@@ -217,6 +235,15 @@ class StyleTransferLoss(nn.Module):
         self.group_weights: list[float] = []
         for layer in self.content_layers:
             self.register_buffer(f"content_{layer}", None, persistent=False)
+        self.temporal_weight = 0.0
+        self.register_buffer("temporal_image", None, persistent=False)
+        self.register_buffer("temporal_weights", None, persistent=False)
+
+    def set_temporal(self, target: TemporalTarget | None) -> None:
+        """Add (or, with None, remove) the temporal term ``temporal`` pulling the image towards ``target.image``."""
+        self.temporal_weight = 0.0 if target is None else float(target.weight)
+        self.temporal_image = None if target is None else target.image.detach().float().clone()
+        self.temporal_weights = None if target is None else target.weights.detach().float().clone()
 
     @property
     def has_targets(self) -> bool:
@@ -285,7 +312,7 @@ class StyleTransferLoss(nn.Module):
                 self.group_weights.append(weight)
 
     def forward(self, features: Features, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Weighted terms ``content``, ``style``, ``tv`` and their sum ``loss`` for ``image`` and its features."""
+        """Weighted terms ``content``, ``style``, ``tv`` (and ``temporal`` when set) and their sum ``loss``."""
         if not self.has_targets:
             raise RuntimeError("call set_targets() before computing the loss")
         with torch.autocast(image.device.type, enabled=False):
@@ -309,4 +336,7 @@ class StyleTransferLoss(nn.Module):
                 "tv": self.tv_weight * tv_loss(image, self.tv_kind) if self.tv_weight else image.new_zeros(()),
             }
             terms["loss"] = terms["content"] + terms["style"] + terms["tv"]
+            if self.temporal_image is not None:
+                terms["temporal"] = self.temporal_weight * temporal_loss(image, self.temporal_image, self.temporal_weights)
+                terms["loss"] = terms["loss"] + terms["temporal"]
         return terms

@@ -30,7 +30,7 @@ from .errors import CheckpointError, ConfigError, NSTError, NumericalError
 from .features import VGGFeatures, build_extractor, min_side
 from .images import load_image, load_style, read_image, resize, save_image
 from .layers import LAYER_NAMES, deepest
-from .losses import StyleTransferLoss
+from .losses import StyleTransferLoss, TemporalTarget
 from .pairs import Pair
 from .optim import BatchedAdam, BatchedLBFGS
 
@@ -148,6 +148,8 @@ class StyleTransferModule(L.LightningModule):
             ``features`` otherwise.
         target_cache: a dict shared between modules of the same images and layers, so targets are computed once.
         seed: seeds the ``noise`` init.
+        temporal: for a frame of a clip, the previous result warped to this frame, the weights of the pixels
+            the warp carries reliably and the term's weight (Ruder et al. 2016); adds the ``temporal`` term.
     """
 
     pixel_scale: float = 255.0
@@ -170,6 +172,7 @@ class StyleTransferModule(L.LightningModule):
         extractor: VGGFeatures | None = None,
         target_cache: MutableMapping[str, Any] | None = None,
         seed: int = 0,
+        temporal: TemporalTarget | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -212,6 +215,7 @@ class StyleTransferModule(L.LightningModule):
         self.style_blend = list(style_blend) if style_blend is not None else None
         self.raw_style_masks = None if style_masks is None else list(style_masks)
         self.target_cache = target_cache
+        self.temporal = temporal
         self.average_decay = self.optim_config.average
         self.strict_loading = False
         self.step_terms: torch.Tensor | None = None
@@ -252,6 +256,14 @@ class StyleTransferModule(L.LightningModule):
         self.style_images = [[s.clone() for s in styles] for _, styles in seen]
         self.register_buffer("chroma_source", content.clone().to(device) if self.color == "luminance" else None, persistent=False)
         self.criteria = nn.ModuleList([self._criterion() for _ in per_image]).to(device)
+        if self.temporal is not None:
+            t = self.temporal
+            if content.shape[0] != 1 or t.image.shape != content.shape or t.weights.shape[-2:] != content.shape[-2:]:
+                raise ConfigError(
+                    f"the temporal target {tuple(t.image.shape)} and weights {tuple(t.weights.shape)} "
+                    f"must match one content image {tuple(content.shape)}"
+                )
+            self.criteria[0].set_temporal(t)
         start = torch.cat([initial_image(self.init, c, styles, self.seed) for c, styles in seen])
         if self.color == "luminance":
             start = colour.luminance(start)
@@ -279,6 +291,9 @@ class StyleTransferModule(L.LightningModule):
             "optimizer": self.optim_config.name,
             "average": self.average_decay,
         }
+        if self.temporal is not None:
+            t = self.temporal
+            self.fingerprint["temporal"] = [_digest(t.image), _digest(t.weights), float(t.weight)]
         self.hparams["image_shape"] = list(content.shape)
         self.step_terms = None
 
@@ -356,7 +371,7 @@ class StyleTransferModule(L.LightningModule):
 
     def _targets_key(self, index: int) -> str:
         """What image ``index``'s targets depend on: its images, masks, colour mode, layers, weights and device."""
-        parts = {k: v for k, v in self.fingerprint.items() if k not in ("optimizer", "average", "content", "styles", "image_shape")}
+        parts = {k: v for k, v in self.fingerprint.items() if k not in ("optimizer", "average", "content", "styles", "image_shape", "temporal")}
         images = [_digest(self.content_image[index]), [_digest(s) for s in self.style_images[index]]]
         return json.dumps([parts, images, str(self.image.device)], sort_keys=True)
 
@@ -385,6 +400,19 @@ class StyleTransferModule(L.LightningModule):
         fallback = torch.full_like(mean, float(self.image[0].numel()))
         with torch.no_grad():
             self.objective_scale.copy_(torch.where(usable, 1.0 / torch.where(usable, mean, 1.0), fallback))
+        self._scale_ready = True
+
+    def starting_objective_scale(self) -> torch.Tensor:
+        """The objective scale at the current images (one evaluation), as the first step would fix it."""
+        with torch.enable_grad():
+            self._set_objective_scale(self.loss_terms()["loss"])
+        return self.objective_scale.detach().clone()
+
+    def use_objective_scale(self, scale: torch.Tensor) -> None:
+        """Fix the objective scale instead of measuring it at the start: a warm start (a clip's frame begun from
+        the previous result) sits near a minimum, and a scale measured there would make its steps far too big."""
+        with torch.no_grad():
+            self.objective_scale.copy_(scale.to(self.objective_scale.device).expand_as(self.objective_scale))
         self._scale_ready = True
 
     def evaluate(self) -> torch.Tensor:

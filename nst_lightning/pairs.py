@@ -15,6 +15,7 @@ from .config import RunConfig
 from .errors import ConfigError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg")
 PAIR_SEPARATOR = "__"
 OUTPUT_SUFFIX = ".png"
 
@@ -37,12 +38,24 @@ def names_many(entry: str) -> bool:
     return _is_glob(entry) or Path(os.path.expanduser(entry)).is_dir()
 
 
+def is_video_file(entry: str) -> bool:
+    """Whether an input entry names a video file, by its suffix."""
+    return Path(entry).suffix.lower() in VIDEO_SUFFIXES
+
+
+def is_clip(config: RunConfig) -> bool:
+    """A clip run stylises frames in order: ``video.enabled``, or a content entry that is a video file."""
+    return config.video.enabled or any(is_video_file(e) for e in config.contents)
+
+
 def is_batch(config: RunConfig) -> bool:
     """A batch run writes one file per pair: content is a list, or content or style is a folder or glob.
 
     The form of the input decides, not the number of matches, so a folder of one image still writes
-    ``OUTPUT/<content>__<style>.png`` and reruns keep finding it.
+    ``OUTPUT/<content>__<style>.png`` and reruns keep finding it. Clips are not batches.
     """
+    if is_clip(config):
+        return False
     return isinstance(config.content, list) or any(names_many(e) for e in [*config.contents, *config.styles])
 
 
@@ -102,6 +115,11 @@ def _expand(entry: str, role: str) -> list[Path]:
     if not images:
         raise ConfigError(f"{what} no images ({', '.join(IMAGE_SUFFIXES)}); check the path or the pattern")
     return images
+
+
+def image_files(entry: str, role: str = "content") -> list[Path]:
+    """The image files an entry names, sorted: itself, a folder's images or a glob's matches."""
+    return _expand(entry, role)
 
 
 def _style_sets(entries: list[str]) -> list[tuple[str, ...]]:

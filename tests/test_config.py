@@ -109,6 +109,13 @@ def test_dumped_config_loads_back_identically(tmp_path):
         (["scale_steps=[10]"], "scale_steps needs scales"),
         (["optim.average=0.99"], "optim.average (iterate averaging) needs optim.name=adam"),
         (["optim.name=adam", "optim.average=1.5"], "optim.average"),
+        (["video.fsp=12"], "video.fsp: unknown key; did you mean 'fps'?"),
+        (["video.temporal_weight=-1"], "video.temporal_weight"),
+        (["video.flow=lucas"], "video.flow"),
+        (["video.init=noise"], "video.init"),
+        (["video.passes=0"], "video.passes"),
+        (["video.every_nth_frame=0"], "video.every_nth_frame"),
+        (["video.fps=0"], "video.fps"),
     ],
 )
 def test_bad_settings_raise_one_line_errors_naming_the_key(overrides, fragment):

@@ -86,7 +86,7 @@ def input_warnings(config: RunConfig) -> list[str]:
         if frames > 1:
             out.append(f"{role} image {path} has {frames} frames (animated or multi-page); only the first is used")
     height, width = read_size(config.content)
-    side = {"long": max(height, width), "height": height, "width": width}[config.image.fit]
+    side = {"long": max(height, width), "short": min(height, width), "height": height, "width": width}[config.image.fit]
     if config.image.size > UPSCALE_WARNING * side:
         out.append(
             f"content image {config.content} is {width}x{height} px and is enlarged {config.image.size / side:.0f}x to "

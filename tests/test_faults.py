@@ -107,11 +107,11 @@ def test_sigterm_stops_at_the_step_end_and_resume_matches_an_uninterrupted_run(t
     assert not (run / "final.png").exists()
     assert _ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 3
     torch.testing.assert_close(read_image(run / "interrupted.png"), _checkpoint_image(run / "checkpoints" / "last.ckpt"))
-    assert _steps(run / "losses.csv") == [1, 2, 3]
+    assert _steps(run / "losses.csv") == [0, 1, 2]  # row s: the image after s steps; row 3 comes with the resume
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
     resumed = fit(cfg, resume="last", progress=False)
-    assert _steps(resumed.losses) == [1, 2, 3, 4, 5, 6]
+    assert _steps(resumed.losses) == [0, 1, 2, 3, 4, 5, 6]
     assert (read_image(resumed.final) - read_image(whole.final)).abs().max() <= 2 / 255
 
 

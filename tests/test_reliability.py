@@ -170,7 +170,7 @@ def test_two_fits_started_at_the_same_instant_exactly_one_runs(tmp_path):
     lines = loser_err.strip().splitlines()
     assert len(lines) == 1 and f"in use by another nst-lightning run (pid {procs[winner].pid} " in lines[0], loser_err
     assert f"seed: {winner}" in (out / "config.yaml").read_text()
-    assert _steps(out / "losses.csv") == [1, 2, 3, 4, 5, 6]
+    assert _steps(out / "losses.csv") == [0, 1, 2, 3, 4, 5, 6]
     assert _step(out / "checkpoints" / "last.ckpt") == 6
     assert not list(out.rglob(".*")), "no lock or temporary file is left behind"
 
@@ -213,10 +213,10 @@ def test_a_stray_line_in_the_history_costs_only_that_line_on_resume(finished_run
     (run / "losses.csv").write_text(original)
     result = invoke(*_fit_args(run, 6), "--resume", "last")
     assert result.exit_code == 0, result.output
-    assert _steps(run / "losses.csv") == [1, 2, 3, 4, 5, 6]
+    assert _steps(run / "losses.csv") == [0, 1, 2, 3, 4, 5, 6]
     assert (run / "losses.damaged.csv").read_text() == original
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "kept 4 valid rows, dropped 1 damaged line(s) (6)" in warnings[0], result.stderr
+    assert len(warnings) == 1 and "kept 5 valid rows, dropped 1 damaged line(s) (7)" in warnings[0], result.stderr
 
 
 def test_a_history_that_cannot_be_parsed_is_kept_aside_not_truncated(finished_run, tmp_path):
@@ -225,7 +225,7 @@ def test_a_history_that_cannot_be_parsed_is_kept_aside_not_truncated(finished_ru
     result = invoke(*_fit_args(run, 6), "--resume", "last")
     assert result.exit_code == 0, result.output
     assert (run / "losses.damaged.csv").read_bytes() == b"\x00\xff garbage header\n1,2,3\n"
-    assert _steps(run / "losses.csv") == [5, 6]
+    assert _steps(run / "losses.csv") == [4, 5, 6]  # rows from the resume point on; the lost ones are kept aside
 
 
 def test_reading_a_history_keeps_every_valid_row(tmp_path):
@@ -451,7 +451,7 @@ def test_ctrl_c_in_a_sweep_exits_130_and_resume_finishes_only_the_unfinished_cel
     again = invoke(*command[1:])
     assert again.exit_code == 0, again.output
     assert (out / "cells" / "00" / "final.png").read_bytes() == first, "a finished cell is kept, not rerun"
-    assert _step(second) == 40 and _steps(out / "cells" / "01" / "losses.csv") == list(range(1, 41))
+    assert _step(second) == 40 and _steps(out / "cells" / "01" / "losses.csv") == list(range(0, 41))
     assert (out / "sweep.csv").is_file() and (out / "contact_sheet.png").is_file()
 
 

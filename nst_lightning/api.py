@@ -306,47 +306,29 @@ def fit(
 ) -> RunOutputs:
     """Run one style transfer as ``config`` describes; returns where its files are.
 
-    Lightning's start-up messages (accelerator lines, tips) and known deprecation notices are held back
-    unless ``verbose``; logger levels and warning filters are as before once it returns. The rest as ``_fit``.
-    """
-    with lightning_quiet(verbose):
-        return _fit(
-            config, resume=resume, overwrite=overwrite, progress=progress, callbacks=callbacks, extractor=extractor,
-            target_cache=target_cache,
-        )
-
-
-def _fit(
-    config: RunConfig,
-    *,
-    resume: str | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    callbacks: list[Callback] | None = None,
-    extractor: VGGFeatures | None = None,
-    target_cache: MutableMapping[str, Any] | None = None,
-) -> RunOutputs:
-    """Run one style transfer as ``config`` describes; returns where its files are.
-
     ``resume``: ``"last"`` or a checkpoint path continues that optimisation (in its coarse-to-fine stage,
     then the later stages); ``overwrite`` replaces a previous run in the same output directory. Everything
     is checked before the first file is written. SIGINT or SIGTERM stop at the end of the step, saving
     ``last.ckpt`` and ``interrupted.png`` (RunInterrupted); a NaN, an infinity or running out of memory
     keep the last good image and checkpoint. ``extractor`` and ``target_cache`` let several runs (a sweep)
     share the loaded network and the computed targets.
+
+    Lightning's start-up messages (accelerator lines, tips) and known deprecation notices are held back unless
+    ``verbose``; logger levels and warning filters are as before once it returns.
     """
-    if is_batch(config):
-        raise ConfigError(
-            "the config names a folder, glob or list of images; run it with nst_lightning.fit_batch(config)"
-        )
-    if is_clip(config):
-        raise ConfigError("the config names a clip (a video file or video.enabled); run it with nst_lightning.fit_clip(config)")
-    outputs = RunOutputs(Path(config.output))
-    if outputs.root.is_file():
-        raise ConfigError(f"output {outputs.root} is a file (an input image?); give a directory for the run's outputs")
-    with FolderLock(outputs.root):
-        _fit_locked(config, outputs, resume, overwrite, progress, callbacks, extractor, target_cache)
-    return outputs
+    with lightning_quiet(verbose):
+        if is_batch(config):
+            raise ConfigError(
+                "the config names a folder, glob or list of images; run it with nst_lightning.fit_batch(config)"
+            )
+        if is_clip(config):
+            raise ConfigError("the config names a clip (a video file or video.enabled); run it with nst_lightning.fit_clip(config)")
+        outputs = RunOutputs(Path(config.output))
+        if outputs.root.is_file():
+            raise ConfigError(f"output {outputs.root} is a file (an input image?); give a directory for the run's outputs")
+        with FolderLock(outputs.root):
+            _fit_locked(config, outputs, resume, overwrite, progress, callbacks, extractor, target_cache)
+        return outputs
 
 
 def _fit_locked(

@@ -223,71 +223,63 @@ def fit_batch(
     callbacks: list[Callback] | None = None,
     verbose: bool = False,
 ) -> BatchReport:
-    """As ``_fit_batch``, with Lightning's start-up messages and known deprecation notices held back unless ``verbose``."""
-    with lightning_quiet(verbose):
-        return _fit_batch(config, overwrite=overwrite, progress=progress, callbacks=callbacks)
-
-
-def _fit_batch(
-    config: RunConfig,
-    *,
-    overwrite: bool = False,
-    progress: bool = True,
-    callbacks: list[Callback] | None = None,
-) -> BatchReport:
     """Produce every content x style pair the config names, skipping outputs already complete.
 
     Writes ``OUTPUT/<content>__<style>.png`` per pair, ``config.yaml`` and ``batch-summary.json``;
     ``overwrite`` redoes complete pairs too. A running group is saved in ``OUTPUT/checkpoints`` every
     ``checkpoint.every_n_steps`` and on SIGINT/SIGTERM (RunInterrupted); a rerun continues it. Returns
     the report of all ranks.
+
+    Lightning's start-up messages (accelerator lines, tips) and known deprecation notices are held back unless
+    ``verbose``; logger levels and warning filters are as before once it returns.
     """
-    check_folder_config(config)
-    pairs = expand_pairs(config)
-    todo, complete = pending(pairs, overwrite)
-    output = Path(config.output)
-    if output.is_file():
-        raise ConfigError(f"output {output} is a file; give a directory for the batch's images")
-    skipped = [p.name for p in complete]
-    checkpoints = output / "checkpoints"
-    if not todo:
-        output.mkdir(parents=True, exist_ok=True)
-        report = BatchReport(output, len(pairs), skipped, [], is_global_zero=rank_zero_only.rank == 0)
-    else:
-        per_device = config.batch.images_per_device if config.optim.line_search == "none" else 1
-        blocks = plan_folder_memory(config, todo, per_device)
-        check_writable(output)  # after every refusal, before any work: a read-only or full disk is said at once
-        features = config.features.model_copy(update={"checkpoint_blocks": blocks})
-        stop = GroupStop()
-        trainer = build_trainer(config, output, progress=False, callbacks=[stop, *(callbacks or [])], folder=True)
-        if progress:
-            trainer.callbacks.insert(0, ImagesProgressBar())
-        module = build_module(config, None, None, masks=load_masks(config), init=init_input(config), features=features)
-        module.group_checkpoint_every = config.checkpoint.every_n_steps
-        data = StylePairsDataModule.from_config(config, todo, images_per_device=per_device)
-        output.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            for old in checkpoints.glob("group-*.ckpt"):
-                old.unlink()
-        remove_stale_temps(checkpoints)
-        L.seed_everything(config.seed, workers=False, verbose=False)
-        with stop.handling_signals():
-            try:
-                trainer.fit(module, datamodule=data)
-            except BaseException as err:
-                if stop.stopped_by_signal and GracefulStop.is_stop(err):
-                    raise _stopped(stop) from None
-                if isinstance(err, NumericalError):
-                    raise NumericalError(f"{err}; the group's last checkpoint is kept in {checkpoints}") from None
-                if is_out_of_memory(err):
-                    raise ResourceError(
-                        f"out of memory with batch.images_per_device={per_device} at image.size={config.image.size}; "
-                        "lower batch.images_per_device or image.size"
-                    ) from None
-                raise
-        results = gather_results(module.results)
-        report = BatchReport(output, len(pairs), skipped, results, trainer.world_size, trainer.is_global_zero)
-    if report.is_global_zero:
-        write_text_atomic(output / "config.yaml", dump_config(config))
-        report.write()
-    return report
+    with lightning_quiet(verbose):
+        check_folder_config(config)
+        pairs = expand_pairs(config)
+        todo, complete = pending(pairs, overwrite)
+        output = Path(config.output)
+        if output.is_file():
+            raise ConfigError(f"output {output} is a file; give a directory for the batch's images")
+        skipped = [p.name for p in complete]
+        checkpoints = output / "checkpoints"
+        if not todo:
+            output.mkdir(parents=True, exist_ok=True)
+            report = BatchReport(output, len(pairs), skipped, [], is_global_zero=rank_zero_only.rank == 0)
+        else:
+            per_device = config.batch.images_per_device if config.optim.line_search == "none" else 1
+            blocks = plan_folder_memory(config, todo, per_device)
+            check_writable(output)  # after every refusal, before any work: a read-only or full disk is said at once
+            features = config.features.model_copy(update={"checkpoint_blocks": blocks})
+            stop = GroupStop()
+            trainer = build_trainer(config, output, progress=False, callbacks=[stop, *(callbacks or [])], folder=True)
+            if progress:
+                trainer.callbacks.insert(0, ImagesProgressBar())
+            module = build_module(config, None, None, masks=load_masks(config), init=init_input(config), features=features)
+            module.group_checkpoint_every = config.checkpoint.every_n_steps
+            data = StylePairsDataModule.from_config(config, todo, images_per_device=per_device)
+            output.mkdir(parents=True, exist_ok=True)
+            if overwrite:
+                for old in checkpoints.glob("group-*.ckpt"):
+                    old.unlink()
+            remove_stale_temps(checkpoints)
+            L.seed_everything(config.seed, workers=False, verbose=False)
+            with stop.handling_signals():
+                try:
+                    trainer.fit(module, datamodule=data)
+                except BaseException as err:
+                    if stop.stopped_by_signal and GracefulStop.is_stop(err):
+                        raise _stopped(stop) from None
+                    if isinstance(err, NumericalError):
+                        raise NumericalError(f"{err}; the group's last checkpoint is kept in {checkpoints}") from None
+                    if is_out_of_memory(err):
+                        raise ResourceError(
+                            f"out of memory with batch.images_per_device={per_device} at image.size={config.image.size}; "
+                            "lower batch.images_per_device or image.size"
+                        ) from None
+                    raise
+            results = gather_results(module.results)
+            report = BatchReport(output, len(pairs), skipped, results, trainer.world_size, trainer.is_global_zero)
+        if report.is_global_zero:
+            write_text_atomic(output / "config.yaml", dump_config(config))
+            report.write()
+        return report

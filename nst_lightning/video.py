@@ -193,70 +193,58 @@ def fit_clip(
     extractor: VGGFeatures | None = None,
     verbose: bool = False,
 ) -> ClipOutputs:
-    """As ``_fit_clip``, with Lightning's start-up messages and known deprecation notices held back unless ``verbose``."""
-    with lightning_quiet(verbose):
-        return _fit_clip(
-            config, resume=resume, overwrite=overwrite, progress=progress, callbacks=callbacks, extractor=extractor
-        )
-
-
-def _fit_clip(
-    config: RunConfig,
-    *,
-    resume: str | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    callbacks: list[Callback] | None = None,
-    extractor: VGGFeatures | None = None,
-) -> ClipOutputs:
     """Stylise the clip ``config.content`` names; writes ``stylised.mp4`` and ``frames/000001.png``, ... under ``output``.
 
     ``resume="last"`` continues at the first unfinished frame (a resume with another clip or other settings is
     refused); ``overwrite`` replaces a previous run. Bad clips are refused before anything is written. SIGINT or
     SIGTERM stop after the current step of the current frame (RunInterrupted); finished frames are kept.
+
+    Lightning's start-up messages (accelerator lines, tips) and known deprecation notices are held back unless
+    ``verbose``; logger levels and warning filters are as before once it returns.
     """
-    _check_config(config, resume)
-    outputs = ClipOutputs(Path(config.output))
-    resuming = resume is not None
-    _check_output(config, outputs, resuming, overwrite)
-    video = config.video
-    clip = read_clip(config.contents, config.image.size, config.image.fit, video.every_nth_frame, video.fps)
-    record = _record(config, clip)
-    if resuming:
-        _check_record(outputs, record)
-    styles = [load_image(p, style_side(clip.shape, s), "long") for p, s in zip(config.styles, config.style_scales())]
-    shapes = (clip.shape, [tuple(s.shape[-2:]) for s in styles])
-    blocks, _ = check_fits(config, *shapes)
-    features = config.features.model_copy(update={"checkpoint_blocks": blocks})
-    masks = load_masks(config)
-    require_opencv()
-    _prepare(outputs, config, record, resuming, overwrite)
-    log.info("clip %s: %d frames of %dx%d at %s fps", clip.source, len(clip), clip.shape[1], clip.shape[0], _fps(clip))
-    L.seed_everything(config.seed, workers=False, verbose=False)
-    frames = _Frames(clip, video.flow, keep=video.passes > 1)
-    redo = False
-    scale: torch.Tensor | None = None
-    for p, i, neighbour in frame_order(len(clip), video.passes):
-        target = outputs.frame(i, p, video.passes)
-        if target.is_file() and not redo:
-            continue
-        redo = True  # every later frame depends on this one
-        init, temporal = _start(config, outputs, frames, p, i, neighbour)
-        module = build_module(
-            config, clip.frame(i), styles, masks=masks, init=init, extractor=extractor, features=features, temporal=temporal
-        )
-        extractor = module.extractor
-        if scale is None:  # the first frame's cold-start scale, for every frame (also when resuming mid-clip)
-            first = build_module(config, clip.frame(0), styles, masks=masks, extractor=extractor, features=features)
-            scale = first.starting_objective_scale()
-        module.use_objective_scale(scale)
-        if not _run_frame(config, outputs, module, shapes, _where(p, i, len(clip), video.passes), progress, callbacks):
-            log.warning('stopped by a callback at frame %d; continue with resume="last"', i + 1)
-            return outputs
-        save_image(module.result(), target)
-    write_video([outputs.frame(i, video.passes - 1, video.passes) for i in range(len(clip))], outputs.video, clip.fps)
-    shutil.rmtree(outputs.work, ignore_errors=True)
-    return outputs
+    with lightning_quiet(verbose):
+        _check_config(config, resume)
+        outputs = ClipOutputs(Path(config.output))
+        resuming = resume is not None
+        _check_output(config, outputs, resuming, overwrite)
+        video = config.video
+        clip = read_clip(config.contents, config.image.size, config.image.fit, video.every_nth_frame, video.fps)
+        record = _record(config, clip)
+        if resuming:
+            _check_record(outputs, record)
+        styles = [load_image(p, style_side(clip.shape, s), "long") for p, s in zip(config.styles, config.style_scales())]
+        shapes = (clip.shape, [tuple(s.shape[-2:]) for s in styles])
+        blocks, _ = check_fits(config, *shapes)
+        features = config.features.model_copy(update={"checkpoint_blocks": blocks})
+        masks = load_masks(config)
+        require_opencv()
+        _prepare(outputs, config, record, resuming, overwrite)
+        log.info("clip %s: %d frames of %dx%d at %s fps", clip.source, len(clip), clip.shape[1], clip.shape[0], _fps(clip))
+        L.seed_everything(config.seed, workers=False, verbose=False)
+        frames = _Frames(clip, video.flow, keep=video.passes > 1)
+        redo = False
+        scale: torch.Tensor | None = None
+        for p, i, neighbour in frame_order(len(clip), video.passes):
+            target = outputs.frame(i, p, video.passes)
+            if target.is_file() and not redo:
+                continue
+            redo = True  # every later frame depends on this one
+            init, temporal = _start(config, outputs, frames, p, i, neighbour)
+            module = build_module(
+                config, clip.frame(i), styles, masks=masks, init=init, extractor=extractor, features=features, temporal=temporal
+            )
+            extractor = module.extractor
+            if scale is None:  # the first frame's cold-start scale, for every frame (also when resuming mid-clip)
+                first = build_module(config, clip.frame(0), styles, masks=masks, extractor=extractor, features=features)
+                scale = first.starting_objective_scale()
+            module.use_objective_scale(scale)
+            if not _run_frame(config, outputs, module, shapes, _where(p, i, len(clip), video.passes), progress, callbacks):
+                log.warning('stopped by a callback at frame %d; continue with resume="last"', i + 1)
+                return outputs
+            save_image(module.result(), target)
+        write_video([outputs.frame(i, video.passes - 1, video.passes) for i in range(len(clip))], outputs.video, clip.fps)
+        shutil.rmtree(outputs.work, ignore_errors=True)
+        return outputs
 
 
 def _fps(clip: Clip) -> str:

@@ -84,12 +84,19 @@ class FolderLock:
 
 
 def holder(path: Path) -> str:
-    """Who holds the lock at ``path``, as its file says (pid, host, start time, command)."""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace").strip()
-    except OSError:
-        text = ""
-    return text or "a process that has not recorded itself yet"
+    """Who holds the lock at ``path``, as its file says (pid, host, start time, command).
+
+    The holder writes its record right after taking the lock, so an empty file is read again for up to a second.
+    """
+    deadline = time.monotonic() + 1.0
+    while True:
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace").strip()
+        except OSError:
+            text = ""
+        if text or time.monotonic() > deadline:
+            return text or "a process that has not recorded itself yet"
+        time.sleep(0.01)
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -167,6 +167,23 @@ def tv_loss(image: torch.Tensor, kind: str = "keras") -> torch.Tensor:
     raise ValueError(f"unknown total variation {kind!r}")
 
 
+CHROMA = ((-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+"""Rows of the JPEG (full-range BT.601) RGB -> Cb, Cr matrix, as Pillow's ``YCbCr`` mode; offsets drop out of differences."""
+
+
+def chroma_tv_loss(image: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of Cb and Cr between neighbouring pixels, in 8-bit units, per image ``(B,)``.
+
+    Smooths colour noise only: luminance, which carries the brush strokes and the content's detail, is free.
+    A mean, so the same weight suits every image size as the relative losses do.
+    """
+    x = image.float() * 255.0
+    cbcr = torch.einsum("kc,bchw->bkhw", x.new_tensor(CHROMA), x)
+    dy = (cbcr[..., 1:, :] - cbcr[..., :-1, :]).pow(2).sum(1).flatten(1)
+    dx = (cbcr[..., :, 1:] - cbcr[..., :, :-1]).pow(2).sum(1).flatten(1)
+    return (dy.sum(1) + dx.sum(1)) / (dy.shape[1] + dx.shape[1])
+
+
 def temporal_loss(image: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Ruder et al.'s short-term temporal loss: ``sum c (x - w)^2 / D`` over the image's D values.
 
@@ -219,6 +236,7 @@ class StyleTransferLoss(nn.Module):
         content_loss: str = "relative",
         style_loss: str = "relative",
         tv_loss: str = "keras",
+        chroma_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if len(style_layer_weights) != len(style_layers):
@@ -232,6 +250,7 @@ class StyleTransferLoss(nn.Module):
         self.content_kind = content_loss
         self.style_kind = style_loss
         self.tv_kind = tv_loss
+        self.chroma_weight = float(chroma_weight)
         self.group_weights: list[float] = []
         for layer in self.content_layers:
             self.register_buffer(f"content_{layer}", None, persistent=False)
@@ -311,6 +330,13 @@ class StyleTransferLoss(nn.Module):
                     self.register_buffer(f"mask{g}_{layer}", lm, persistent=False)
                 self.group_weights.append(weight)
 
+    def smoothness(self, image: torch.Tensor) -> torch.Tensor:
+        """The ``tv`` term: weighted total variation plus weighted chroma smoothness (zero when both weights are)."""
+        tv = self.tv_weight * tv_loss(image, self.tv_kind) if self.tv_weight else image.new_zeros((), dtype=torch.float32)
+        if self.chroma_weight:
+            tv = tv + self.chroma_weight * chroma_tv_loss(image).sum()
+        return tv
+
     def forward(self, features: Features, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Weighted terms ``content``, ``style``, ``tv`` (and ``temporal`` when set) and their sum ``loss``."""
         if not self.has_targets:
@@ -333,7 +359,7 @@ class StyleTransferLoss(nn.Module):
             terms = {
                 "content": self.content_weight * content,
                 "style": self.style_weight * style,
-                "tv": self.tv_weight * tv_loss(image, self.tv_kind) if self.tv_weight else image.new_zeros(()),
+                "tv": self.smoothness(image),
             }
             terms["loss"] = terms["content"] + terms["style"] + terms["tv"]
             if self.temporal_image is not None:

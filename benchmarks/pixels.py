@@ -5,8 +5,8 @@ L-BFGS steps, once per setting given with ``--setting NAME:key=value,key=value``
 and prints a Markdown table:
 
 - speckle: mean |CbCr - its 3x3 median| over the saved 8-bit image (0..255 units; lower is cleaner);
-- border: per side, (mean luma of the outer 2 pixel lines / that of the next 8) of the result over the same ratio
-  of the content image at the output's size; the side farthest from 1 is printed (1 = edges as the content's own);
+- border: the worst side's line-to-line jaggedness of the outer 4 pixel lines over the interior's (1 or less: as
+  a photograph's edges; strips score several times more); both from ``nst_lightning.judge``;
 - style / content: ``nst_lightning.judge.Judge`` distances (lower is better).
 
     python benchmarks/pixels.py --size 256 --steps 150 --setting before:features.padding=zeros --setting after:
@@ -18,45 +18,15 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from nst_lightning import fit, load_config
 from nst_lightning.config import EXAMPLE_CONTENT, EXAMPLE_STYLE, EXAMPLE_STYLE_2
 from nst_lightning.images import load_image, read_image
-from nst_lightning.judge import Judge
+from nst_lightning.judge import Judge, border, speckle
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "example.yaml"
 PAIRS = [(EXAMPLE_CONTENT, EXAMPLE_STYLE), (EXAMPLE_CONTENT, EXAMPLE_STYLE_2)]
-
-
-def speckle(img: Image.Image) -> float:
-    """Mean absolute difference of Cb and Cr from their 3x3 medians, interior pixels, 0..255 units."""
-    ycc = torch.from_numpy(np.asarray(img.convert("YCbCr"), dtype=np.float32)).permute(2, 0, 1)[1:]
-    patches = F.unfold(ycc.unsqueeze(1), kernel_size=3)  # (2, 9, (H-2)*(W-2))
-    median = patches.median(dim=1).values
-    centre = patches[:, 4]
-    return float((centre - median).abs().mean())
-
-
-def edge_ratios(img: Image.Image, strip: int = 2, inner: int = 8) -> np.ndarray:
-    """Mean luma of the outer ``strip`` lines over that of the next ``inner`` lines, for the top, bottom, left, right."""
-    y = np.asarray(img.convert("L"), dtype=np.float64)
-    sides = [y, y[::-1], y.T, y.T[::-1]]
-    return np.array([s[:strip].mean() / max(s[strip : strip + inner].mean(), 1e-6) for s in sides])
-
-
-def border(img: Image.Image, content: Image.Image) -> float:
-    """The side's edge ratio of ``img`` over the content's own (as loaded, same size), farthest from 1 of the four sides.
-
-    A photograph's edges differ from its interior by themselves (the astronaut's outer lines are 6.6% brighter
-    than the next ones), so a plain edge ratio calls that a strip; against the content's ratio, an output that
-    keeps the content's edges scores 1 and a bright (dark) strip the output added scores above (below) 1.
-    """
-    ratios = edge_ratios(img) / edge_ratios(content)
-    return float(ratios[np.argmax(np.abs(np.log(ratios)))])
 
 
 def picture(results: list[tuple[str, Image.Image]], path: Path, crop: int = 64, zoom: int = 4) -> None:
@@ -94,8 +64,7 @@ def main() -> None:
     for content, style in [p for p in PAIRS if args.style is None or p[1].stem in args.style]:
         label = f"{content.stem} x {style.stem}"
         source = load_image(content, args.size)
-        original = Image.fromarray(source[0].permute(1, 2, 0).mul(255).round().clamp(0, 255).byte().numpy())
-        print(f"| {label} | content image itself | {speckle(original):.2f} | 1 (reference) | | |")
+        print(f"| {label} | content image itself | {speckle(source):.2f} | {border(source):.2f} | | |")
         results = []
         for name, overrides in settings:
             with tempfile.TemporaryDirectory() as tmp:
@@ -107,9 +76,10 @@ def main() -> None:
                 if args.save:
                     args.save.mkdir(parents=True, exist_ok=True)
                     img.save(args.save / f"{name}_{style.stem}.png")
-                q = judge(read_image(out.final), read_image(content), load_image(style, max(img.size)))
+                result = read_image(out.final)
+                q = judge(result, read_image(content), load_image(style, max(img.size)))
                 results.append((name, img))
-            print(f"| {label} | {name} | {speckle(img):.2f} | {border(img, original):.3f} | {q.style:.4f} | {q.content:.4f} |", flush=True)
+            print(f"| {label} | {name} | {speckle(result):.2f} | {border(result):.2f} | {q.style:.4f} | {q.content:.4f} |", flush=True)
         if args.pictures:
             picture(results, args.pictures / f"{style.stem}.jpg")
 

@@ -125,7 +125,10 @@ class LossConfig(_Section):
     style_weight: float = Field(10.0, ge=0)
     tv_weight: float = Field(0.0, ge=0)
     chroma_weight: float = Field(
-        0.0, ge=0, description="colour smoothness: mean squared Cb/Cr difference of neighbouring pixels (0..255 units)"
+        3e-4,
+        ge=0,
+        description="colour smoothness: mean squared Cb/Cr difference of neighbouring pixels (0..255 units); "
+        "removes colour speckle, leaves luminance detail; sized for the relative losses",
     )
     content_loss: Literal["mse", "paper", "sum", "relative"] = Field(
         "relative", description="mse | paper (1/2 sum of squares) | sum (as Keras) | relative (over the target's norm)"

@@ -1,4 +1,4 @@
-"""Pixel cleanliness of the default output: colour speckle and bright border strips, with judged quality.
+r"""Pixel cleanliness of the default output: colour speckle and strips along the borders, with judged quality.
 
 For each bundled pair, runs the default losses (``configs/example.yaml``) at ``--size`` for ``--steps``
 L-BFGS steps, once per setting given with ``--setting NAME:key=value,key=value`` (``default`` = as shipped),
@@ -9,7 +9,10 @@ and prints a Markdown table:
   a photograph's edges; strips score several times more); both from ``nst_lightning.judge``;
 - style / content: ``nst_lightning.judge.Judge`` distances (lower is better).
 
-    python benchmarks/pixels.py --size 256 --steps 150 --setting before:features.padding=zeros --setting after:
+    python benchmarks/pixels.py --setting before:loss.chroma_weight=0 --setting after: \
+        --setting "margin 8:features.margin=8" --pictures docs/pixels
+
+``--pictures`` writes one sheet per pair (each setting's result, its bottom-right corner and its centre 4x).
 """
 
 from __future__ import annotations

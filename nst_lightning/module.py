@@ -341,6 +341,7 @@ class StyleTransferModule(L.LightningModule):
             style_loss=cfg.style_loss,
             tv_loss=cfg.tv_loss,
             chroma_weight=cfg.chroma_weight,
+            border_weight=cfg.border_weight,
         )
 
     @property

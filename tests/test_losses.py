@@ -11,6 +11,7 @@ from nst_lightning.losses import (
     content_loss,
     gram_matrix,
     style_layer_loss,
+    border_tv_loss,
     chroma_tv_loss,
     tv_loss,
 )
@@ -101,6 +102,30 @@ def test_chroma_smoothness_leaves_luminance_free():
     assert chroma_tv_loss(img).item() > 10
 
 
+def test_border_smoothness_is_the_mean_squared_difference_across_each_sides_outer_lines():
+    img = torch.rand(2, 3, 12, 10, dtype=torch.float64)
+    x = img * 255
+    sides = [
+        x[:, :, 1:5, :] - x[:, :, 0:4, :],  # top: lines 0..4, differences between neighbouring rows
+        x[:, :, 7:11, :] - x[:, :, 8:12, :],  # bottom
+        x[:, :, :, 1:5] - x[:, :, :, 0:4],  # left: neighbouring columns
+        x[:, :, :, 5:9] - x[:, :, :, 6:10],  # right
+    ]
+    expected = sum((d**2).mean((1, 2, 3)) for d in sides) / 4
+    torch.testing.assert_close(border_tv_loss(img), expected.float(), rtol=1e-5, atol=0)
+
+
+def test_border_smoothness_leaves_texture_along_the_edges_and_the_interior_free():
+    img = torch.rand(1, 3, 32, 32)
+    img[..., :6, :] = img[..., :1, :]  # top lines: texture along the edge, the same on every line
+    img[..., -6:, :] = img[..., -1:, :]
+    img[..., :, :6] = img[..., :, :1]
+    img[..., :, -6:] = img[..., :, -1:]
+    assert border_tv_loss(img).item() < 1e-6
+    img[..., -2, :] += 0.1  # a strip one line in from the bottom
+    assert border_tv_loss(img).item() == pytest.approx((25.5**2) * 2 / 4 / 4, rel=1e-4)  # 2 of the bottom band's 4 line pairs
+
+
 def test_blended_target_gives_the_same_gradient_as_the_blended_losses():
     feats = [torch.randn(1, 4, 5, 5) for _ in range(2)]
     x = torch.randn(1, 4, 5, 5, requires_grad=True)
@@ -131,12 +156,12 @@ def test_criterion_terms_are_weighted_and_sum_to_the_total(extractor, content_sm
     assert {k: v.dtype for k, v in terms.items()} == dict.fromkeys(terms, torch.float32)
 
 
-def test_tv_term_adds_weighted_total_variation_and_weighted_chroma_smoothness(extractor, content_small, style_small):
-    crit = _criterion(tv_weight=1e-7, chroma_weight=0.01)
+def test_tv_term_adds_weighted_total_variation_chroma_and_border_smoothness(extractor, content_small, style_small):
+    crit = _criterion(tv_weight=1e-7, chroma_weight=0.01, border_weight=0.002)
     crit.set_targets(extractor(content_small), [extractor(style_small)])
     image = (content_small + 0.1 * torch.randn_like(content_small)).clamp(0, 1)
     terms = crit(extractor(image), image)
-    expected = 1e-7 * tv_loss(image) + 0.01 * chroma_tv_loss(image).sum()
+    expected = 1e-7 * tv_loss(image) + 0.01 * chroma_tv_loss(image).sum() + 0.002 * border_tv_loss(image).sum()
     torch.testing.assert_close(terms["tv"], expected)
     assert _criterion(chroma_weight=0.0).smoothness(image).item() == 0
 

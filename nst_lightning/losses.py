@@ -184,18 +184,19 @@ def chroma_tv_loss(image: torch.Tensor) -> torch.Tensor:
     return (dy.sum(1) + dx.sum(1)) / (dy.shape[1] + dx.shape[1])
 
 
-def border_tv_loss(image: torch.Tensor, lines: int = 4) -> torch.Tensor:
-    """Mean squared difference between neighbouring pixel lines across each border's outer ``lines`` lines, in
-    8-bit units, averaged over the four sides, per image ``(B,)``.
+def border_tv_loss(image: torch.Tensor, lines: int = 8) -> torch.Tensor:
+    """Squared difference between neighbouring pixel lines across each border, weighted from 1 at the edge down
+    to ``1/lines`` at the ``lines``-th pair, 8-bit units, averaged over pixels and the four sides, per image ``(B,)``.
 
     VGG's zero padding makes the outermost lines the cheapest place for the optimiser to produce responses the
     style Grams ask for, and they grow into 1-2 px strips and a line-by-line ripple. Only differences across
-    the edge count, so texture running along it is free.
+    the edge count, so texture running along it is free; the taper leaves no step where the term ends.
     """
     x = image.float() * 255.0
-    bands = [x[..., : lines + 1, :], x[..., -lines - 1 :, :]]
-    bands += [b.transpose(-1, -2) for b in (x[..., :, : lines + 1], x[..., :, -lines - 1 :])]
-    return torch.stack([(b[..., 1:, :] - b[..., :-1, :]).pow(2).flatten(1).mean(1) for b in bands]).mean(0)
+    bands = [x[..., : lines + 1, :], x[..., -lines - 1 :, :].flip(-2)]
+    bands += [b.transpose(-1, -2) for b in (x[..., :, : lines + 1], x[..., :, -lines - 1 :].flip(-1))]
+    taper = torch.arange(lines, 0, -1, dtype=x.dtype, device=x.device).view(-1, 1) / lines
+    return torch.stack([((b[..., 1:, :] - b[..., :-1, :]).pow(2) * taper).flatten(1).mean(1) for b in bands]).mean(0)
 
 
 def temporal_loss(image: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

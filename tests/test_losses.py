@@ -102,28 +102,30 @@ def test_chroma_smoothness_leaves_luminance_free():
     assert chroma_tv_loss(img).item() > 10
 
 
-def test_border_smoothness_is_the_mean_squared_difference_across_each_sides_outer_lines():
-    img = torch.rand(2, 3, 12, 10, dtype=torch.float64)
+def test_border_smoothness_is_the_tapered_mean_squared_difference_across_each_sides_outer_lines():
+    img = torch.rand(2, 3, 20, 18, dtype=torch.float64)
     x = img * 255
-    sides = [
-        x[:, :, 1:5, :] - x[:, :, 0:4, :],  # top: lines 0..4, differences between neighbouring rows
-        x[:, :, 7:11, :] - x[:, :, 8:12, :],  # bottom
-        x[:, :, :, 1:5] - x[:, :, :, 0:4],  # left: neighbouring columns
-        x[:, :, :, 5:9] - x[:, :, :, 6:10],  # right
-    ]
-    expected = sum((d**2).mean((1, 2, 3)) for d in sides) / 4
+    weights = [(8 - k) / 8 for k in range(8)]  # pair k lies between lines k and k+1 from the edge
+
+    def side(line):  # line(i): the i-th pixel line in from this side, (B, 3, length)
+        return sum(w * ((line(k + 1) - line(k)) ** 2) for k, w in enumerate(weights)).mean((1, 2)) / 8
+
+    expected = (
+        side(lambda i: x[:, :, i, :]) + side(lambda i: x[:, :, -1 - i, :])
+        + side(lambda i: x[:, :, :, i]) + side(lambda i: x[:, :, :, -1 - i])
+    ) / 4
     torch.testing.assert_close(border_tv_loss(img), expected.float(), rtol=1e-5, atol=0)
 
 
 def test_border_smoothness_leaves_texture_along_the_edges_and_the_interior_free():
-    img = torch.rand(1, 3, 32, 32)
-    img[..., :6, :] = img[..., :1, :]  # top lines: texture along the edge, the same on every line
-    img[..., -6:, :] = img[..., -1:, :]
-    img[..., :, :6] = img[..., :, :1]
-    img[..., :, -6:] = img[..., :, -1:]
+    img = torch.rand(1, 3, 40, 40)
+    img[..., :10, :] = img[..., :1, :]  # the outer lines: texture along the edge, the same on every line
+    img[..., -10:, :] = img[..., -1:, :]
+    img[..., :, :10] = img[..., :, :1]
+    img[..., :, -10:] = img[..., :, -1:]
     assert border_tv_loss(img).item() < 1e-6
-    img[..., -2, :] += 0.1  # a strip one line in from the bottom
-    assert border_tv_loss(img).item() == pytest.approx((25.5**2) * 2 / 4 / 4, rel=1e-4)  # 2 of the bottom band's 4 line pairs
+    img[..., -2, :] += 0.1  # a strip one line in from the bottom: pairs 0 (weight 1) and 1 (7/8) see it
+    assert border_tv_loss(img).item() == pytest.approx(25.5**2 * (1 + 7 / 8) / 8 / 4, rel=1e-4)
 
 
 def test_blended_target_gives_the_same_gradient_as_the_blended_losses():

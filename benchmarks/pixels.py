@@ -9,8 +9,8 @@ and prints a Markdown table:
   a photograph's edges; strips score several times more); both from ``nst_lightning.judge``;
 - style / content: ``nst_lightning.judge.Judge`` distances (lower is better).
 
-    python benchmarks/pixels.py --setting before:loss.chroma_weight=0 --setting after: \
-        --setting "margin 8:features.margin=8" --pictures docs/pixels
+    python benchmarks/pixels.py --setting before:loss.chroma_weight=0,loss.border_weight=0 --setting after: \
+        --pictures docs/pixels
 
 ``--pictures`` writes one sheet per pair (each setting's result, its bottom-right corner and its centre 4x).
 """

@@ -131,10 +131,10 @@ class LossConfig(_Section):
         "removes colour speckle, leaves luminance detail; sized for the relative losses",
     )
     border_weight: float = Field(
-        1e-4,
+        3e-4,
         ge=0,
-        description="border smoothness: mean squared difference between neighbouring pixel lines across each side's "
-        "outer 4 lines (0..255 units); removes the strips VGG's zero padding leaves along the edges",
+        description="border smoothness: squared difference between neighbouring pixel lines across each side's outer "
+        "8 lines, tapered inwards (0..255 units); removes the strips VGG's zero padding leaves along the edges",
     )
     content_loss: Literal["mse", "paper", "sum", "relative"] = Field(
         "relative", description="mse | paper (1/2 sum of squares) | sum (as Keras) | relative (over the target's norm)"

@@ -114,6 +114,7 @@ class BatchReport:
     results: list[PairResult]
     world_size: int = 1
     is_global_zero: bool = True
+    unit: str = "images"
     done: list[PairResult] = field(init=False)
     failed: list[PairResult] = field(init=False)
 
@@ -128,14 +129,14 @@ class BatchReport:
     def lines(self) -> list[str]:
         """The summary printed at the end: totals, one line per rank, one line per failure."""
         out = [
-            f"{self.total} images: {len(self.done)} written, {len(self.skipped)} already complete (skipped), "
+            f"{self.total} {self.unit}: {len(self.done)} written, {len(self.skipped)} already complete (skipped), "
             f"{len(self.failed)} failed"
         ]
         for rank in range(self.world_size if self.results else 0):
             mine = [r for r in self.done if r.rank == rank]
             failed = sum(r.rank == rank for r in self.failed)
             seconds = sum(r.seconds for r in mine)
-            rate = f", {60 * len(mine) / seconds:.1f} images/min" if seconds > 0 else ""
+            rate = f", {60 * len(mine) / seconds:.1f} {self.unit}/min" if seconds > 0 else ""
             out.append(f"  rank {rank}: {len(mine)} written, {failed} failed{rate}")
         out += [f"  failed {r.name}: {r.error}" for r in self.failed]
         out.append(f"summary: {self.summary_path}")

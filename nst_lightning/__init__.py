@@ -21,6 +21,7 @@ _LAZY = {
     "fit": ".api",
     "fit_batch": ".batch",
     "fit_clip": ".video",
+    "fit_clips": ".clip_batch",
     "StylePairsDataModule": ".data",
     "ImageLogger": ".image_logging",
     "FinalImage": ".callbacks",

@@ -29,7 +29,7 @@ from .images import Loading, frame_count, load_image, load_style, read_image, re
 from .lock import FolderLock
 from .losses import TemporalTarget
 from .module import StyleTransferModule
-from .pairs import is_batch, is_clip
+from .pairs import is_batch, is_clip, is_clip_batch
 from .quiet import lightning_quiet
 from .resources import Shape, check_fits, is_out_of_memory, out_of_memory_message
 from .rundir import (
@@ -323,6 +323,8 @@ def fit(
             )
         if is_clip(config):
             raise ConfigError("the config names a clip (a video file or video.enabled); run it with nst_lightning.fit_clip(config)")
+        if is_clip_batch(config):
+            raise ConfigError("the config names a folder, glob or list of clips; run it with nst_lightning.fit_clips(config)")
         outputs = RunOutputs(Path(config.output))
         if outputs.root.is_file():
             raise ConfigError(f"output {outputs.root} is a file (an input image?); give a directory for the run's outputs")

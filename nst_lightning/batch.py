@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
 from .api import build_module, build_trainer, init_input, load_masks
-from .atomic import check_writable, remove_stale_temps, write_text_atomic
+from .atomic import check_writable, is_write_failure, remove_stale_temps, write_failure, write_text_atomic
 from .config import RunConfig, dump_config
 from .data import GroupStep, PairResult, StylePairsDataModule
 from .errors import ConfigError, NSTError, NumericalError, ResourceError, RunInterrupted
@@ -114,6 +114,7 @@ class BatchReport:
     results: list[PairResult]
     world_size: int = 1
     is_global_zero: bool = True
+    unit: str = "images"
     done: list[PairResult] = field(init=False)
     failed: list[PairResult] = field(init=False)
 
@@ -128,14 +129,14 @@ class BatchReport:
     def lines(self) -> list[str]:
         """The summary printed at the end: totals, one line per rank, one line per failure."""
         out = [
-            f"{self.total} images: {len(self.done)} written, {len(self.skipped)} already complete (skipped), "
+            f"{self.total} {self.unit}: {len(self.done)} written, {len(self.skipped)} already complete (skipped), "
             f"{len(self.failed)} failed"
         ]
         for rank in range(self.world_size if self.results else 0):
             mine = [r for r in self.done if r.rank == rank]
             failed = sum(r.rank == rank for r in self.failed)
             seconds = sum(r.seconds for r in mine)
-            rate = f", {60 * len(mine) / seconds:.1f} images/min" if seconds > 0 else ""
+            rate = f", {60 * len(mine) / seconds:.1f} {self.unit}/min" if seconds > 0 else ""
             out.append(f"  rank {rank}: {len(mine)} written, {failed} failed{rate}")
         out += [f"  failed {r.name}: {r.error}" for r in self.failed]
         out.append(f"summary: {self.summary_path}")
@@ -271,6 +272,9 @@ def fit_batch(
                         raise _stopped(stop) from None
                     if isinstance(err, NumericalError):
                         raise NumericalError(f"{err}; the group's last checkpoint is kept in {checkpoints}") from None
+                    if is_write_failure(err):
+                        kept = f"images already written are kept and a rerun skips them; the group's checkpoint is in {checkpoints}"
+                        raise write_failure(err, kept, where=f"the folder's files in {output}") from None
                     if is_out_of_memory(err):
                         raise ResourceError(
                             f"out of memory with batch.images_per_device={per_device} at image.size={config.image.size}; "

@@ -148,19 +148,20 @@ def fit(
 
     With a folder, glob or list of images: one OUTPUT/<content>__<style>.png per pair, finished ones skipped.
     With a video file (or frames and video.enabled=true): OUTPUT/stylised.mp4 and OUTPUT/frames/000001.png, ...
+    With a folder, glob or list of video files: OUTPUT/<clip>__<style>/ per pair, clips shared out over devices.
     Ctrl-C or SIGTERM stops after the current step, saving checkpoints/last.ckpt and interrupted.png
     (exit code 130 or 143); bad input or a failure exits with code 2.
     """
     try:
         cfg = _load(config, set_, output)
         request_huge_pages(cfg.image.size)
-        from .pairs import is_batch, is_clip
+        from .pairs import is_batch, is_clip, is_clip_batch
 
         if is_clip(cfg):
             _fit_clip(cfg, resume, overwrite, quiet)
             return
-        if is_batch(cfg):
-            _fit_batch(cfg, resume, overwrite, quiet)
+        if is_batch(cfg) or is_clip_batch(cfg):
+            _fit_batch(cfg, resume, overwrite, quiet, clips=is_clip_batch(cfg))
             return
         from .api import fit as run_fit
 
@@ -189,16 +190,18 @@ def _fit_clip(cfg: RunConfig, resume: Optional[str], overwrite: bool, quiet: boo
         typer.echo(f"wrote {outputs.video} and {count} frames in {outputs.frames}")
 
 
-def _fit_batch(cfg: RunConfig, resume: Optional[str], overwrite: bool, quiet: bool) -> None:
-    """Many pairs: rank zero prints the summary; exit code 1 when any image failed."""
+def _fit_batch(cfg: RunConfig, resume: Optional[str], overwrite: bool, quiet: bool, clips: bool) -> None:
+    """Many images or clips: rank zero prints the summary; exit code 1 when any of them failed."""
     if resume is not None:
-        raise NSTError(
-            "--resume is for single runs; rerun a batch as it was to continue it (finished images are skipped)"
-        )
-    from .batch import fit_batch
+        unfinished = "finished clips are skipped, an unfinished one continues" if clips else "finished images are skipped"
+        raise NSTError(f"--resume is for single runs; rerun a batch as it was to continue it ({unfinished})")
+    if clips:
+        from .clip_batch import fit_clips as run
+    else:
+        from .batch import fit_batch as run
 
     _show_api_messages()
-    report = fit_batch(cfg, overwrite=overwrite, progress=not quiet)
+    report = run(cfg, overwrite=overwrite, progress=not quiet)
     if report.is_global_zero:
         typer.echo("\n".join(report.lines()))
     if report.failed:

@@ -1,5 +1,8 @@
 """The content x style pairs of a batch run: expand folders, globs and lists, name each output, skip finished ones.
 
+A batch of images writes ``OUTPUT/<content>__<style>.png`` per pair; a batch of clips (a folder, glob or list
+of video files) writes each clip's outputs in ``OUTPUT/<clip>__<style>/``.
+
 Imports no torch, so the CLI can tell a batch run from a single run (and report bad inputs) at once.
 """
 
@@ -39,13 +42,20 @@ def names_many(entry: str) -> bool:
 
 
 def is_video_file(entry: str) -> bool:
-    """Whether an input entry names a video file, by its suffix."""
-    return Path(entry).suffix.lower() in VIDEO_SUFFIXES
+    """Whether an input entry names one video file, by its suffix (a glob such as ``clips/*.mp4`` does not)."""
+    return not _is_glob(entry) and Path(entry).suffix.lower() in VIDEO_SUFFIXES
 
 
 def is_clip(config: RunConfig) -> bool:
-    """A clip run stylises frames in order: ``video.enabled``, or a content entry that is a video file."""
-    return config.video.enabled or any(is_video_file(e) for e in config.contents)
+    """A clip run stylises frames in order: ``video.enabled``, or one content entry that is a video file."""
+    return config.video.enabled or (len(config.contents) == 1 and is_video_file(config.contents[0]))
+
+
+def is_clip_batch(config: RunConfig) -> bool:
+    """A batch of clips: without ``video.enabled``, a list of video files or a folder or glob matching videos."""
+    if config.video.enabled or is_clip(config):
+        return False
+    return any(is_video_file(e) or (names_many(e) and _matches(e, VIDEO_SUFFIXES)) for e in config.contents)
 
 
 def is_batch(config: RunConfig) -> bool:
@@ -54,23 +64,34 @@ def is_batch(config: RunConfig) -> bool:
     The form of the input decides, not the number of matches, so a folder of one image still writes
     ``OUTPUT/<content>__<style>.png`` and reruns keep finding it. Clips are not batches.
     """
-    if is_clip(config):
+    if is_clip(config) or is_clip_batch(config):
         return False
     return isinstance(config.content, list) or any(names_many(e) for e in [*config.contents, *config.styles])
 
 
-def expand_pairs(config: RunConfig) -> list[Pair]:
-    """Every content x style pair the config names, in a stable order, each with its output path."""
+def expand_pairs(config: RunConfig, clips: bool = False) -> list[Pair]:
+    """Every content x style pair the config names, in a stable order, each with its output path.
+
+    With ``clips`` the contents are video files and each output is a directory ``OUTPUT/<clip>__<style>``.
+    """
     out_dir = Path(config.output)
-    contents = _unique(p for entry in config.contents for p in _expand(entry, "content"))
+    role, suffixes, suffix = ("clip", VIDEO_SUFFIXES, "") if clips else ("content", IMAGE_SUFFIXES, OUTPUT_SUFFIX)
+    contents = _unique(p for entry in config.contents for p in _expand(entry, role, suffixes))
+    mixed = [e for e in config.contents if clips and names_many(e) and _matches(e, IMAGE_SUFFIXES)]
+    if mixed:
+        raise ConfigError(
+            f"content {mixed[0]} holds both video files and images; put a clip's frames in a folder of their own "
+            "(with video.enabled=true) and the videos in another"
+        )
     for path in contents:
-        if path.parent.resolve() == out_dir.resolve():
+        inside = path.resolve().parents if clips else [path.parent.resolve()]  # a clip's outputs are folders
+        if out_dir.resolve() in inside:
             raise ConfigError(
-                f"content image {path} is inside the output folder {out_dir}; results would become inputs on the "
+                f"{role} {path} is inside the output folder {out_dir}; results would become inputs on the "
                 "next run, so choose another output= directory"
             )
     pairs = [
-        Pair(str(c), styles, str(out_dir / f"{c.stem}{PAIR_SEPARATOR}{_styles_stem(styles)}{OUTPUT_SUFFIX}"))
+        Pair(str(c), styles, str(out_dir / f"{c.stem}{PAIR_SEPARATOR}{_styles_stem(styles)}{suffix}"))
         for c in contents
         for styles in _style_sets(config.styles)
     ]
@@ -98,23 +119,36 @@ def _is_glob(entry: str) -> bool:
     return any(ch in entry for ch in "*?[")
 
 
-def _expand(entry: str, role: str) -> list[Path]:
-    """The image files an entry names: itself, a folder's images (not recursive) or a glob's matches."""
+def _found(entry: str) -> list[Path]:
+    """The visible files a folder (not recursive) or glob entry matches."""
     path = Path(os.path.expanduser(entry))
     if _is_glob(entry):
         found = [Path(p) for p in glob.glob(os.path.expanduser(entry), recursive=True)]
-        what = f"{role} glob {entry!r} matches"
-    elif path.is_dir():
-        found = [p for p in path.iterdir() if not p.name.startswith(".")]
-        what = f"{role} folder {path} holds"
-    elif not path.exists():
-        raise ConfigError(f"{role} image {path} does not exist; check the path")
     else:
+        found = [p for p in path.iterdir() if not p.name.startswith(".")]
+    return [p for p in found if p.is_file()]
+
+
+def _matches(entry: str, suffixes: tuple[str, ...]) -> bool:
+    """Whether a folder or glob entry matches any file with one of ``suffixes``."""
+    return any(p.suffix.lower() in suffixes for p in _found(entry))
+
+
+def _expand(entry: str, role: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
+    """The files an entry names: itself, a folder's files (not recursive) or a glob's matches with ``suffixes``."""
+    path = Path(os.path.expanduser(entry))
+    kind = "video files" if suffixes == VIDEO_SUFFIXES else "images"
+    if not names_many(entry):
+        if not path.exists():
+            raise ConfigError(f"{role} {'' if role == 'clip' else 'image '}{path} does not exist; check the path")
+        if role == "clip" and not is_video_file(entry):
+            raise ConfigError(f"clip list entry {path} is not a video file ({', '.join(suffixes)}); list only videos")
         return [path]
-    images = sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise ConfigError(f"{what} no images ({', '.join(IMAGE_SUFFIXES)}); check the path or the pattern")
-    return images
+    what = f"{role} glob {entry!r} matches" if _is_glob(entry) else f"{role} folder {path} holds"
+    files = sorted(p for p in _found(entry) if p.suffix.lower() in suffixes)
+    if not files:
+        raise ConfigError(f"{what} no {kind} ({', '.join(suffixes)}); check the path or the pattern")
+    return files
 
 
 def image_files(entry: str, role: str = "content") -> list[Path]:

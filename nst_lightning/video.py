@@ -107,7 +107,8 @@ def _record(config: RunConfig, clip: Clip) -> dict[str, Any]:
     return {"settings": settings, "frames": len(clip), "size": list(clip.shape), "fps": str(clip.fps)}
 
 
-def _check_config(config: RunConfig, resume: str | None) -> None:
+def check_clip_config(config: RunConfig, resume: str | None) -> None:
+    """Refuse settings a clip cannot honour, naming the key, before anything is read or written."""
     if resume not in (None, "last"):
         raise ConfigError(f'resume="{resume}" is not for clips; use resume="last" (it continues at the first unfinished frame)')
     if config.scales is not None:
@@ -192,6 +193,7 @@ def fit_clip(
     callbacks: list[Callback] | None = None,
     extractor: VGGFeatures | None = None,
     verbose: bool = False,
+    label: str | None = None,
 ) -> ClipOutputs:
     """Stylise the clip ``config.content`` names; writes ``stylised.mp4`` and ``frames/000001.png``, ... under ``output``.
 
@@ -200,10 +202,11 @@ def fit_clip(
     SIGTERM stop after the current step of the current frame (RunInterrupted); finished frames are kept.
 
     Lightning's start-up messages (accelerator lines, tips) and known deprecation notices are held back unless
-    ``verbose``; logger levels and warning filters are as before once it returns.
+    ``verbose``; logger levels and warning filters are as before once it returns. ``label`` names the clip in
+    the progress line (a folder run of clips passes the clip's output name).
     """
     with lightning_quiet(verbose):
-        _check_config(config, resume)
+        check_clip_config(config, resume)
         outputs = ClipOutputs(Path(config.output))
         resuming = resume is not None
         _check_output(config, outputs, resuming, overwrite)
@@ -238,7 +241,7 @@ def fit_clip(
                 first = build_module(config, clip.frame(0), styles, masks=masks, extractor=extractor, features=features)
                 scale = first.starting_objective_scale()
             module.use_objective_scale(scale)
-            if not _run_frame(config, outputs, module, shapes, _where(p, i, len(clip), video.passes), progress, callbacks):
+            if not _run_frame(config, outputs, module, shapes, _where(p, i, len(clip), video.passes, label), progress, callbacks):
                 log.warning('stopped by a callback at frame %d; continue with resume="last"', i + 1)
                 return outputs
             save_image(module.result(), target)
@@ -251,9 +254,10 @@ def _fps(clip: Clip) -> str:
     return f"{float(clip.fps):g}"
 
 
-def _where(p: int, i: int, count: int, passes: int) -> str:
+def _where(p: int, i: int, count: int, passes: int, label: str | None = None) -> str:
     frame = f"Frame {i + 1}/{count}"
-    return frame if passes == 1 else f"Pass {p + 1}/{passes} {frame.lower()}"
+    where = frame if passes == 1 else f"Pass {p + 1}/{passes} {frame.lower()}"
+    return where if label is None else f"{label}: {where[0].lower()}{where[1:]}"
 
 
 def _start(

@@ -102,8 +102,8 @@ def read_clip(
     videos = [e for e in entries if is_video_file(e)]
     if videos and len(entries) > 1:
         raise VideoError(
-            f"content names {len(entries)} entries including the video {videos[0]}; give one video file per run "
-            "(clips of a folder are not sharded yet), or a folder, glob or list of frames"
+            f"content names {len(entries)} entries including the video {videos[0]}; a clip is one video file or "
+            "frames (a folder, glob or list); for several clips, list the videos or give their folder without video.enabled"
         )
     if videos:
         return _read_video(Path(videos[0]).expanduser(), size, fit, every_nth, fps)

@@ -218,9 +218,11 @@ def _gigantic(tmp: Path) -> list[str]:
     return [f"content={folder}/*.png", "video.enabled=true"]
 
 
-def _two_videos(tmp: Path) -> list[str]:
+def _frames_and_a_video(tmp: Path) -> list[str]:
     a = write_clip(tmp / "a.mp4", pan(2))
-    return [f"content=[{a}, {a}]"]
+    frame = tmp / "f.png"
+    Image.fromarray(pan(1)[0]).save(frame)
+    return [f"content=[{frame}, {a}]", "video.enabled=true"]
 
 
 @pytest.mark.parametrize(
@@ -231,7 +233,7 @@ def _two_videos(tmp: Path) -> list[str]:
         (_variable_rate, "variable frame rate"),
         (_mixed_sizes, "must have one size"),
         (_gigantic, "larger than 8K"),
-        (_two_videos, "one video file per run"),
+        (_frames_and_a_video, "a clip is one video file or frames"),
         (lambda tmp: [f"content={write_clip(tmp / 'c.mp4', pan(2))}", "scales=[32,48]"], "scales"),
     ],
 )

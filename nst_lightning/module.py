@@ -25,6 +25,7 @@ from torch import nn
 from . import color as colour
 from .config import INIT_KEYWORDS, FeaturesConfig, LossConfig, OptimConfig
 from .atomic import atomic_write
+from .callbacks import CudnnBenchmark
 from .data import GroupStep, PairResult
 from .errors import CheckpointError, ConfigError, NSTError, NumericalError
 from .features import VGGFeatures, build_extractor, min_side
@@ -32,6 +33,7 @@ from .images import load_image, load_style, read_image, resize, save_image
 from .layers import LAYER_NAMES, deepest
 from .losses import StyleTransferLoss, TemporalTarget
 from .pairs import Pair
+from .cudagraph import StepGraph
 from .optim import BatchedAdam, BatchedLBFGS
 
 FINGERPRINT_KEY = "nst_lightning"
@@ -515,6 +517,10 @@ class StyleTransferModule(L.LightningModule):
         if self.batch_size:
             self.prepare_targets()
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """cuDNN's algorithm search for CUDA runs (shapes are static), in whatever Trainer fits the module."""
+        return [CudnnBenchmark()]
+
     def train_dataloader(self) -> Iterator[int]:
         """The image is the only data: an endless stream of placeholders, stopped by ``max_steps``."""
         return itertools.repeat(0)
@@ -674,11 +680,18 @@ class StyleTransferModule(L.LightningModule):
                 tolerance_grad=0.0,
                 tolerance_change=0.0,
             )
+        common = {"lr": cfg.learning_rate, "max_iter": cfg.max_iter, "after_update": self.clamp, "graph": self.step_graph()}
         if cfg.name == "adam":
-            return BatchedAdam([self.image], lr=cfg.learning_rate, max_iter=cfg.max_iter, after_update=self.clamp)
-        return BatchedLBFGS(
-            [self.image], lr=cfg.learning_rate, history_size=cfg.history_size, max_iter=cfg.max_iter, after_update=self.clamp
-        )
+            return BatchedAdam([self.image], **common)
+        return BatchedLBFGS([self.image], history_size=cfg.history_size, **common)
+
+    def step_graph(self) -> StepGraph | None:
+        """The CUDA graph of the step under ``optim.cuda_graph``: ``auto`` on CUDA, ``true`` anywhere (off CUDA its
+        code path runs eagerly, which is how CPU tests check it), ``false`` never."""
+        setting = self.optim_config.cuda_graph
+        if setting is False or (setting == "auto" and self.image.device.type != "cuda"):
+            return None
+        return StepGraph()
 
 
 LOSS_TERMS = ("content", "style", "tv", "loss")

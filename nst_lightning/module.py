@@ -668,7 +668,8 @@ class StyleTransferModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Batched L-BFGS or Adam over the stacked images (``optim.max_iter`` updates per step, clamped after
-        each); torch's L-BFGS for ``line_search: strong_wolfe`` (one image, clamped after the step)."""
+        each, the step captured in a CUDA graph per ``optim.cuda_graph``); torch's L-BFGS for ``line_search:
+        strong_wolfe`` (one image, clamped after the step, always eager)."""
         cfg = self.optim_config
         if cfg.line_search == "strong_wolfe":
             return torch.optim.LBFGS(

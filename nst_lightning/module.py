@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -33,9 +34,11 @@ from .images import load_image, load_style, read_image, resize, save_image
 from .layers import LAYER_NAMES, deepest
 from .losses import StyleTransferLoss, TemporalTarget
 from .pairs import Pair
+from .resources import is_out_of_memory
 from .cudagraph import StepGraph
 from .optim import BatchedAdam, BatchedLBFGS
 
+log = logging.getLogger(__name__)
 FINGERPRINT_KEY = "nst_lightning"
 ImageInput = Union[str, Path, torch.Tensor]
 """An image given to the module: a ``(1, 3, H, W)`` tensor in ``[0, 1]`` or the path of an image file."""
@@ -454,7 +457,13 @@ class StyleTransferModule(L.LightningModule):
         if not self.batch_size:
             return
         self._first_evaluation = True
-        self.optimizers().step(self.evaluate)
+        try:
+            self.optimizers().step(self.evaluate)
+        except BaseException as err:
+            if self.group is None or not is_out_of_memory(err):
+                raise
+            self.fail_group_out_of_memory()
+            return
         with torch.no_grad():
             self.clamp()
             self.finite &= torch.isfinite(self.image).flatten(1).all(1)
@@ -570,12 +579,35 @@ class StyleTransferModule(L.LightningModule):
         if not good:
             self.image = nn.Parameter(self.image.new_zeros((0, 3, 1, 1)))
             return
-        self.set_images(torch.cat([item.content for item in good]), [item.styles for item in good])
-        self.prepare_targets()
+        try:
+            self.set_images(torch.cat([item.content for item in good]), [item.styles for item in good])
+            self.prepare_targets()
+        except BaseException as err:
+            if not is_out_of_memory(err):
+                raise
+            self.fail_group_out_of_memory()
+            return
         optimizer = self.configure_optimizers()
         if batch.resume is not None:
             self._restore_group(batch.resume, optimizer)
         self.trainer.strategy.optimizers = [optimizer]
+
+    def fail_group_out_of_memory(self) -> None:
+        """The running group did not fit: its pairs fail with one line (said on this rank at once, and in the
+        summary every rank gathers), its memory is freed and the rank goes on with its next group. So no rank
+        dies alone and leaves the others waiting for it in the final gather."""
+        h, w = self.image.shape[-2:] if self.image.dim() == 4 else (0, 0)
+        message = (
+            f"out of memory on {self.image.device.type} optimising {len(self.group_pairs)} image(s) of {w}x{h} "
+            "together; lower batch.images_per_device or image.size"
+        )
+        self.results.extend(self._pair_result(pair, "failed", error=message) for pair in self.group_pairs)
+        log.warning("rank %d: %s (%s)", self.global_rank, message, ", ".join(p.name for p in self.group_pairs))
+        self.group_pairs = []
+        self.image = nn.Parameter(self.image.new_zeros((0, 3, 1, 1)))
+        self.trainer.strategy.optimizers = [self.configure_optimizers()]  # drops the failed group's history
+        if self.image.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def group_state(self) -> dict[str, Any]:
         """What a group checkpoint holds: members, fingerprint, step, images (and average) and optimiser state."""

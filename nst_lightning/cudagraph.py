@@ -19,8 +19,9 @@ What a replay repeats is exactly what the captured call launched on the GPU, so 
   warm-up and capture again; the old graph and its pool are freed.
 - Autocast (Lightning's ``bf16-mixed``) runs with its weight-cast cache off during capture, as torch asks.
 
-On other devices, or with ``capture=False``, the same calls run the step eagerly every time, so the
-bookkeeping above is exercised by CPU tests.
+On other devices the same calls run the step eagerly every time, so the bookkeeping above is exercised by
+CPU tests. Code that runs inside the step only in Python (e.g. a callback's ``on_before_optimizer_step``)
+runs during the warm-up and the capture, not at replays.
 """
 
 from __future__ import annotations
@@ -44,9 +45,8 @@ def graph_key(param: torch.Tensor) -> tuple[Hashable, ...]:
 class StepGraph:
     """Runs a step eagerly ``warmup`` times, then captures it once in a CUDA graph and replays it, per key."""
 
-    def __init__(self, warmup: int = WARMUP_STEPS, capture: bool = True) -> None:
+    def __init__(self, warmup: int = WARMUP_STEPS) -> None:
         self.warmup = warmup
-        self.capture = capture
         self.key: tuple[Hashable, ...] | None = None
         self.eager_steps = 0
         self.captures = 0
@@ -62,7 +62,7 @@ class StepGraph:
         if self._graph is None and self.eager_steps < self.warmup:
             self.eager_steps += 1
             return self._eager(step, device)
-        if not (self.capture and device.type == "cuda"):
+        if device.type != "cuda":
             return step()
         if self._graph is None:
             self._graph, self._output = _capture(step)

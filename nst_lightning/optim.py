@@ -2,8 +2,9 @@
 
 Plain PyTorch. Every quantity that decides a step (dot products, step sizes, the curvature-pair skip)
 is a per-image tensor, so image ``b`` follows the iterates it would follow alone, and nothing reads a
-value back to Python: the update has static shapes and no data-dependent branch, ready for a CUDA graph.
-Both follow ``torch.optim``'s API: ``step(closure)`` evaluates the closure (loss and gradient) and
+value back to Python: the update has static shapes and no data-dependent branch. Given a ``StepGraph``
+(``nst_lightning.cudagraph``) a whole step is captured in a CUDA graph and replayed; L-BFGS then keeps
+its history in the static layout, whose kernels do not depend on a Python counter either. Both follow ``torch.optim``'s API: ``step(closure)`` evaluates the closure (loss and gradient) and
 updates, ``max_iter`` times; ``update`` is the only code that changes the images.
 """
 

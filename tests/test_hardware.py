@@ -73,7 +73,12 @@ def fake_cuda_machine(monkeypatch):
     return inits
 
 
-def test_nothing_initialises_cuda_before_the_trainer_fits(fake_cuda_machine, monkeypatch, tiny_config):
+@pytest.mark.parametrize("run", ["single", "folder"])
+def test_nothing_initialises_cuda_before_the_trainer_fits(fake_cuda_machine, monkeypatch, tiny_config, tmp_path, run):
+    from nst_lightning.batch import fit_batch
+
+    from .test_batch import make_frames
+
     class Reached(Exception):
         pass
 
@@ -81,9 +86,12 @@ def test_nothing_initialises_cuda_before_the_trainer_fits(fake_cuda_machine, mon
         raise Reached(trainer)
 
     monkeypatch.setattr(L.Trainer, "fit", fit_reached)
-    config = tiny_config(steps=1, **{"trainer.accelerator": "auto", "trainer.precision": "auto"})
+    settings = {"trainer.accelerator": "auto", "trainer.precision": "auto"}
+    if run == "folder":
+        make_frames(tmp_path / "frames", 2)
+        settings.update({"content": tmp_path / "frames", "trainer.devices": 2})  # DDP over both GPUs
     with pytest.raises(Reached) as reached:
-        fit(config, progress=False)
+        (fit if run == "single" else fit_batch)(tiny_config(steps=1, **settings), progress=False)
     assert fake_cuda_machine == []
     trainer = reached.value.args[0]
     assert trainer.strategy.root_device.type == "cuda" and trainer.precision == "bf16-mixed"

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
 from .api import build_module, build_trainer, init_input, load_masks
-from .atomic import check_writable, remove_stale_temps, write_text_atomic
+from .atomic import check_writable, is_write_failure, remove_stale_temps, write_failure, write_text_atomic
 from .config import RunConfig, dump_config
 from .data import GroupStep, PairResult, StylePairsDataModule
 from .errors import ConfigError, NSTError, NumericalError, ResourceError, RunInterrupted
@@ -272,6 +272,9 @@ def fit_batch(
                         raise _stopped(stop) from None
                     if isinstance(err, NumericalError):
                         raise NumericalError(f"{err}; the group's last checkpoint is kept in {checkpoints}") from None
+                    if is_write_failure(err):
+                        kept = f"images already written are kept and a rerun skips them; the group's checkpoint is in {checkpoints}"
+                        raise write_failure(err, kept, where=f"the folder's files in {output}") from None
                     if is_out_of_memory(err):
                         raise ResourceError(
                             f"out of memory with batch.images_per_device={per_device} at image.size={config.image.size}; "

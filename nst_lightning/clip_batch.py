@@ -94,14 +94,15 @@ def _run_shard(
     rank, world = fabric.global_rank, fabric.world_size
     devices: Any = [fabric.local_rank] if fabric.device.type == "cuda" else 1
     results = []
-    for pair in todo[rank::world]:
+    mine = todo[rank::world]
+    for number, pair in enumerate(mine, 1):
         start = time.perf_counter()
         outputs = ClipOutputs(Path(pair.output))
         resume = "last" if outputs.record.is_file() and not overwrite else None
         try:
             fit_clip(
                 clip_config(config, pair, devices), resume=resume, overwrite=overwrite, progress=progress and rank == 0,
-                callbacks=callbacks, label=pair.name,
+                callbacks=callbacks, label=f"clip {number}/{len(mine)} {pair.name}",
             )
             status, error = ("done", None) if finished(pair) else ("failed", "stopped by a callback before its last frame")
         except RunInterrupted as err:

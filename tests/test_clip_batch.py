@@ -12,7 +12,7 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 
 from nst_lightning.config import load_config
-from nst_lightning.errors import ConfigError
+from nst_lightning.errors import ConfigError, RunInterrupted
 from nst_lightning.pairs import expand_pairs, is_batch, is_clip, is_clip_batch
 
 from .conftest import ROOT, tiny_overrides
@@ -22,7 +22,7 @@ pytest.importorskip("cv2")
 
 from nst_lightning.clip_batch import fit_clips  # noqa: E402
 
-from .test_video import pan, write_clip  # noqa: E402
+from .test_video import _SignalAtFrame, pan, write_clip  # noqa: E402
 
 
 def clips_folder(tmp: Path, lengths: dict[str, int]) -> Path:
@@ -94,15 +94,19 @@ class _StopAtFrame(Callback):
             trainer.should_stop = True
 
 
-def test_a_clip_stopped_midway_is_reported_and_the_rerun_continues_it_at_its_first_unfinished_frame(tmp_path):
+def test_an_interrupted_clip_batch_says_rerun_and_the_rerun_continues_the_clip_at_its_first_unfinished_frame(tmp_path):
     folder = clips_folder(tmp_path, {"a": 3, "b": 2})
     config = load_config(None, tiny_overrides(tmp_path / "out", steps=2, content=folder, **{"image.size": 32}))
-    report = fit_clips(config, progress=False, callbacks=[_StopAtFrame(3)])
-    assert [(r.name, r.status) for r in report.results] == [("a__starry_night", "failed"), ("b__starry_night", "done")]
-    assert "stopped by a callback" in report.failed[0].error
+    with pytest.raises(RunInterrupted, match="a__starry_night: frame 3/3") as stopped:
+        fit_clips(config, progress=False, callbacks=[_SignalAtFrame(3)])
+    assert not stopped.value.resumable and "rerun the same command" in stopped.value.hint
     a = tmp_path / "out" / "a__starry_night"
     kept = {p.name: p.stat().st_mtime_ns for p in (a / "frames").iterdir()}
     assert sorted(kept) == ["000001.png", "000002.png"] and not (a / "stylised.mp4").exists()
+
+    report = fit_clips(config, progress=False, callbacks=[_StopAtFrame(1)])  # a user's callback ends clip a early
+    assert [(r.name, r.status) for r in report.results] == [("a__starry_night", "failed"), ("b__starry_night", "done")]
+    assert "stopped by a callback" in report.failed[0].error
 
     report = fit_clips(config, progress=False)
     assert [r.name for r in report.done] == ["a__starry_night"] and report.skipped == ["b__starry_night"]

@@ -316,6 +316,19 @@ def test_a_folder_run_onto_a_read_only_disk_is_one_line_before_any_work(tmp_path
     assert_one_line_error(result, "Read-only file system")
 
 
+def test_a_full_disk_in_the_middle_of_a_folder_run_is_one_line_and_keeps_the_images_written(tmp_path, monkeypatch):
+    contents = tmp_path / "contents"
+    contents.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        shutil.copy(EXAMPLE_CONTENT, contents / name)
+    out = tmp_path / "batch"
+    FailingDisk(monkeypatch, out, errno.ENOSPC, only="b__")  # the disk fills up when b's image is written
+    result = invoke(*_fit_args(out, 2, content=str(contents), **{"batch.images_per_device": 1}))
+    assert_one_line_error(result, f"cannot write {out / 'b__starry_night.png'} (No space left on device); free disk space")
+    assert "images already written are kept and a rerun skips them" in result.stderr
+    assert (out / "a__starry_night.png").is_file() and not (out / "b__starry_night.png").exists()
+
+
 def test_a_folder_run_with_a_missing_style_is_refused_up_front(tmp_path):
     contents = tmp_path / "contents"
     contents.mkdir()

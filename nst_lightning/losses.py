@@ -49,8 +49,8 @@ class _Gram(torch.autograd.Function):
 
     Forward: on CUDA, bf16 features are multiplied in one cuBLAS call accumulating and writing fp32 (chunks
     would be ~1000 launches per Gram at 2048 px); elsewhere they are cast to fp32 a chunk of positions at a
-    time and accumulated, so no fp32 copy of a whole layer is made or kept. Backward: ``dF = (dG + dG^T) F / M``, one matmul instead of
-    autograd's two plus a transpose copy and a sum; for bf16 features it runs in bf16 (the gradient
+    time and accumulated, so no fp32 copy of a whole layer is made or kept. Backward:
+    ``dF = (dG + dG^T) F / M``, one matmul instead of autograd's two plus a transpose copy and a sum; for bf16 features it runs in bf16 (the gradient
     enters the bf16 network anyway), about 10x faster than casting up on the CPU.
     """
 

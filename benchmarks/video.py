@@ -10,7 +10,7 @@ temporal loss) - and prints, per mode:
 - judged style and content per frame (``nst_lightning.judge``, mean over frames; lower is better);
 - seconds per frame (whole clip, flow and video IO included).
 
-    python benchmarks/video.py                                      # 24 frames, 128x96 px, 10 steps a frame
+    python benchmarks/video.py                                      # 24 frames, 256x192 px, 10 steps a frame
     python benchmarks/video.py --gif docs/video_side_by_side.gif    # also the independent | temporal GIF
 """
 
@@ -153,7 +153,7 @@ def save_gif(path: Path, left: list[torch.Tensor], right: list[torch.Tensor], fp
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=24)
-    parser.add_argument("--size", type=int, default=128, help="frame width in px (height is 3/4 of it)")
+    parser.add_argument("--size", type=int, default=256, help="frame width in px (height is 3/4 of it)")
     parser.add_argument("--steps", type=int, default=10, help="L-BFGS steps per frame")
     parser.add_argument("--fps", type=int, default=12)
     parser.add_argument("--temporal-weight", type=float, default=None, help="default: the config's video.temporal_weight")

@@ -272,11 +272,18 @@ def available_cpu_memory() -> int | None:
     return min(found) if found else None
 
 
+CUDA_CONTEXT_BYTES = GiB
+"""What the run's own CUDA context (with cuBLAS and cuDNN handles) will take: NVML's free memory, read before
+the context exists, does not count it yet (torch's ``mem_get_info`` afterwards would). An allowance, not a
+measurement: gpu_check.py's peak figures are the check."""
+
+
 def available_cuda_memory(index: int = 0) -> int:
-    """Free bytes on CUDA device ``index``, asked through NVML so the launching process does not initialise CUDA."""
+    """Free bytes on CUDA device ``index`` for the run, asked through NVML so the launching process does not
+    initialise CUDA (less the context the run will create)."""
     device = nvml_device(index)
     if device is not None:
-        return device.free_bytes
+        return max(0, device.free_bytes - CUDA_CONTEXT_BYTES)
     import torch
 
     free, _ = torch.cuda.mem_get_info(index)  # no NVML, or CUDA already initialised

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -25,6 +26,7 @@ from torch import nn
 from . import color as colour
 from .config import INIT_KEYWORDS, FeaturesConfig, LossConfig, OptimConfig
 from .atomic import atomic_write
+from .callbacks import CudnnBenchmark
 from .data import GroupStep, PairResult
 from .errors import CheckpointError, ConfigError, NSTError, NumericalError
 from .features import VGGFeatures, build_extractor, min_side
@@ -32,8 +34,11 @@ from .images import load_image, load_style, read_image, resize, save_image
 from .layers import LAYER_NAMES, deepest
 from .losses import StyleTransferLoss, TemporalTarget
 from .pairs import Pair
+from .resources import is_out_of_memory
+from .cudagraph import StepGraph
 from .optim import BatchedAdam, BatchedLBFGS
 
+log = logging.getLogger(__name__)
 FINGERPRINT_KEY = "nst_lightning"
 ImageInput = Union[str, Path, torch.Tensor]
 """An image given to the module: a ``(1, 3, H, W)`` tensor in ``[0, 1]`` or the path of an image file."""
@@ -452,7 +457,13 @@ class StyleTransferModule(L.LightningModule):
         if not self.batch_size:
             return
         self._first_evaluation = True
-        self.optimizers().step(self.evaluate)
+        try:
+            self.optimizers().step(self.evaluate)
+        except BaseException as err:
+            if self.group is None or not is_out_of_memory(err):
+                raise
+            self.fail_group_out_of_memory()
+            return
         with torch.no_grad():
             self.clamp()
             self.finite &= torch.isfinite(self.image).flatten(1).all(1)
@@ -515,6 +526,10 @@ class StyleTransferModule(L.LightningModule):
         if self.batch_size:
             self.prepare_targets()
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """cuDNN's algorithm search for CUDA runs (shapes are static), in whatever Trainer fits the module."""
+        return [CudnnBenchmark()]
+
     def train_dataloader(self) -> Iterator[int]:
         """The image is the only data: an endless stream of placeholders, stopped by ``max_steps``."""
         return itertools.repeat(0)
@@ -564,12 +579,35 @@ class StyleTransferModule(L.LightningModule):
         if not good:
             self.image = nn.Parameter(self.image.new_zeros((0, 3, 1, 1)))
             return
-        self.set_images(torch.cat([item.content for item in good]), [item.styles for item in good])
-        self.prepare_targets()
+        try:
+            self.set_images(torch.cat([item.content for item in good]), [item.styles for item in good])
+            self.prepare_targets()
+        except BaseException as err:
+            if not is_out_of_memory(err):
+                raise
+            self.fail_group_out_of_memory()
+            return
         optimizer = self.configure_optimizers()
         if batch.resume is not None:
             self._restore_group(batch.resume, optimizer)
         self.trainer.strategy.optimizers = [optimizer]
+
+    def fail_group_out_of_memory(self) -> None:
+        """The running group did not fit: its pairs fail with one line (said on this rank at once, and in the
+        summary every rank gathers), its memory is freed and the rank goes on with its next group. So no rank
+        dies alone and leaves the others waiting for it in the final gather."""
+        h, w = self.image.shape[-2:] if self.image.dim() == 4 else (0, 0)
+        message = (
+            f"out of memory on {self.image.device.type} optimising {len(self.group_pairs)} image(s) of {w}x{h} "
+            "together; lower batch.images_per_device or image.size"
+        )
+        self.results.extend(self._pair_result(pair, "failed", error=message) for pair in self.group_pairs)
+        log.warning("rank %d: %s (%s)", self.global_rank, message, ", ".join(p.name for p in self.group_pairs))
+        self.group_pairs = []
+        self.image = nn.Parameter(self.image.new_zeros((0, 3, 1, 1)))
+        self.trainer.strategy.optimizers = [self.configure_optimizers()]  # drops the failed group's history
+        if self.image.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def group_state(self) -> dict[str, Any]:
         """What a group checkpoint holds: members, fingerprint, step, images (and average) and optimiser state."""
@@ -662,7 +700,8 @@ class StyleTransferModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Batched L-BFGS or Adam over the stacked images (``optim.max_iter`` updates per step, clamped after
-        each); torch's L-BFGS for ``line_search: strong_wolfe`` (one image, clamped after the step)."""
+        each, the step captured in a CUDA graph per ``optim.cuda_graph``); torch's L-BFGS for ``line_search:
+        strong_wolfe`` (one image, clamped after the step, always eager)."""
         cfg = self.optim_config
         if cfg.line_search == "strong_wolfe":
             return torch.optim.LBFGS(
@@ -674,11 +713,18 @@ class StyleTransferModule(L.LightningModule):
                 tolerance_grad=0.0,
                 tolerance_change=0.0,
             )
+        common = {"lr": cfg.learning_rate, "max_iter": cfg.max_iter, "after_update": self.clamp, "graph": self.step_graph()}
         if cfg.name == "adam":
-            return BatchedAdam([self.image], lr=cfg.learning_rate, max_iter=cfg.max_iter, after_update=self.clamp)
-        return BatchedLBFGS(
-            [self.image], lr=cfg.learning_rate, history_size=cfg.history_size, max_iter=cfg.max_iter, after_update=self.clamp
-        )
+            return BatchedAdam([self.image], **common)
+        return BatchedLBFGS([self.image], history_size=cfg.history_size, **common)
+
+    def step_graph(self) -> StepGraph | None:
+        """The CUDA graph of the step under ``optim.cuda_graph``: ``auto`` on CUDA, ``true`` anywhere (off CUDA its
+        code path runs eagerly, which is how CPU tests check it), ``false`` never."""
+        setting = self.optim_config.cuda_graph
+        if setting is False or (setting == "auto" and self.image.device.type != "cuda"):
+            return None
+        return StepGraph()
 
 
 LOSS_TERMS = ("content", "style", "tv", "loss")

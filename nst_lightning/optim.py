@@ -4,8 +4,9 @@ Plain PyTorch. Every quantity that decides a step (dot products, step sizes, the
 is a per-image tensor, so image ``b`` follows the iterates it would follow alone, and nothing reads a
 value back to Python: the update has static shapes and no data-dependent branch. Given a ``StepGraph``
 (``nst_lightning.cudagraph``) a whole step is captured in a CUDA graph and replayed; L-BFGS then keeps
-its history in the static layout, whose kernels do not depend on a Python counter either. Both follow ``torch.optim``'s API: ``step(closure)`` evaluates the closure (loss and gradient) and
-updates, ``max_iter`` times; ``update`` is the only code that changes the images.
+its history in the static layout, whose kernels do not depend on a Python counter either. Both follow
+``torch.optim``'s API: ``step(closure)`` evaluates the closure (loss and gradient) and updates,
+``max_iter`` times; ``update`` is the only code that changes the images.
 """
 
 from __future__ import annotations
@@ -87,9 +88,9 @@ class BatchedLBFGS(_BatchedOptimizer):
 
     Two layouts of the ``history_size`` pairs, with the same arithmetic (empty pairs contribute exact zeros):
     ``ring`` (default) writes the newest pair over the oldest, the slot chosen by a Python counter: no copies,
-    the cheaper on CPU. ``static`` (``static_history=True``, and always with a ``graph``) always keeps the newest pair in
-    the last slot and shifts the older ones down, runs the two-loop over every slot and keeps the update
-    count in a tensor, so the kernels of one update are the same at every step and a captured graph can be
+    the cheaper on CPU. ``static`` (``static_history=True``, and always with a ``graph``) keeps the newest
+    pair in the last slot and shifts the older ones down, runs the two-loop over every slot and keeps the
+    update count in a tensor, so the kernels of one update are the same at every step and a captured graph can be
     replayed. A saved state of either layout loads into either.
     """
 

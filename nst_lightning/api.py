@@ -139,6 +139,7 @@ def build_module(
         target_cache=target_cache,
         seed=config.seed,
         temporal=temporal,
+        grow_checkpoint_blocks=config.features.checkpoint_blocks == "auto",
     )
 
 

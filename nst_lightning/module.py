@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import color as colour
-from .config import INIT_KEYWORDS, FeaturesConfig, LossConfig, OptimConfig
+from .config import INIT_KEYWORDS, MAX_CHECKPOINT_BLOCKS, FeaturesConfig, LossConfig, OptimConfig
 from .atomic import atomic_write
 from .callbacks import CudnnBenchmark
 from .data import GroupStep, PairResult
@@ -178,6 +178,7 @@ class StyleTransferModule(L.LightningModule):
         target_cache: MutableMapping[str, Any] | None = None,
         seed: int = 0,
         temporal: TemporalTarget | None = None,
+        grow_checkpoint_blocks: bool | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -213,6 +214,8 @@ class StyleTransferModule(L.LightningModule):
             raise ConfigError(f"the given extractor does not return layers {missing}; build it with all loss layers")
         blocks = self.features_config.checkpoint_blocks
         self.checkpoint_blocks = 0 if blocks == "auto" else blocks
+        self.grow_checkpoint_blocks = blocks == "auto" if grow_checkpoint_blocks is None else grow_checkpoint_blocks
+        self._stepped = False
         self.network: VGGFeatures = self.extractor
         self.color = color
         self.init = init
@@ -456,14 +459,19 @@ class StyleTransferModule(L.LightningModule):
         the NaN guard and the logged losses: the only places values are read back from the device."""
         if not self.batch_size:
             return
-        self._first_evaluation = True
-        try:
-            self.optimizers().step(self.evaluate)
-        except BaseException as err:
-            if self.group is None or not is_out_of_memory(err):
-                raise
-            self.fail_group_out_of_memory()
-            return
+        while True:
+            self._first_evaluation = True
+            try:
+                self.optimizers().step(self.evaluate)
+                break
+            except BaseException as err:
+                if self.recompute_more_blocks(err):
+                    continue
+                if self.group is None or not is_out_of_memory(err):
+                    raise
+                self.fail_group_out_of_memory()
+                return
+        self._stepped = True
         with torch.no_grad():
             self.clamp()
             self.finite &= torch.isfinite(self.image).flatten(1).all(1)
@@ -561,6 +569,7 @@ class StyleTransferModule(L.LightningModule):
 
     def start_group(self, batch: GroupStep) -> None:
         """Make the group's loadable pairs the problem; an interrupted group continues from its saved state."""
+        self._stepped = False
         good = []
         for item in batch.items or []:
             error = item.error
@@ -591,6 +600,26 @@ class StyleTransferModule(L.LightningModule):
         if batch.resume is not None:
             self._restore_group(batch.resume, optimizer)
         self.trainer.strategy.optimizers = [optimizer]
+
+    def recompute_more_blocks(self, err: BaseException) -> bool:
+        """Memory planned by measurement: when the first step of an image runs out of memory and
+        ``features.checkpoint_blocks`` is auto, recompute one more VGG block in the backward pass and say
+        it will retry (the estimate that chose the blocks is calibrated on CPU; a GPU adds its context, cuDNN
+        workspaces and fragmentation). Nothing of the failed step is kept: the image had not been updated."""
+        if self._stepped or not self.grow_checkpoint_blocks or self.checkpoint_blocks >= MAX_CHECKPOINT_BLOCKS:
+            return False
+        if not is_out_of_memory(err):
+            return False
+        self.image.grad = None
+        self.optimizers().optimizer.state.clear()
+        if self.image.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.checkpoint_blocks += 1
+        log.warning(
+            "out of memory in the first step on %s: recomputing %d VGG block(s) in the backward pass "
+            "(features.checkpoint_blocks) and trying again", self.image.device.type, self.checkpoint_blocks
+        )
+        return True
 
     def fail_group_out_of_memory(self) -> None:
         """The running group did not fit: its pairs fail with one line (said on this rank at once, and in the

@@ -24,7 +24,7 @@ from .errors import ConfigError, NSTError, NumericalError, ResourceError, RunInt
 from .export import onnx_targets
 from .faults import AtomicCheckpointIO, GracefulStop
 from .features import VGGFeatures
-from .hardware import resolve_precision
+from .hardware import cuda_run, resolve_precision
 from .images import Loading, frame_count, load_image, load_style, read_image, read_size, style_side, target_shape
 from .lock import FolderLock
 from .losses import TemporalTarget
@@ -139,6 +139,7 @@ def build_module(
         target_cache=target_cache,
         seed=config.seed,
         temporal=temporal,
+        grow_checkpoint_blocks=config.features.checkpoint_blocks == "auto",
     )
 
 
@@ -163,6 +164,11 @@ def build_trainer(
     (``ShardedStrategy``); its module writes the images and group checkpoints itself.
     """
     t = config.trainer
+    if config.optim.cuda_graph is True and not cuda_run(t.accelerator):
+        raise ConfigError(
+            f"optim.cuda_graph=true needs a CUDA device, but this run has none (trainer.accelerator={t.accelerator}); "
+            "set optim.cuda_graph=auto, or run on a machine with a CUDA GPU"
+        )
     outputs = outputs if isinstance(outputs, RunOutputs) else RunOutputs(Path(outputs))
     own: list[Callback] = []
     if folder:

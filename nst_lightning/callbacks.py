@@ -263,3 +263,28 @@ class StepProgressBar(ProgressBar):
 
     def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
         self.on_train_end(trainer, pl_module)
+
+
+class CudnnBenchmark(Callback):
+    """On a CUDA run, cuDNN times its convolution algorithms once and keeps the fastest: a run's shapes never
+    change within a fit, so the search pays for itself. The process's previous setting is back after the fit,
+    also when it fails. Every ``StyleTransferModule`` brings one (``configure_callbacks``)."""
+
+    def __init__(self) -> None:
+        self.previous: bool | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.strategy.root_device.type == "cuda" and self.previous is None:
+            self.previous = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = True
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            torch.backends.cudnn.benchmark = self.previous
+            self.previous = None

@@ -189,6 +189,27 @@ class OptimConfig(_Section):
     average: float | None = Field(
         None, gt=0, lt=1, description="Adam only: EMA decay of the image (e.g. 0.99); the average is the result"
     )
+    cuda_graph: Union[Literal["auto"], bool] = Field(
+        "auto",
+        description="capture each step in one CUDA graph and replay it; auto: on for CUDA runs of the batched "
+        "optimisers (not line_search=strong_wolfe), true: required (CUDA only), false: eager",
+    )
+
+    @field_validator("cuda_graph", mode="before")
+    @classmethod
+    def _graph_choice(cls, value: object) -> object:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise ValueError(f"must be auto, true or false, got {value!r}")
+
+    @model_validator(mode="after")
+    def _graphable(self) -> OptimConfig:
+        if self.cuda_graph is True and self.line_search == "strong_wolfe":
+            raise ValueError(
+                "optim.cuda_graph=true cannot capture line_search=strong_wolfe (its step count depends on the "
+                "data); set optim.line_search=none or optim.cuda_graph=auto"
+            )
+        return self
 
     @property
     def learning_rate(self) -> float:
@@ -321,6 +342,11 @@ class RunConfig(_Section):
             raise ValueError(
                 "trainer.precision=16-mixed is not supported (the optimisers run without AMP's gradient scaler, "
                 "which fp16 needs); use bf16-mixed or 32-true"
+            )
+        if self.optim.cuda_graph is True and self.trainer.accelerator == "cpu":
+            raise ValueError(
+                "optim.cuda_graph=true needs a CUDA run but trainer.accelerator=cpu; set trainer.accelerator=gpu "
+                "or optim.cuda_graph=auto"
             )
         if self.optim.average is not None and self.optim.name != "adam":
             raise ValueError(

@@ -230,7 +230,8 @@ class VGGFeatures(nn.Module):
         for start, stop, recompute in self._segments(checkpoint_blocks):
             names = [self._indices[i] for i in range(start, stop) if i in self._indices]
             if recompute and x.requires_grad:
-                x, taken = checkpoint(self._run, x, start, stop, use_reentrant=False)
+                # no random ops in VGG: skipping the RNG save keeps recomputation capturable in a CUDA graph
+                x, taken = checkpoint(self._run, x, start, stop, use_reentrant=False, preserve_rng_state=False)
             else:
                 x, taken = self._run(x, start, stop)
             out.update(zip(names, taken))

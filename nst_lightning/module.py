@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -24,8 +25,9 @@ from torch import nn
 import torch.nn.functional as F
 
 from . import color as colour
-from .config import INIT_KEYWORDS, FeaturesConfig, LossConfig, OptimConfig
+from .config import INIT_KEYWORDS, MAX_CHECKPOINT_BLOCKS, FeaturesConfig, LossConfig, OptimConfig
 from .atomic import atomic_write
+from .callbacks import CudnnBenchmark
 from .data import GroupStep, PairResult
 from .errors import CheckpointError, ConfigError, NSTError, NumericalError
 from .features import VGGFeatures, build_extractor, min_side
@@ -33,8 +35,11 @@ from .images import load_image, load_style, read_image, resize, save_image
 from .layers import LAYER_NAMES, deepest
 from .losses import StyleTransferLoss, TemporalTarget
 from .pairs import Pair
+from .resources import is_out_of_memory
+from .cudagraph import StepGraph
 from .optim import BatchedAdam, BatchedLBFGS
 
+log = logging.getLogger(__name__)
 FINGERPRINT_KEY = "nst_lightning"
 ImageInput = Union[str, Path, torch.Tensor]
 """An image given to the module: a ``(1, 3, H, W)`` tensor in ``[0, 1]`` or the path of an image file."""
@@ -174,6 +179,7 @@ class StyleTransferModule(L.LightningModule):
         target_cache: MutableMapping[str, Any] | None = None,
         seed: int = 0,
         temporal: TemporalTarget | None = None,
+        grow_checkpoint_blocks: bool | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -209,6 +215,8 @@ class StyleTransferModule(L.LightningModule):
             raise ConfigError(f"the given extractor does not return layers {missing}; build it with all loss layers")
         blocks = self.features_config.checkpoint_blocks
         self.checkpoint_blocks = 0 if blocks == "auto" else blocks
+        self.grow_checkpoint_blocks = blocks == "auto" if grow_checkpoint_blocks is None else grow_checkpoint_blocks
+        self._stepped = False
         self.network: VGGFeatures = self.extractor
         self.margin = self.features_config.margin
         self.color = color
@@ -473,8 +481,19 @@ class StyleTransferModule(L.LightningModule):
         the NaN guard and the logged losses: the only places values are read back from the device."""
         if not self.batch_size:
             return
-        self._first_evaluation = True
-        self.optimizers().step(self.evaluate)
+        while True:
+            self._first_evaluation = True
+            try:
+                self.optimizers().step(self.evaluate)
+                break
+            except BaseException as err:
+                if self.recompute_more_blocks(err):
+                    continue
+                if self.group is None or not is_out_of_memory(err):
+                    raise
+                self.fail_group_out_of_memory()
+                return
+        self._stepped = True
         with torch.no_grad():
             self.clamp()
             self.finite &= torch.isfinite(self.image).flatten(1).all(1)
@@ -537,6 +556,10 @@ class StyleTransferModule(L.LightningModule):
         if self.batch_size:
             self.prepare_targets()
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """cuDNN's algorithm search for CUDA runs (shapes are static), in whatever Trainer fits the module."""
+        return [CudnnBenchmark()]
+
     def train_dataloader(self) -> Iterator[int]:
         """The image is the only data: an endless stream of placeholders, stopped by ``max_steps``."""
         return itertools.repeat(0)
@@ -568,6 +591,7 @@ class StyleTransferModule(L.LightningModule):
 
     def start_group(self, batch: GroupStep) -> None:
         """Make the group's loadable pairs the problem; an interrupted group continues from its saved state."""
+        self._stepped = False
         good = []
         for item in batch.items or []:
             error = item.error
@@ -586,12 +610,55 @@ class StyleTransferModule(L.LightningModule):
         if not good:
             self.image = nn.Parameter(self.image.new_zeros((0, 3, 1, 1)))
             return
-        self.set_images(torch.cat([item.content for item in good]), [item.styles for item in good])
-        self.prepare_targets()
+        try:
+            self.set_images(torch.cat([item.content for item in good]), [item.styles for item in good])
+            self.prepare_targets()
+        except BaseException as err:
+            if not is_out_of_memory(err):
+                raise
+            self.fail_group_out_of_memory()
+            return
         optimizer = self.configure_optimizers()
         if batch.resume is not None:
             self._restore_group(batch.resume, optimizer)
         self.trainer.strategy.optimizers = [optimizer]
+
+    def recompute_more_blocks(self, err: BaseException) -> bool:
+        """Memory planned by measurement: when the first step of an image runs out of memory and
+        ``features.checkpoint_blocks`` is auto, recompute one more VGG block in the backward pass and say
+        it will retry (the estimate that chose the blocks is calibrated on CPU; a GPU adds its context, cuDNN
+        workspaces and fragmentation). Nothing of the failed step is kept: the image had not been updated."""
+        if self._stepped or not self.grow_checkpoint_blocks or self.checkpoint_blocks >= MAX_CHECKPOINT_BLOCKS:
+            return False
+        if not is_out_of_memory(err):
+            return False
+        self.image.grad = None
+        self.optimizers().optimizer.state.clear()
+        if self.image.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.checkpoint_blocks += 1
+        log.warning(
+            "out of memory in the first step on %s: recomputing %d VGG block(s) in the backward pass "
+            "(features.checkpoint_blocks) and trying again", self.image.device.type, self.checkpoint_blocks
+        )
+        return True
+
+    def fail_group_out_of_memory(self) -> None:
+        """The running group did not fit: its pairs fail with one line (said on this rank at once, and in the
+        summary every rank gathers), its memory is freed and the rank goes on with its next group. So no rank
+        dies alone and leaves the others waiting for it in the final gather."""
+        h, w = self.image.shape[-2:] if self.image.dim() == 4 else (0, 0)
+        message = (
+            f"out of memory on {self.image.device.type} optimising {len(self.group_pairs)} image(s) of {w}x{h} "
+            "together; lower batch.images_per_device or image.size"
+        )
+        self.results.extend(self._pair_result(pair, "failed", error=message) for pair in self.group_pairs)
+        log.warning("rank %d: %s (%s)", self.global_rank, message, ", ".join(p.name for p in self.group_pairs))
+        self.group_pairs = []
+        self.image = nn.Parameter(self.image.new_zeros((0, 3, 1, 1)))
+        self.trainer.strategy.optimizers = [self.configure_optimizers()]  # drops the failed group's history
+        if self.image.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def group_state(self) -> dict[str, Any]:
         """What a group checkpoint holds: members, fingerprint, step, images (and average) and optimiser state."""
@@ -684,7 +751,8 @@ class StyleTransferModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Batched L-BFGS or Adam over the stacked images (``optim.max_iter`` updates per step, clamped after
-        each); torch's L-BFGS for ``line_search: strong_wolfe`` (one image, clamped after the step)."""
+        each, the step captured in a CUDA graph per ``optim.cuda_graph``); torch's L-BFGS for ``line_search:
+        strong_wolfe`` (one image, clamped after the step, always eager)."""
         cfg = self.optim_config
         if cfg.line_search == "strong_wolfe":
             return torch.optim.LBFGS(
@@ -696,11 +764,18 @@ class StyleTransferModule(L.LightningModule):
                 tolerance_grad=0.0,
                 tolerance_change=0.0,
             )
+        common = {"lr": cfg.learning_rate, "max_iter": cfg.max_iter, "after_update": self.clamp, "graph": self.step_graph()}
         if cfg.name == "adam":
-            return BatchedAdam([self.image], lr=cfg.learning_rate, max_iter=cfg.max_iter, after_update=self.clamp)
-        return BatchedLBFGS(
-            [self.image], lr=cfg.learning_rate, history_size=cfg.history_size, max_iter=cfg.max_iter, after_update=self.clamp
-        )
+            return BatchedAdam([self.image], **common)
+        return BatchedLBFGS([self.image], history_size=cfg.history_size, **common)
+
+    def step_graph(self) -> StepGraph | None:
+        """The CUDA graph of the step under ``optim.cuda_graph``: ``auto`` on CUDA, ``true`` anywhere (off CUDA its
+        code path runs eagerly, which is how CPU tests check it), ``false`` never."""
+        setting = self.optim_config.cuda_graph
+        if setting is False or (setting == "auto" and self.image.device.type != "cuda"):
+            return None
+        return StepGraph()
 
 
 LOSS_TERMS = ("content", "style", "tv", "loss")

@@ -2,9 +2,11 @@
 
 Plain PyTorch. Every quantity that decides a step (dot products, step sizes, the curvature-pair skip)
 is a per-image tensor, so image ``b`` follows the iterates it would follow alone, and nothing reads a
-value back to Python: the update has static shapes and no data-dependent branch, ready for a CUDA graph.
-Both follow ``torch.optim``'s API: ``step(closure)`` evaluates the closure (loss and gradient) and
-updates, ``max_iter`` times; ``update`` is the only code that changes the images.
+value back to Python: the update has static shapes and no data-dependent branch. Given a ``StepGraph``
+(``nst_lightning.cudagraph``) a whole step is captured in a CUDA graph and replayed; L-BFGS then keeps
+its history in the static layout, whose kernels do not depend on a Python counter either. Both follow
+``torch.optim``'s API: ``step(closure)`` evaluates the closure (loss and gradient) and updates,
+``max_iter`` times; ``update`` is the only code that changes the images.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+
+from .cudagraph import StepGraph, graph_key
 
 CURVATURE_EPS = 1e-10
 """A curvature pair with ``y.s`` at or below this is skipped, as ``torch.optim.LBFGS`` does."""
@@ -32,12 +36,15 @@ class _BatchedOptimizer(torch.optim.Optimizer):
         defaults: dict[str, Any],
         max_iter: int = 1,
         after_update: Callable[[], None] | None = None,
+        graph: StepGraph | None = None,
     ) -> None:
         super().__init__(params, defaults)
         if len(self.param_groups) != 1 or len(self.param_groups[0]["params"]) != 1:
             raise ValueError(f"{type(self).__name__} optimises exactly one parameter (the stacked images)")
         self.max_iter = max_iter
         self.after_update = after_update
+        self.graph = graph
+        """With a ``StepGraph``, each step with a closure is captured once per parameter and shape, then replayed."""
 
     @property
     def param(self) -> torch.Tensor:
@@ -45,7 +52,16 @@ class _BatchedOptimizer(torch.optim.Optimizer):
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:  # type: ignore[override]
         """``max_iter`` times: evaluate ``closure`` (it sets the gradient), update every image from its gradient,
-        then call ``after_update`` (e.g. a projection onto the valid range). Without a closure, one update."""
+        then call ``after_update`` (e.g. a projection onto the valid range). Without a closure, one update.
+
+        With ``graph``, a replay repeats the closure captured at the first step after the warm-up: every step's
+        closure must launch the same work (Lightning's closure around the module's ``evaluate`` does).
+        """
+        if self.graph is not None and closure is not None:
+            return self.graph(lambda: self._steps(closure), graph_key(self.param), self.param.device)
+        return self._steps(closure)
+
+    def _steps(self, closure: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
         loss = None
         for _ in range(self.max_iter if closure is not None else 1):
             if closure is not None:
@@ -66,25 +82,37 @@ class BatchedLBFGS(_BatchedOptimizer):
 
     For one image it follows ``torch.optim.LBFGS(max_iter=1, line_search_fn=None, tolerance_grad=0,
     tolerance_change=0)``: the first step is scaled by ``min(1, 1/|g|_1)``, later ones have length ``lr``
-    along the two-loop direction. Curvature pairs live in a ring of ``history_size`` slots; the ring
-    advances on every update after the first, and an image whose ``y.s`` is too small gets an empty slot
-    there (weight 0) instead of a pair, so it keeps one pair fewer until that slot is reused (torch keeps
-    the older pair instead; with no skip the two are the same).
+    along the two-loop direction. An image whose ``y.s`` is too small gets an empty pair (weight 0) instead
+    of a curvature pair, so it keeps one pair fewer until that pair ages out (torch keeps the older pair
+    instead; with no skip the two are the same).
+
+    Two layouts of the ``history_size`` pairs, with the same arithmetic (empty pairs contribute exact zeros):
+    ``ring`` (default) writes the newest pair over the oldest, the slot chosen by a Python counter: no copies,
+    the cheaper on CPU. ``static`` (``static_history=True``, and always with a ``graph``) keeps the newest
+    pair in the last slot and shifts the older ones down, runs the two-loop over every slot and keeps the
+    update count in a tensor, so the kernels of one update are the same at every step and a captured graph can be
+    replayed. A saved state of either layout loads into either.
     """
 
     def __init__(
-        self, params: Iterable[torch.Tensor], lr: float = 1.0, history_size: int = 20, **kwargs: Any
+        self,
+        params: Iterable[torch.Tensor],
+        lr: float = 1.0,
+        history_size: int = 20,
+        static_history: bool = False,
+        **kwargs: Any,
     ) -> None:
         if history_size < 1:
             raise ValueError("history_size must be at least 1")
         super().__init__(params, {"lr": lr, "history_size": history_size}, **kwargs)
+        self.static_history = static_history or self.graph is not None
 
     def _state(self, flat: torch.Tensor) -> dict[str, Any]:
         state = self.state[self.param]
         if "dirs" not in state:
             b, n = flat.shape
             m = self.param_groups[0]["history_size"]
-            state["updates"] = 0
+            state["updates"] = flat.new_zeros(()) if self.static_history else 0
             state["dirs"] = flat.new_zeros((m, b, n))
             state["steps"] = flat.new_zeros((m, b, n))
             state["rho"] = flat.new_zeros((m, b))
@@ -92,6 +120,8 @@ class BatchedLBFGS(_BatchedOptimizer):
             state["d"] = flat.new_zeros((b, n))
             state["t"] = flat.new_zeros(b)
             state["prev_grad"] = flat.new_zeros((b, n))
+        elif isinstance(state["updates"], torch.Tensor) != self.static_history:
+            _change_layout(state, self.static_history)
         return state
 
     def update(self) -> None:
@@ -100,20 +130,10 @@ class BatchedLBFGS(_BatchedOptimizer):
         grad = p.grad.reshape(b, -1)
         state = self._state(grad)
         lr = self.param_groups[0]["lr"]
-        m = state["dirs"].shape[0]
-        k = state["updates"]
-        if k > 0:
-            slot = (k - 1) % m
-            y = grad - state["prev_grad"]
-            s = state["d"] * state["t"].unsqueeze(1)
-            ys = _dot(y, s)
-            take = ys > CURVATURE_EPS
-            state["dirs"][slot].copy_(y)
-            state["steps"][slot].copy_(s)
-            state["rho"][slot] = torch.where(take, 1.0 / torch.where(take, ys, 1.0), 0.0)
-            state["h_diag"].copy_(torch.where(take, ys / _dot(y, y).clamp_min(torch.finfo(y.dtype).tiny), state["h_diag"]))
-        filled = min(k, m)
-        order = [(k - 1 - j) % m for j in range(filled)]  # newest first; fixed by the update count, not by data
+        if self.static_history:
+            order, first = self._record_pair_static(grad, state)
+        else:
+            order, first = self._record_pair_ring(grad, state)
         q = grad.neg()
         alphas = {}
         for i in order:
@@ -123,16 +143,72 @@ class BatchedLBFGS(_BatchedOptimizer):
         for i in reversed(order):
             beta = _dot(state["dirs"][i], d) * state["rho"][i]
             d.addcmul_(state["steps"][i], (alphas[i] - beta).unsqueeze(1))
-        if k == 0:
-            t = torch.clamp(1.0 / grad.abs().sum(1), max=1.0) * lr
+        if isinstance(first, bool):
+            t = torch.clamp(1.0 / grad.abs().sum(1), max=1.0) * lr if first else torch.full_like(state["t"], lr)
         else:
-            t = torch.full_like(state["t"], lr)
+            t = torch.where(first, torch.clamp(1.0 / grad.abs().sum(1), max=1.0) * lr, lr)
         t = torch.where(_dot(grad, d) > 0, 0.0, t)  # not a descent direction: stand still, as torch does
         state["prev_grad"].copy_(grad)
         state["d"].copy_(d)
         state["t"].copy_(t)
-        state["updates"] = k + 1
         p.view(b, -1).addcmul_(d, t.unsqueeze(1))
+
+    @staticmethod
+    def _pair(grad: torch.Tensor, state: dict[str, Any], valid: bool | torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The curvature pair of the last update, its weight ``rho`` (0: skipped) and whether it is taken."""
+        y = grad - state["prev_grad"]
+        s = state["d"] * state["t"].unsqueeze(1)
+        ys = _dot(y, s)
+        take = (ys > CURVATURE_EPS) & valid
+        rho = torch.where(take, 1.0 / torch.where(take, ys, 1.0), 0.0)
+        state["h_diag"].copy_(torch.where(take, ys / _dot(y, y).clamp_min(torch.finfo(y.dtype).tiny), state["h_diag"]))
+        return y, s, rho
+
+    def _record_pair_ring(self, grad: torch.Tensor, state: dict[str, Any]) -> tuple[list[int], bool]:
+        """Ring layout: the pair over the oldest slot; the slots newest first (fixed by the count, not by data)."""
+        m = state["dirs"].shape[0]
+        k = state["updates"]
+        if k > 0:
+            slot = (k - 1) % m
+            y, s, rho = self._pair(grad, state, True)
+            state["dirs"][slot].copy_(y)
+            state["steps"][slot].copy_(s)
+            state["rho"][slot] = rho
+        state["updates"] = k + 1
+        return [(k - 1 - j) % m for j in range(min(k, m))], k == 0
+
+    def _record_pair_static(self, grad: torch.Tensor, state: dict[str, Any]) -> tuple[list[int], torch.Tensor]:
+        """Static layout: older pairs shift down one slot, the pair (empty on the first update) goes last."""
+        m = state["dirs"].shape[0]
+        first = state["updates"] == 0
+        y, s, rho = self._pair(grad, state, ~first)
+        for i in range(m - 1):  # slot by slot: no temporary the size of the history
+            state["dirs"][i].copy_(state["dirs"][i + 1])
+            state["steps"][i].copy_(state["steps"][i + 1])
+        state["rho"].copy_(state["rho"].roll(-1, 0))
+        state["dirs"][m - 1].copy_(y)
+        state["steps"][m - 1].copy_(s)
+        state["rho"][m - 1].copy_(rho)
+        state["updates"].add_(1)
+        return list(range(m - 1, -1, -1)), first
+
+
+def _change_layout(state: dict[str, Any], static: bool) -> None:
+    """Rearrange a saved L-BFGS history between the ring and static layouts (e.g. a CPU checkpoint resumed on CUDA).
+
+    With ``k`` updates done, both hold the ``min(k - 1, m)`` newest pairs: the ring's newest in slot
+    ``(k - 2) % m``, the static layout's in slot ``m - 1``. Reads the count once (a host sync, at load only).
+    """
+    m = state["dirs"].shape[0]
+    k = int(state["updates"])
+    pairs = [((k - 2 - i) % m, m - 1 - i) for i in range(min(max(k - 1, 0), m))]  # (ring slot, static slot)
+    moved = {key: torch.zeros_like(state[key]) for key in ("dirs", "steps", "rho")}
+    for ring, fixed in pairs:
+        source, target = (ring, fixed) if static else (fixed, ring)
+        for key in moved:
+            moved[key][target] = state[key][source]
+    state.update(moved)
+    state["updates"] = state["rho"].new_tensor(float(k)) if static else k
 
 
 class BatchedAdam(_BatchedOptimizer):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import MAX_CHECKPOINT_BLOCKS, MAX_IMAGE_SIZE, RunConfig, all_layers
 from .errors import ResourceError
-from .hardware import resolve_precision
+from .hardware import cuda_run, nvml_device, resolve_precision
 from .images import Loading, style_shape, target_shape
 from .layers import LAYER_NAMES, LAYER_INDEX
 
@@ -272,28 +272,50 @@ def available_cpu_memory() -> int | None:
     return min(found) if found else None
 
 
+CUDA_CONTEXT_BYTES = GiB
+"""What the run's own CUDA context (with cuBLAS and cuDNN handles) will take: NVML's free memory, read before
+the context exists, does not count it yet (torch's ``mem_get_info`` afterwards would). An allowance, not a
+measurement: gpu_check.py's peak figures are the check."""
+
+
 def available_cuda_memory(index: int = 0) -> int:
-    """Free bytes on CUDA device ``index``."""
+    """Free bytes on CUDA device ``index`` for the run, asked through NVML so the launching process does not
+    initialise CUDA (less the context the run will create)."""
+    device = nvml_device(index)
+    if device is not None:
+        return max(0, device.free_bytes - CUDA_CONTEXT_BYTES)
     import torch
 
-    free, _ = torch.cuda.mem_get_info(index)
+    free, _ = torch.cuda.mem_get_info(index)  # no NVML, or CUDA already initialised
     return int(free)
 
 
+def cuda_indices(devices: int | str | list[int], count: int) -> list[int]:
+    """The CUDA devices a Trainer with ``trainer.devices`` uses out of ``count`` visible ones (all for ``auto``/-1)."""
+    if isinstance(devices, list):
+        return list(devices)
+    if isinstance(devices, int) and devices > 0:
+        return list(range(min(devices, count)))
+    if isinstance(devices, str) and devices.strip().isdigit() and int(devices) > 0:
+        return list(range(min(int(devices), count)))
+    return list(range(count))
+
+
 def target_device(config: RunConfig) -> tuple[str, int | None]:
-    """Where the run will compute (``cpu``, ``cuda`` or ``other``) and the free bytes there, None if unknown."""
+    """Where the run will compute (``cpu``, ``cuda`` or ``other``) and the free bytes there, None if unknown.
+
+    On CUDA the least free memory among the devices the run uses: every rank must fit.
+    """
     accelerator = config.trainer.accelerator
     if accelerator == "cpu":
         return "cpu", available_cpu_memory()
-    if accelerator in ("auto", "gpu", "cuda"):
+    if cuda_run(accelerator):
         import torch
 
-        if torch.cuda.is_available():
-            devices = config.trainer.devices
-            index = devices[0] if isinstance(devices, list) and devices else 0
-            return "cuda", available_cuda_memory(index)
-        if accelerator == "auto":
-            return "cpu", available_cpu_memory()
+        indices = cuda_indices(config.trainer.devices, torch.cuda.device_count()) or [0]
+        return "cuda", min(available_cuda_memory(i) for i in indices)
+    if accelerator == "auto":
+        return "cpu", available_cpu_memory()
     return "other", None
 
 

@@ -204,3 +204,65 @@ def test_folder_memory_is_planned_for_the_images_a_group_holds(tmp_path, monkeyp
     with pytest.raises(ResourceError, match=r"\(4 images together; lower batch.images_per_device\)"):
         fit_batch(cfg, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def _out_of_memory_in_groups_with(monkeypatch, first_pair: str) -> None:
+    """Make every evaluation of a group holding ``first_pair`` fail as CUDA does when memory runs out."""
+    from nst_lightning.module import StyleTransferModule
+
+    evaluate = StyleTransferModule.evaluate
+
+    def failing(self):
+        if any(p.name.startswith(first_pair) for p in self.group_pairs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return evaluate(self)
+
+    monkeypatch.setattr(StyleTransferModule, "evaluate", failing)
+
+
+def test_a_group_out_of_memory_fails_its_pairs_in_one_line_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    names = make_frames(tmp_path / "frames", 4)
+    _out_of_memory_in_groups_with(monkeypatch, "frame0")
+    cfg = load_config(None, [f"content={tmp_path / 'frames'}", f"output={tmp_path / 'out'}", "image.size=32",
+                             "trainer.max_steps=2", "trainer.accelerator=cpu", "trainer.precision=32-true",
+                             "batch.images_per_device=2"])
+    report = fit_batch(cfg, progress=False)
+    failed = sorted(r.name for r in report.failed)
+    assert "frame0__starry_night.png" in failed and len(failed) == 2 and len(report.done) == 2
+    assert {r.error for r in report.failed} == {
+        "out of memory on cpu optimising 2 image(s) of 32x32 together; lower batch.images_per_device or image.size"
+    }
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == sorted(set(names) - set(failed))
+    said = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
+    grown = [m for m in said if "VGG block(s) in the backward pass" in m]
+    assert len(grown) == 4  # features.checkpoint_blocks=auto: one more recomputed block per retry, up to all four
+    failed_lines = [m for m in said if m not in grown]
+    assert len(failed_lines) == 1 and failed_lines[0].startswith("rank 0: out of memory") and "\n" not in failed_lines[0]
+    assert json.loads((tmp_path / "out" / "batch-summary.json").read_text())["results"]
+
+
+def test_out_of_memory_on_one_ddp_rank_ends_the_run_on_both_with_the_failure_reported(tmp_path):
+    make_frames(tmp_path / "frames", 4)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('LOCAL_RANK') == '1':  # the second rank only, as Lightning's launcher starts it\n"
+        "    import torch\n"
+        "    from nst_lightning.module import StyleTransferModule\n"
+        "    def evaluate(self):\n"
+        "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')\n"
+        "    StyleTransferModule.evaluate = evaluate\n"
+    )
+    out = tmp_path / "out"
+    settings = [f"content={tmp_path / 'frames'}", "image.size=32", "trainer.max_steps=2", "trainer.accelerator=cpu",
+                "trainer.precision=32-true", "trainer.devices=2", "trainer.strategy=ddp"]
+    cmd = [sys.executable, "-m", "nst_lightning", "fit", "-q", "--output", str(out), *[a for s in settings for a in ("--set", s)]]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": os.pathsep.join([str(ROOT), str(hooks)])}
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert run.returncode == 1, run.stderr[-3000:]  # some images failed; nobody waited for a dead rank
+    assert "4 images: 2 written, 0 already complete (skipped), 2 failed" in run.stdout
+    assert "rank 0: 2 written, 0 failed" in run.stdout and "rank 1: 0 written, 2 failed" in run.stdout
+    assert run.stdout.count(": out of memory on cpu optimising 2 image(s) of 32x32 together") == 2
+    assert "rank 1: out of memory" in run.stderr and "Traceback" not in run.stderr
+    assert len(list(out.glob("*.png"))) == 2

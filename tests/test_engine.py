@@ -23,16 +23,17 @@ def _problem(seed: int = 0):
 
 
 @pytest.mark.parametrize(
-    ("ours", "theirs", "settings"),
+    ("ours", "theirs", "settings", "layout"),
     [
-        (BatchedLBFGS, torch.optim.LBFGS, {"lr": 1.0, "history_size": 5}),
-        (BatchedAdam, torch.optim.Adam, {"lr": 0.1}),
+        (BatchedLBFGS, torch.optim.LBFGS, {"lr": 1.0, "history_size": 5}, {}),
+        (BatchedLBFGS, torch.optim.LBFGS, {"lr": 1.0, "history_size": 5}, {"static_history": True}),  # the CUDA graph's
+        (BatchedAdam, torch.optim.Adam, {"lr": 0.1}, {}),
     ],
 )
-def test_each_image_of_a_batch_follows_torchs_optimizer_on_it_alone(ours, theirs, settings):
+def test_each_image_of_a_batch_follows_torchs_optimizer_on_it_alone(ours, theirs, settings, layout):
     f = _problem()
     x = torch.zeros(3, 30, requires_grad=True)
-    batched = ours([x], **settings)
+    batched = ours([x], **settings, **layout)
 
     def closure():
         x.grad = None
@@ -115,7 +116,10 @@ class _SyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("optim", [{"name": "lbfgs", "max_iter": 2}, {"name": "adam", "average": 0.9}])
+@pytest.mark.parametrize(
+    "optim",
+    [{"name": "lbfgs", "max_iter": 2}, {"name": "lbfgs", "max_iter": 2, "cuda_graph": True}, {"name": "adam", "average": 0.9}],
+)
 def test_no_value_is_read_from_the_device_between_logging_steps(content_small, style_small, extractor, optim):
     from lightning.pytorch.callbacks import Callback
 

@@ -195,6 +195,40 @@ def test_running_out_of_memory_mid_run_is_reported_with_advice(tiny_config, monk
     assert "holds step 2" in message and (Path(cfg.output) / "interrupted.png").is_file()
 
 
+def _out_of_memory_below(monkeypatch, blocks: int) -> list[int]:
+    """Make the network run out of memory on the image's forward pass with fewer than ``blocks`` recomputed
+    VGG blocks, as a GPU whose memory the CPU-calibrated estimate overrated does; returns the blocks tried."""
+    from nst_lightning.features import VGGFeatures
+
+    forward, tried = VGGFeatures.forward, []
+
+    def measured(self, image, checkpoint_blocks=0):
+        if image.requires_grad:
+            tried.append(checkpoint_blocks)
+            if checkpoint_blocks < blocks:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(self, image, checkpoint_blocks)
+
+    monkeypatch.setattr(VGGFeatures, "forward", measured)
+    return tried
+
+
+def test_out_of_memory_in_the_first_step_recomputes_more_blocks_and_the_run_goes_on(tiny_config, monkeypatch, caplog):
+    tried = _out_of_memory_below(monkeypatch, 2)
+    out = fit(tiny_config(steps=3), progress=False)
+    assert tried[:3] == [0, 1, 2] and set(tried[3:]) == {2}  # two retries, then every evaluation with two blocks
+    assert read_image(out.final).isfinite().all() and _steps(out.losses) == [0, 1, 2, 3]
+    said = [r.getMessage() for r in caplog.records if "recomputing" in r.getMessage()]
+    assert len(said) == 2 and said[-1].startswith("out of memory in the first step on cpu: recomputing 2 VGG block(s)")
+
+
+def test_out_of_memory_with_checkpoint_blocks_set_is_reported_not_retried(tiny_config, monkeypatch):
+    tried = _out_of_memory_below(monkeypatch, 2)
+    with pytest.raises(ResourceError, match="ran out of memory on cpu"):
+        fit(tiny_config(steps=3, **{"features.checkpoint_blocks": 1}), progress=False)
+    assert tried == [1]
+
+
 def test_a_full_disk_mid_run_is_reported_and_keeps_the_last_checkpoint(tiny_config, monkeypatch):
     import errno
 

@@ -51,3 +51,30 @@ def test_messages_name_python_arguments_and_the_command_line_says_its_flags():
     )
     assert for_cli("add resume=True to finish its unfinished cells") == "add --resume to finish its unfinished cells"
     assert for_cli("--set 'output=runs/x' is not of the form key.sub=value") == "--set 'output=runs/x' is not of the form key.sub=value"
+
+
+def test_cudnn_benchmark_is_on_for_a_cuda_fit_only_and_restored_after_it_even_when_it_fails():
+    from types import SimpleNamespace
+
+    import torch
+
+    from nst_lightning.callbacks import CudnnBenchmark
+
+    def trainer(device: str):
+        return SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        callback = CudnnBenchmark()
+        callback.setup(trainer("cpu"), None, "fit")
+        assert torch.backends.cudnn.benchmark is False
+        callback.setup(trainer("cuda:0"), None, "fit")
+        assert torch.backends.cudnn.benchmark is True
+        callback.teardown(trainer("cuda:0"), None, "fit")
+        assert torch.backends.cudnn.benchmark is False
+        callback.setup(trainer("cuda:0"), None, "fit")
+        callback.on_exception(trainer("cuda:0"), None, RuntimeError("CUDA out of memory"))
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = before

@@ -38,6 +38,21 @@ def test_gram_of_bf16_features_is_the_fp32_gram_of_their_values(layout):
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_on_cuda_a_bf16_gram_is_one_fp32_accumulating_bmm(monkeypatch, layout):
+    # no CUDA here: the meta device has the same op (aten::bmm.dtype) and checks the call's shapes and dtypes;
+    # the values on CUDA are checked in test_cuda.py, the CPU keeps the chunked path tested above
+    from nst_lightning import losses
+
+    assert losses.FP32_OUTPUT_BMM_DEVICES == ("cuda",)
+    calls = []
+    monkeypatch.setattr(losses, "FP32_OUTPUT_BMM_DEVICES", ("cuda", "meta"))
+    monkeypatch.setattr(torch.Tensor, "baddbmm_", lambda *a, **k: calls.append(a))
+    f = torch.empty(2, 8, 80, 90, dtype=torch.bfloat16, device="meta").contiguous(memory_format=layout)
+    gram = losses._Gram._gram(f)  # the forward inside gram_matrix (whose autocast guard knows no meta device)
+    assert gram.dtype == torch.float32 and gram.shape == (2, 8, 8) and calls == []
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_gram_gradient_of_bf16_features_is_bf16_at_bf16_accuracy(layout):
     f = torch.randn(1, 16, 20, 30).to(torch.bfloat16).contiguous(memory_format=layout).requires_grad_(True)
     weights = torch.randn(1, 16, 16)

@@ -1,14 +1,18 @@
-"""Pixel cleanliness of the default output: colour speckle and bright border strips, with judged quality.
+r"""Pixel cleanliness of the default output: colour speckle and strips along the borders, with judged quality.
 
 For each bundled pair, runs the default losses (``configs/example.yaml``) at ``--size`` for ``--steps``
 L-BFGS steps, once per setting given with ``--setting NAME:key=value,key=value`` (``default`` = as shipped),
 and prints a Markdown table:
 
 - speckle: mean |CbCr - its 3x3 median| over the saved 8-bit image (0..255 units; lower is cleaner);
-- border: the worst side's mean luma of the outer 2 pixel lines over that of the next 8 lines (1 = no strip);
+- border: the worst side's line-to-line jaggedness of the outer 4 pixel lines over the interior's (1 or less: as
+  a photograph's edges; strips score several times more); both from ``nst_lightning.judge``;
 - style / content: ``nst_lightning.judge.Judge`` distances (lower is better).
 
-    python benchmarks/pixels.py --size 256 --steps 150 --setting before:features.padding=zeros --setting after:
+    python benchmarks/pixels.py --setting before:loss.chroma_weight=0,loss.border_weight=0 --setting after: \
+        --pictures docs/pixels
+
+``--pictures`` writes one sheet per pair (each setting's result, its bottom-right corner and its centre 4x).
 """
 
 from __future__ import annotations
@@ -17,34 +21,32 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from nst_lightning import fit, load_config
 from nst_lightning.config import EXAMPLE_CONTENT, EXAMPLE_STYLE, EXAMPLE_STYLE_2
 from nst_lightning.images import load_image, read_image
-from nst_lightning.judge import Judge
+from nst_lightning.judge import Judge, border, speckle
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "example.yaml"
 PAIRS = [(EXAMPLE_CONTENT, EXAMPLE_STYLE), (EXAMPLE_CONTENT, EXAMPLE_STYLE_2)]
 
 
-def speckle(img: Image.Image) -> float:
-    """Mean absolute difference of Cb and Cr from their 3x3 medians, interior pixels, 0..255 units."""
-    ycc = torch.from_numpy(np.asarray(img.convert("YCbCr"), dtype=np.float32)).permute(2, 0, 1)[1:]
-    patches = F.unfold(ycc.unsqueeze(1), kernel_size=3)  # (2, 9, (H-2)*(W-2))
-    median = patches.median(dim=1).values
-    centre = patches[:, 4]
-    return float((centre - median).abs().mean())
-
-
-def border_ratio(img: Image.Image, strip: int = 2, inner: int = 8) -> float:
-    """The largest, over the four sides, of mean luma of the outer ``strip`` lines / that of the next ``inner``."""
-    y = np.asarray(img.convert("L"), dtype=np.float64)
-    sides = [y, y[::-1], y.T, y.T[::-1]]
-    return max(s[:strip].mean() / max(s[strip : strip + inner].mean(), 1e-6) for s in sides)
+def picture(results: list[tuple[str, Image.Image]], path: Path, crop: int = 64, zoom: int = 4) -> None:
+    """One JPEG: a column per setting with the whole result, its bottom-right corner and its centre at ``zoom``x."""
+    w, h = results[0][1].size
+    boxes = [(w - crop, h - crop, w, h), ((w - crop) // 2, (h - crop) // 2, (w + crop) // 2, (h + crop) // 2)]
+    col = max(w, crop * zoom)
+    label = 14
+    sheet = Image.new("RGB", (col * len(results), label + h + 2 * crop * zoom), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (name, img) in enumerate(results):
+        draw.text((i * col + 4, 1), name, fill="black")
+        sheet.paste(img, (i * col, label))
+        for j, box in enumerate(boxes):
+            sheet.paste(img.crop(box).resize((crop * zoom,) * 2, Image.NEAREST), (i * col, label + h + j * crop * zoom))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, quality=85)
 
 
 def main() -> None:
@@ -53,6 +55,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--setting", action="append", default=[], help="NAME:key=value,key=value")
     parser.add_argument("--save", type=Path, default=None, help="keep each result as SAVE/<setting>_<style>.png")
+    parser.add_argument("--pictures", type=Path, default=None,
+                        help="write PICTURES/<style>.jpg: the settings side by side, with a corner and the centre zoomed")
     parser.add_argument("--style", action="append", default=None, help="only the pairs with this style (file stem)")
     args = parser.parse_args()
     settings = [(s.partition(":")[0], [o for o in s.partition(":")[2].split(",") if o]) for s in args.setting or ["default:"]]
@@ -63,8 +67,8 @@ def main() -> None:
     for content, style in [p for p in PAIRS if args.style is None or p[1].stem in args.style]:
         label = f"{content.stem} x {style.stem}"
         source = load_image(content, args.size)
-        print(f"| {label} | content image itself | {speckle(Image.open(content).resize(source.shape[-1:-3:-1], Image.BICUBIC)):.2f} "
-              f"| {border_ratio(Image.open(content)):.3f} | | |")
+        print(f"| {label} | content image itself | {speckle(source):.2f} | {border(source):.2f} | | |")
+        results = []
         for name, overrides in settings:
             with tempfile.TemporaryDirectory() as tmp:
                 cfg = load_config(CONFIG, [f"content={content}", f"style={style}", f"output={tmp}/run",
@@ -75,8 +79,12 @@ def main() -> None:
                 if args.save:
                     args.save.mkdir(parents=True, exist_ok=True)
                     img.save(args.save / f"{name}_{style.stem}.png")
-                q = judge(read_image(out.final), read_image(content), load_image(style, max(img.size)))
-            print(f"| {label} | {name} | {speckle(img):.2f} | {border_ratio(img):.3f} | {q.style:.4f} | {q.content:.4f} |", flush=True)
+                result = read_image(out.final)
+                q = judge(result, read_image(content), load_image(style, max(img.size)))
+                results.append((name, img))
+            print(f"| {label} | {name} | {speckle(result):.2f} | {border(result):.2f} | {q.style:.4f} | {q.content:.4f} |", flush=True)
+        if args.pictures:
+            picture(results, args.pictures / f"{style.stem}.jpg")
 
 
 if __name__ == "__main__":

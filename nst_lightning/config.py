@@ -76,6 +76,13 @@ class FeaturesConfig(_Section):
         description="convolution padding: zeros (VGG as trained) | replicate (edge pixels repeated: no artificial "
         "frame at the borders)",
     )
+    margin: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="pixels of mirrored image added on every side before VGG (output and content alike), so the "
+        "zero padding's frame lies outside the image",
+    )
     preprocessing: Literal["auto", "caffe", "torchvision"] = Field(
         "auto", description="input normalisation; auto follows the weights"
     )
@@ -117,6 +124,18 @@ class LossConfig(_Section):
     content_weight: float = Field(1.0, ge=0)
     style_weight: float = Field(10.0, ge=0)
     tv_weight: float = Field(0.0, ge=0)
+    chroma_weight: float = Field(
+        3e-4,
+        ge=0,
+        description="colour smoothness: mean squared Cb/Cr difference of neighbouring pixels (0..255 units); "
+        "removes colour speckle, leaves luminance detail; sized for the relative losses",
+    )
+    border_weight: float = Field(
+        3e-4,
+        ge=0,
+        description="border smoothness: squared difference between neighbouring pixel lines across each side's outer "
+        "8 lines, tapered inwards (0..255 units); removes the strips VGG's zero padding leaves along the edges",
+    )
     content_loss: Literal["mse", "paper", "sum", "relative"] = Field(
         "relative", description="mse | paper (1/2 sum of squares) | sum (as Keras) | relative (over the target's norm)"
     )

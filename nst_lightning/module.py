@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional, Union
 import lightning as L
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from . import color as colour
 from .config import INIT_KEYWORDS, MAX_CHECKPOINT_BLOCKS, FeaturesConfig, LossConfig, OptimConfig
@@ -217,6 +218,7 @@ class StyleTransferModule(L.LightningModule):
         self.grow_checkpoint_blocks = blocks == "auto" if grow_checkpoint_blocks is None else grow_checkpoint_blocks
         self._stepped = False
         self.network: VGGFeatures = self.extractor
+        self.margin = self.features_config.margin
         self.color = color
         self.init = init
         self.seed = seed
@@ -258,7 +260,9 @@ class StyleTransferModule(L.LightningModule):
             raise ConfigError(f"{len(masks)} style masks for {len(per_image[0])} style images; give one (or None) per style")
         device = self.image.device
         content = content.detach().float()
-        self.style_masks = None if masks is None else [_as_mask(m, content.shape[-2:]) for m in masks]
+        self.style_masks = None if masks is None else [
+            None if m is None else self.canvas(_as_mask(m, content.shape[-2:])) for m in masks
+        ]
         seen = [colour.prepare(self.color, content[i : i + 1], [s.detach().float() for s in per_image[i]]) for i in range(len(per_image))]
         self.register_buffer("content_image", torch.cat([c for c, _ in seen]).to(device), persistent=False)
         self.style_images = [[s.clone() for s in styles] for _, styles in seen]
@@ -296,6 +300,7 @@ class StyleTransferModule(L.LightningModule):
             "preprocessing": self.extractor.preprocessing.name,
             "pooling": self.extractor.pooling,
             "padding": self.extractor.padding,
+            "margin": self.margin,
             "optimizer": self.optim_config.name,
             "average": self.average_decay,
         }
@@ -305,8 +310,23 @@ class StyleTransferModule(L.LightningModule):
         self.hparams["image_shape"] = list(content.shape)
         self.step_terms = None
 
+    def canvas(self, image: torch.Tensor) -> torch.Tensor:
+        """``image`` with ``features.margin`` mirrored pixels on every side: what VGG sees of the output and content.
+
+        VGG's zero padding shows the network a frame around the image, and the output learns 1-2 px bright or dark
+        strips there; with the margin the frame lies in mirrored pixels that are never saved, and the image's own
+        border is seen with its neighbourhood, as an interior row is.
+        """
+        m = self.margin
+        return F.pad(image, (m, m, m, m), mode="reflect") if m else image
+
     def check_sizes(self, content: torch.Tensor, styles: Sequence[torch.Tensor]) -> None:
-        """ConfigError when an image is too small for the deepest loss layer."""
+        """ConfigError when an image is too small for the deepest loss layer or the mirrored margin."""
+        if self.margin and min(content.shape[-2:]) <= self.margin:
+            raise ConfigError(
+                f"content image is {content.shape[-1]}x{content.shape[-2]} px, too small to mirror a "
+                f"features.margin of {self.margin} px; lower features.margin or raise image.size"
+            )
         need = min_side(self.layers)
         for name, t in [("content", content), *[("style", s) for s in styles]]:
             if min(t.shape[-2:]) < need:
@@ -328,6 +348,8 @@ class StyleTransferModule(L.LightningModule):
             content_loss=cfg.content_loss,
             style_loss=cfg.style_loss,
             tv_loss=cfg.tv_loss,
+            chroma_weight=cfg.chroma_weight,
+            border_weight=cfg.border_weight,
         )
 
     @property
@@ -344,7 +366,7 @@ class StyleTransferModule(L.LightningModule):
         """Each image's loss terms ``content``, ``style``, ``tv``, ``loss`` as ``(B,)`` tensors: one VGG pass for the batch."""
         self.prepare_targets()
         x = self.image / self.pixel_scale if image is None else image
-        feats = self.network(x, checkpoint_blocks=self.checkpoint_blocks)
+        feats = self.network(self.canvas(x), checkpoint_blocks=self.checkpoint_blocks)
         per_image = [
             criterion({k: v[i : i + 1] for k, v in feats.items()}, x[i : i + 1]) for i, criterion in enumerate(self.criteria)
         ]
@@ -371,7 +393,7 @@ class StyleTransferModule(L.LightningModule):
                 if cache is not None and key in cache:
                     criterion.load_targets(cache[key])
                     continue
-                content_feats = extract(self.content_image[i : i + 1].to(device))
+                content_feats = extract(self.canvas(self.content_image[i : i + 1].to(device)))
                 style_feats = [extract(s.to(device)) for s in self.style_images[i]]
                 criterion.set_targets(content_feats, style_feats, self.style_blend, masks)
                 if cache is not None:

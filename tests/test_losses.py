@@ -11,6 +11,8 @@ from nst_lightning.losses import (
     content_loss,
     gram_matrix,
     style_layer_loss,
+    border_tv_loss,
+    chroma_tv_loss,
     tv_loss,
 )
 
@@ -96,6 +98,51 @@ def test_tv_is_measured_in_8bit_pixel_units():
     assert tv_loss(torch.full((1, 3, 4, 4), 0.3), "keras").item() == 0
 
 
+def test_chroma_smoothness_is_the_mean_squared_cbcr_difference_of_neighbours_in_8bit_units():
+    img = torch.rand(2, 3, 5, 7, dtype=torch.float64)
+    r, g, b = (img[:, c] * 255 for c in range(3))
+    cb = -0.168736 * r - 0.331264 * g + 0.5 * b  # JPEG's full-range Cb and Cr (Pillow's YCbCr), offsets dropped
+    cr = 0.5 * r - 0.418688 * g - 0.081312 * b
+    vertical = [(c[:, 1:, :] - c[:, :-1, :]) ** 2 for c in (cb, cr)]
+    horizontal = [(c[:, :, 1:] - c[:, :, :-1]) ** 2 for c in (cb, cr)]
+    expected = ((vertical[0] + vertical[1]).sum((1, 2)) + (horizontal[0] + horizontal[1]).sum((1, 2))) / (4 * 7 + 5 * 6)
+    torch.testing.assert_close(chroma_tv_loss(img), expected.float(), rtol=1e-5, atol=0)
+
+
+def test_chroma_smoothness_leaves_luminance_free():
+    img = torch.rand(1, 3, 16, 16) * 0.5
+    grey_detail = torch.rand(1, 1, 16, 16) * 0.5  # the same change to R, G and B at each pixel: luma only
+    assert chroma_tv_loss(grey_detail.expand(1, 3, 16, 16)).item() < 1e-6
+    assert chroma_tv_loss(img + grey_detail).item() == pytest.approx(chroma_tv_loss(img).item(), rel=1e-4)
+    assert chroma_tv_loss(img).item() > 10
+
+
+def test_border_smoothness_is_the_tapered_mean_squared_difference_across_each_sides_outer_lines():
+    img = torch.rand(2, 3, 20, 18, dtype=torch.float64)
+    x = img * 255
+    weights = [(8 - k) / 8 for k in range(8)]  # pair k lies between lines k and k+1 from the edge
+
+    def side(line):  # line(i): the i-th pixel line in from this side, (B, 3, length)
+        return sum(w * ((line(k + 1) - line(k)) ** 2) for k, w in enumerate(weights)).mean((1, 2)) / 8
+
+    expected = (
+        side(lambda i: x[:, :, i, :]) + side(lambda i: x[:, :, -1 - i, :])
+        + side(lambda i: x[:, :, :, i]) + side(lambda i: x[:, :, :, -1 - i])
+    ) / 4
+    torch.testing.assert_close(border_tv_loss(img), expected.float(), rtol=1e-5, atol=0)
+
+
+def test_border_smoothness_leaves_texture_along_the_edges_and_the_interior_free():
+    img = torch.rand(1, 3, 40, 40)
+    img[..., :10, :] = img[..., :1, :]  # the outer lines: texture along the edge, the same on every line
+    img[..., -10:, :] = img[..., -1:, :]
+    img[..., :, :10] = img[..., :, :1]
+    img[..., :, -10:] = img[..., :, -1:]
+    assert border_tv_loss(img).item() < 1e-6
+    img[..., -2, :] += 0.1  # a strip one line in from the bottom: pairs 0 (weight 1) and 1 (7/8) see it
+    assert border_tv_loss(img).item() == pytest.approx(25.5**2 * (1 + 7 / 8) / 8 / 4, rel=1e-4)
+
+
 def test_blended_target_gives_the_same_gradient_as_the_blended_losses():
     feats = [torch.randn(1, 4, 5, 5) for _ in range(2)]
     x = torch.randn(1, 4, 5, 5, requires_grad=True)
@@ -124,6 +171,16 @@ def test_criterion_terms_are_weighted_and_sum_to_the_total(extractor, content_sm
     assert terms["style"].item() > 0 and terms["tv"].item() > 0
     torch.testing.assert_close(terms["loss"], terms["content"] + terms["style"] + terms["tv"])
     assert {k: v.dtype for k, v in terms.items()} == dict.fromkeys(terms, torch.float32)
+
+
+def test_tv_term_adds_weighted_total_variation_chroma_and_border_smoothness(extractor, content_small, style_small):
+    crit = _criterion(tv_weight=1e-7, chroma_weight=0.01, border_weight=0.002)
+    crit.set_targets(extractor(content_small), [extractor(style_small)])
+    image = (content_small + 0.1 * torch.randn_like(content_small)).clamp(0, 1)
+    terms = crit(extractor(image), image)
+    expected = 1e-7 * tv_loss(image) + 0.01 * chroma_tv_loss(image).sum() + 0.002 * border_tv_loss(image).sum()
+    torch.testing.assert_close(terms["tv"], expected)
+    assert _criterion(chroma_weight=0.0).smoothness(image).item() == 0
 
 
 def test_grams_and_losses_stay_fp32_under_bf16_autocast(extractor, content_small, style_small):

@@ -767,7 +767,12 @@ class StyleTransferModule(L.LightningModule):
         common = {"lr": cfg.learning_rate, "max_iter": cfg.max_iter, "after_update": self.clamp, "graph": self.step_graph()}
         if cfg.name == "adam":
             return BatchedAdam([self.image], **common)
-        return BatchedLBFGS([self.image], history_size=cfg.history_size, **common)
+        return BatchedLBFGS([self.image], history_size=cfg.history_size, skip_first_pair=self._reduced_precision(), **common)
+
+    def _reduced_precision(self) -> bool:
+        """Whether the Trainer runs the network in a precision below fp32 (bf16-mixed, bf16-true)."""
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        return network_dtype(precision) != torch.float32
 
     def step_graph(self) -> StepGraph | None:
         """The CUDA graph of the step under ``optim.cuda_graph``: ``auto`` on CUDA, ``true`` anywhere (off CUDA its

@@ -100,12 +100,17 @@ class BatchedLBFGS(_BatchedOptimizer):
         lr: float = 1.0,
         history_size: int = 20,
         static_history: bool = False,
+        skip_first_pair: bool = False,
         **kwargs: Any,
     ) -> None:
         if history_size < 1:
             raise ValueError("history_size must be at least 1")
         super().__init__(params, {"lr": lr, "history_size": history_size}, **kwargs)
         self.static_history = static_history or self.graph is not None
+        self.skip_first_pair = skip_first_pair
+        """Drop the pair of the first update: torch's first step moves the images by ``lr`` in L1 norm in all,
+        below what a bf16 network input resolves, so its gradient change measures only the fp32 terms (the
+        smoothness terms, the temporal term) and a curvature taken from it throws the next step far out."""
 
     def _state(self, flat: torch.Tensor) -> dict[str, Any]:
         state = self.state[self.param]
@@ -170,7 +175,7 @@ class BatchedLBFGS(_BatchedOptimizer):
         k = state["updates"]
         if k > 0:
             slot = (k - 1) % m
-            y, s, rho = self._pair(grad, state, True)
+            y, s, rho = self._pair(grad, state, not (self.skip_first_pair and k == 1))
             state["dirs"][slot].copy_(y)
             state["steps"][slot].copy_(s)
             state["rho"][slot] = rho
@@ -181,7 +186,8 @@ class BatchedLBFGS(_BatchedOptimizer):
         """Static layout: older pairs shift down one slot, the pair (empty on the first update) goes last."""
         m = state["dirs"].shape[0]
         first = state["updates"] == 0
-        y, s, rho = self._pair(grad, state, ~first)
+        valid = ~first & (state["updates"] != 1) if self.skip_first_pair else ~first
+        y, s, rho = self._pair(grad, state, valid)
         for i in range(m - 1):  # slot by slot: no temporary the size of the history
             state["dirs"][i].copy_(state["dirs"][i + 1])
             state["steps"][i].copy_(state["steps"][i + 1])

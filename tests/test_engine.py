@@ -60,6 +60,36 @@ def test_each_image_of_a_batch_follows_torchs_optimizer_on_it_alone(ours, theirs
         torch.testing.assert_close(x[i].detach(), xi.detach(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_skipping_the_first_pair_makes_the_second_step_a_plain_one_and_keeps_later_pairs(static):
+    f = _problem()
+    x = torch.zeros(3, 30, requires_grad=True)
+    plain = torch.zeros(3, 30, requires_grad=True)
+    skipping = BatchedLBFGS([x], lr=0.5, history_size=5, skip_first_pair=True, static_history=static)
+    reference = BatchedLBFGS([plain], lr=0.5, history_size=5, static_history=static)
+
+    def closure(v):
+        def run():
+            v.grad = None
+            loss = sum(f(v[i], i) for i in range(3))
+            loss.backward()
+            return loss
+        return run
+
+    skipping.step(closure(x))
+    reference.step(closure(plain))
+    before = x.detach().clone()
+    skipping.step(closure(x))  # the gradient at `before`, then the update: no pair, so -lr * gradient
+    reference.step(closure(plain))
+    torch.testing.assert_close(x.detach() - before, -0.5 * x.grad.detach())
+    state = skipping.state[x]
+    assert float(state["rho"].abs().sum()) == 0.0 and float(state["h_diag"].sub(1).abs().max()) == 0.0
+    assert float(reference.state[plain]["rho"].abs().sum()) > 0  # without the skip that pair is taken
+    for _ in range(10):
+        skipping.step(closure(x))
+    assert float(skipping.state[x]["rho"].abs().sum()) > 0  # later pairs are kept
+
+
 def _trainer(steps: int, **kw) -> L.Trainer:
     return L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, **kw)

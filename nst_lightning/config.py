@@ -94,7 +94,8 @@ class FeaturesConfig(_Section):
     checkpoint_blocks: Union[Literal["auto"], int] = Field(
         "auto",
         description="recompute the first N VGG blocks in backward to save activation memory; "
-        "auto: the fewest that make the run fit, by the memory estimate",
+        "auto: the fewest that make the run fit, by the memory estimate, and one more whenever an image's "
+        "first step runs out of memory",
     )
 
     @field_validator("checkpoint_blocks", mode="before")

@@ -153,14 +153,32 @@ class BatchReport:
         write_text_atomic(self.summary_path, json.dumps(record, indent=1) + "\n")
 
 
-def gather_results(results: list[PairResult]) -> list[PairResult]:
-    """Every rank's results on every rank (one ``all_gather_object``); the local list when not distributed."""
+def distributed_before() -> bool:
+    """Whether a process group exists already (the caller's own, e.g. under torchrun with its own init)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    return dist.is_available() and dist.is_initialized()
+
+
+def gather_results(results: list[PairResult], release: bool = False) -> list[PairResult]:
+    """Every rank's results on every rank (one ``all_gather_object``); the local list when not distributed.
+
+    ``release``: the run created the process group, so close it here, after a barrier, instead of leaving
+    it to the interpreter's exit (where gloo's threads were torn down in no set order and a rank could
+    abort with "terminate called without an active exception").
+    """
+    import torch.distributed as dist
+
+    if not distributed_before():
         return list(results)
     everyone: list[list[PairResult] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, results)
+    if dist.get_world_size() == 1:
+        everyone = [list(results)]
+    else:
+        dist.all_gather_object(everyone, results)
+    if release:
+        dist.barrier()
+        dist.destroy_process_group()
     return [r for rank in everyone for r in (rank or [])]
 
 
@@ -264,6 +282,7 @@ def fit_batch(
                     old.unlink()
             remove_stale_temps(checkpoints)
             L.seed_everything(config.seed, workers=False, verbose=False)
+            owned = not distributed_before()
             with stop.handling_signals():
                 try:
                     trainer.fit(module, datamodule=data)
@@ -281,7 +300,7 @@ def fit_batch(
                             "lower batch.images_per_device or image.size"
                         ) from None
                     raise
-            results = gather_results(module.results)
+            results = gather_results(module.results, release=owned)
             report = BatchReport(output, len(pairs), skipped, results, trainer.world_size, trainer.is_global_zero)
         if report.is_global_zero:
             write_text_atomic(output / "config.yaml", dump_config(config))

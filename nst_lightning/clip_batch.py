@@ -17,7 +17,7 @@ from lightning.fabric import Fabric
 from lightning.pytorch.callbacks import Callback
 
 from .atomic import check_writable, write_text_atomic
-from .batch import BatchReport, gather_results
+from .batch import BatchReport, distributed_before, gather_results
 from .config import RunConfig, dump_config
 from .data import PairResult
 from .errors import ConfigError, NSTError, RunInterrupted
@@ -69,7 +69,7 @@ def fit_clips(
         check_writable(output)
         t = config.trainer
         fabric = Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=_strategy(config))
-        results = fabric.launch(_run_shard, config, todo, overwrite, progress, callbacks)
+        results = fabric.launch(_run_shard, config, todo, overwrite, progress, callbacks, not distributed_before())
         report = BatchReport(output, len(pairs), skipped, results, fabric.world_size, fabric.is_global_zero, unit="clips")
         if report.is_global_zero:
             write_text_atomic(output / "config.yaml", dump_config(config))
@@ -88,9 +88,16 @@ def _strategy(config: RunConfig) -> str:
 
 
 def _run_shard(
-    fabric: Fabric, config: RunConfig, todo: list[Pair], overwrite: bool, progress: bool, callbacks: list[Callback] | None
+    fabric: Fabric,
+    config: RunConfig,
+    todo: list[Pair],
+    overwrite: bool,
+    progress: bool,
+    callbacks: list[Callback] | None,
+    release: bool,
 ) -> list[PairResult]:
-    """This rank's clips, one after another; every rank's results gathered on every rank."""
+    """This rank's clips, one after another; every rank's results gathered on every rank (``release``: the
+    process group was made for this run and is closed after the gather)."""
     rank, world = fabric.global_rank, fabric.world_size
     devices: Any = [fabric.local_rank] if fabric.device.type == "cuda" else 1
     results = []
@@ -114,5 +121,5 @@ def _run_shard(
         results.append(
             PairResult(pair.name, pair.content, list(pair.styles), pair.output, rank, status, error, None, time.perf_counter() - start)
         )
-    return gather_results(results)
+    return gather_results(results, release=release)
 

@@ -142,6 +142,12 @@ class BatchReport:
         out.append(f"summary: {self.summary_path}")
         return out
 
+    def save(self, config: RunConfig) -> None:
+        """On rank zero only: the run's config and the full record beside the outputs."""
+        if self.is_global_zero:
+            write_text_atomic(self.output / "config.yaml", dump_config(config))
+            self.write()
+
     def write(self) -> None:
         """Save the full record (every pair, its rank and status) as JSON beside the outputs."""
         record = {
@@ -302,7 +308,5 @@ def fit_batch(
                     raise
             results = gather_results(module.results, release=owned)
             report = BatchReport(output, len(pairs), skipped, results, trainer.world_size, trainer.is_global_zero)
-        if report.is_global_zero:
-            write_text_atomic(output / "config.yaml", dump_config(config))
-            report.write()
+        report.save(config)
         return report

@@ -16,9 +16,9 @@ from typing import Any
 from lightning.fabric import Fabric
 from lightning.pytorch.callbacks import Callback
 
-from .atomic import check_writable, write_text_atomic
-from .batch import BatchReport, distributed_before, gather_results
-from .config import RunConfig, dump_config
+from .atomic import check_writable
+from .batch import FOLDER_STRATEGIES, BatchReport, distributed_before, gather_results
+from .config import RunConfig
 from .data import PairResult
 from .errors import ConfigError, NSTError, RunInterrupted
 from .flow import require_opencv
@@ -71,16 +71,14 @@ def fit_clips(
         fabric = Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=_strategy(config))
         results = fabric.launch(_run_shard, config, todo, overwrite, progress, callbacks, not distributed_before())
         report = BatchReport(output, len(pairs), skipped, results, fabric.world_size, fabric.is_global_zero, unit="clips")
-        if report.is_global_zero:
-            write_text_atomic(output / "config.yaml", dump_config(config))
-            report.write()
+        report.save(config)
         return report
 
 
 def _strategy(config: RunConfig) -> str:
     """``ddp`` (processes and a process group, nothing wrapped: see ``_run_shard``) unless the run is one device."""
     strategy = str(config.trainer.strategy)
-    if strategy not in ("auto", "ddp"):
+    if strategy not in FOLDER_STRATEGIES:
         raise ConfigError(
             f"trainer.strategy={strategy} is not supported for clip folders (each rank stylises whole clips); use auto or ddp"
         )

@@ -549,8 +549,7 @@ class StyleTransferModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Run the frozen VGG as the Trainer's precision asks, on a converted copy: the shared extractor is never changed."""
-        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
-        self.network = self.extractor.converted(network_dtype(precision))
+        self.network = self.extractor.converted(self._network_dtype())
 
     def on_fit_start(self) -> None:
         if self.batch_size:
@@ -767,12 +766,11 @@ class StyleTransferModule(L.LightningModule):
         common = {"lr": cfg.learning_rate, "max_iter": cfg.max_iter, "after_update": self.clamp, "graph": self.step_graph()}
         if cfg.name == "adam":
             return BatchedAdam([self.image], **common)
-        return BatchedLBFGS([self.image], history_size=cfg.history_size, skip_first_pair=self._reduced_precision(), **common)
+        return BatchedLBFGS([self.image], history_size=cfg.history_size, skip_first_pair=self._network_dtype() != torch.float32, **common)
 
-    def _reduced_precision(self) -> bool:
-        """Whether the Trainer runs the network in a precision below fp32 (bf16-mixed, bf16-true)."""
-        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
-        return network_dtype(precision) != torch.float32
+    def _network_dtype(self) -> torch.dtype:
+        """The dtype the attached Trainer's precision runs the network in (fp32 without a Trainer)."""
+        return network_dtype(str(self.trainer.precision) if self._trainer is not None else "32-true")
 
     def step_graph(self) -> StepGraph | None:
         """The CUDA graph of the step under ``optim.cuda_graph``: ``auto`` on CUDA, ``true`` anywhere (off CUDA its

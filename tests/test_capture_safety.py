@@ -241,3 +241,37 @@ def test_on_a_fake_cuda_device_flow_warping_and_its_weights_stay_there():
         with audit:
             warped, weights = warp(image, flow), consistency_weights(flow, reverse)
     assert set(audit.devices) == {"cuda"} and warped.device.type == weights.device.type == "cuda"
+
+
+class ScalarAudit(TorchDispatchMode):
+    """The Python numbers passed to ops: a capture bakes them into its kernels, so a later change is not seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numbers: list[float] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.numbers += [float(a) for a in tree_flatten((args, kwargs or {}))[0]
+                         if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("make", [optim_module.BatchedLBFGS, optim_module.BatchedAdam], ids=["lbfgs", "adam"])
+def test_the_learning_rate_reaches_the_step_as_a_tensor_not_as_a_number_frozen_at_capture(make):
+    lr = 0.0123456
+    x = torch.linspace(-1, 1, 12).view(2, 6).requires_grad_(True)
+    opt = make([x], lr=lr)
+
+    def closure():
+        x.grad = None
+        loss = (x - 0.3).pow(4).sum()
+        loss.backward()
+        return loss
+
+    audit = ScalarAudit()
+    for _ in range(3):  # the captured region: step() fills the lr tensor before it, outside any graph
+        opt._set_lr()
+        with audit:
+            opt._steps(closure)
+    frozen = [n for n in audit.numbers if any(abs(abs(n) - v) < 1e-9 for v in (lr, 1 / lr))]
+    assert not frozen, f"lr passed to ops as a Python number {frozen[:3]}"

@@ -277,18 +277,19 @@ def render(rows: list[Row], big: Run | None, help_s: float, args: argparse.Names
                 f"| | ratio pastiche / nst-lightning | | {peer.s_per_eval / ours.s_per_eval:.2f}x | "
                 f"{peer.opt_s / ours.opt_s:.2f}x | {peer.wall_s / ours.wall_s:.2f}x | {peer.rss_mb / ours.rss_mb:.2f}x | | |"
             )
-    if any(others for _, _, others in rows):
-        from nst_lightning.hardware import resolve_precision
+    from nst_lightning.hardware import resolve_precision
 
-        lines += ["", "## Precision", ""]
-        for ours, _, others in rows:
-            for other in others:
-                lines.append(
-                    f"- {ours.size} px: {ours.precision} {ours.s_per_eval:.3f} s/eval (style {ours.quality[0]:.4f}, content "
-                    f"{ours.quality[1]:.4f}) vs {other.precision} {other.s_per_eval:.3f} s/eval (style {other.quality[0]:.4f}, "
-                    f"content {other.quality[1]:.4f}): {other.s_per_eval / ours.s_per_eval:.2f}x."
-                )
-        lines.append(f"- The default `trainer.precision=auto` resolves to `{resolve_precision('auto', 'cpu')}` on this machine.")
+    lines += ["", "## Precision", ""]
+    for ours, _, others in rows:
+        for other in others:
+            lines.append(
+                f"- {ours.size} px: {ours.precision} {ours.s_per_eval:.3f} s/eval (style {ours.quality[0]:.4f}, content "
+                f"{ours.quality[1]:.4f}) vs {other.precision} {other.s_per_eval:.3f} s/eval (style {other.quality[0]:.4f}, "
+                f"content {other.quality[1]:.4f}): {other.s_per_eval / ours.s_per_eval:.2f}x."
+            )
+    lines.append(f"- The default `trainer.precision=auto` resolves to `{resolve_precision('auto', 'cpu')}` on this machine "
+                 f"(`ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '-')}`, "
+                 f"`ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}`); pastiche runs in fp32.")
     lines += ["", "## Time to pastiche's quality", ""]
     for ours, peer, _ in rows:
         if peer is None:

@@ -430,6 +430,24 @@ def _resolve_file_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return raw
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice; keep one", key_node.start_mark
+                )
+            try:
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """Split ``key.sub=value`` into its key path and YAML-parsed value."""
     key, sep, text = item.partition("=")
@@ -437,8 +455,14 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {item!r} is not of the form key.sub=value (e.g. --set image.size=256)")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+        value = yaml.load(text, Loader=UniqueKeyLoader) if text.strip() else ""
+    except yaml.YAMLError as err:
+        if text.lstrip()[:1] in ("[", "{", "'", '"'):  # meant as YAML (a list, a mapping, a quoted string)
+            problem = getattr(err, "problem", None) or "malformed YAML"
+            raise ConfigError(
+                f"--set {item!r}: the value is not valid YAML ({problem}); close its brackets or quotes, "
+                f"e.g. --set '{key}=[a.png, b.png]'"
+            ) from None
         value = text
     return key.split("."), value
 
@@ -515,7 +539,7 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"config path {p} is a directory; give a YAML file such as configs/example.yaml")
     try:
         text = p.read_text(encoding="utf-8")
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=UniqueKeyLoader)
     except RecursionError:
         raise ConfigError(f"config {p} nests too deeply; write it as a flat mapping of sections") from None
     except (OSError, UnicodeDecodeError) as err:

@@ -269,3 +269,16 @@ def test_mask_paths_in_a_file_are_relative_to_it(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("style: [a.jpg, b.jpg]\nstyle_masks: [left.png, null]\n")
     assert load_config(f).style_masks == [str(tmp_path / "left.png"), None]
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_refused_naming_it(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("image:\n  size: 64\nloss:\n  style_weight: 3\nimage:\n  size: 128\n")
+    with pytest.raises(ConfigError, match=r"at line 5, column 1: key 'image' is given twice; keep one"):
+        load_config(path)
+
+
+def test_a_set_value_meant_as_yaml_but_broken_is_refused_not_taken_as_text():
+    with pytest.raises(ConfigError, match=r"--set 'style=\[': the value is not valid YAML .*close its brackets"):
+        load_config(None, ["style=["])
+    assert load_config(None, ["output=runs/a:b"]).output.endswith("runs/a:b")  # plain text stays text

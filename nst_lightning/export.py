@@ -26,7 +26,7 @@ from torch import nn
 from . import __version__
 from .config import all_layers
 from .errors import ConfigError, OnnxError
-from .features import Preprocessing, VGGFeatures, build_extractor, min_side
+from .features import Preprocessing, VGGFeatures, extractor_for, min_side
 from .atomic import check_writable, replace_atomically, reporting_write_failures, write_text_atomic
 from .layers import LAYER_INDEX
 
@@ -414,10 +414,7 @@ def validate_onnx(
 # ---------------------------------------------------------------------------------- runs and configs
 def build_config_extractor(config: RunConfig) -> VGGFeatures:
     """The frozen VGG19 extractor for every layer ``config``'s loss uses, with its weights and preprocessing."""
-    f = config.features
-    return build_extractor(
-        all_layers(config), weights=f.weights, pooling=f.pooling, preprocessing=f.preprocessing, allow_download=f.allow_download
-    )
+    return extractor_for(config.features, all_layers(config))
 
 
 def default_export_path(config: RunConfig) -> Path:

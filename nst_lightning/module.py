@@ -30,7 +30,7 @@ from .atomic import atomic_write
 from .callbacks import CudnnBenchmark
 from .data import GroupStep, PairResult
 from .errors import CheckpointError, ConfigError, NSTError, NumericalError
-from .features import VGGFeatures, build_extractor, min_side
+from .features import VGGFeatures, extractor_for, min_side
 from .images import load_image, load_style, read_image, resize, save_image
 from .layers import LAYER_NAMES, deepest
 from .losses import StyleTransferLoss, TemporalTarget
@@ -97,18 +97,6 @@ def initial_image(init: str | torch.Tensor, content: torch.Tensor, styles: Seque
     if init == "style":
         return resize(styles[0].detach().float(), shape).clone()
     raise ConfigError(f"init {init!r} is not content, noise, style or an image; load the image and pass a tensor")
-
-
-def config_extractor(features: FeaturesConfig, layers: Sequence[str]) -> VGGFeatures:
-    """The frozen VGG19 extractor a ``features`` config section describes, returning ``layers``."""
-    return build_extractor(
-        layers,
-        weights=features.weights,
-        pooling=features.pooling,
-        padding=features.padding,
-        preprocessing=features.preprocessing,
-        allow_download=features.allow_download,
-    )
 
 
 def network_dtype(precision: str) -> torch.dtype:
@@ -209,7 +197,7 @@ class StyleTransferModule(L.LightningModule):
             init = load_image(init)
         if style_masks is not None:
             style_masks = [m if m is None or isinstance(m, torch.Tensor) else read_image(m) for m in style_masks]
-        self.extractor = extractor if extractor is not None else config_extractor(self.features_config, self.layers)
+        self.extractor = extractor if extractor is not None else extractor_for(self.features_config, self.layers)
         missing = [n for n in self.layers if n not in self.extractor.layers]
         if missing:
             raise ConfigError(f"the given extractor does not return layers {missing}; build it with all loss layers")

@@ -165,7 +165,7 @@ def _run_cells(
     """Run each cell not yet finished, sharing one extractor per features setting and the computed targets."""
     from .api import fit
     from .atomic import reporting_write_failures
-    from .module import config_extractor
+    from .features import extractor_for
 
     root = Path(config.output)
     if (root / SUMMARY).exists() or (root / CELLS).exists():
@@ -194,7 +194,7 @@ def _run_cells(
         key = feats.model_dump_json()
         if key not in extractors:
             layers = sorted({n for c in cells if c.config.features == feats for n in all_layers(c.config)})
-            extractors[key] = config_extractor(feats, layers)
+            extractors[key] = extractor_for(feats, layers)
         fit(
             cell.config,
             resume="last" if state == "resumable" else None,

@@ -31,7 +31,7 @@ from .errors import CheckpointError, ConfigError, RunInterrupted
 from .faults import GracefulStop
 from .features import VGGFeatures
 from .flow import flow_and_weights, require_opencv, warp
-from .images import load_image, read_image, save_image, style_side
+from .images import Loading, load_style, read_image, save_image
 from .losses import TemporalTarget
 from .resources import check_fits
 from .rundir import RunOutputs, Stage
@@ -211,11 +211,12 @@ def fit_clip(
         resuming = resume is not None
         _check_output(config, outputs, resuming, overwrite)
         video = config.video
-        clip = read_clip(config.contents, config.image.size, config.image.fit, video.every_nth_frame, video.fps)
+        loading = Loading(**config.image.loading())
+        clip = read_clip(config.contents, config.image.size, config.image.fit, video.every_nth_frame, video.fps, loading)
         record = _record(config, clip)
         if resuming:
             _check_record(outputs, record)
-        styles = [load_image(p, style_side(clip.shape, s), "long") for p, s in zip(config.styles, config.style_scales())]
+        styles = [load_style(p, clip.shape, s, loading) for p, s in zip(config.styles, config.style_scales())]
         shapes = (clip.shape, [tuple(s.shape[-2:]) for s in styles])
         blocks, _ = check_fits(config, *shapes)
         features = config.features.model_copy(update={"checkpoint_blocks": blocks})

@@ -164,6 +164,13 @@ def test_fit_refuses_a_graph_exported_for_other_layers_before_writing_anything(t
     assert not (tmp_path / "run").exists()
 
 
+def test_a_graph_exported_with_replicate_padding_is_accepted_by_a_run_with_that_padding(tmp_path, tiny_config):
+    graph = tmp_path / "replicate.onnx"
+    export.export_features(tiny_config(**{"features.padding": "replicate"}), graph)
+    config = tiny_config(steps=1, **{"features.padding": "replicate", "features.onnx": graph})
+    assert api.fit(config, progress=False).final.is_file()
+
+
 def test_fit_validates_the_graph_and_computes_the_targets_with_it(exported, tiny_config, monkeypatch):
     seen: list[tuple[int, ...]] = []
     run_graph = OnnxFeatures.__call__

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
+from .kinds import RunKind, run_kind
 from .layers import LAYER_NAMES, canonical_layer
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -393,6 +394,11 @@ class RunConfig(_Section):
         """The ``style_scale`` of each style image."""
         scale = self.image.style_scale
         return list(scale) if isinstance(scale, list) else [scale] * len(self.styles)
+
+    @property
+    def kind(self) -> RunKind:
+        """The run this config describes: ``image``, ``folder`` (of images), ``clip`` or ``clips`` (a folder of clips)."""
+        return run_kind(self.contents, self.styles, isinstance(self.content, list), self.video.enabled)
 
     @property
     def contents(self) -> list[str]:

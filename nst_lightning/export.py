@@ -30,6 +30,8 @@ from .features import Preprocessing, VGGFeatures, extractor_for, min_side
 from .atomic import check_writable, replace_atomically, reporting_write_failures, write_text_atomic
 from .layers import LAYER_INDEX
 
+from .inputs import load_images
+
 if TYPE_CHECKING:
     from .config import RunConfig
     from .module import StyleTransferModule
@@ -465,8 +467,6 @@ def validation_inputs(config: RunConfig, sizes: Sequence[int]) -> dict[str, torc
     out: dict[str, torch.Tensor] = {}
     for size in sizes:
         sized = config.model_copy(update={"image": config.image.model_copy(update={"size": size})})
-        from .api import load_images
-
         out.update(_labelled(*load_images(sized)))
         noise = torch.rand(1, 3, max(side, size * 3 // 4 | 1), size, generator=generator)
         out[_label("random", noise)] = noise

@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from nst_lightning.api import fit
-from nst_lightning.batch import fit_batch
+from nst_lightning import fit_batch
 from nst_lightning.cli import app
 from nst_lightning.config import EXAMPLE_CONTENT, load_config
 from nst_lightning.errors import ConfigError, RunInterrupted

@@ -27,7 +27,7 @@ av = pytest.importorskip("av")
 pytest.importorskip("cv2")
 
 from nst_lightning.flow import flow_and_weights, warping_error  # noqa: E402
-from nst_lightning.video import fit_clip  # noqa: E402
+from nst_lightning import fit_clip  # noqa: E402
 from nst_lightning.videoio import read_clip, video_info  # noqa: E402
 
 STEPS = 3

@@ -15,7 +15,7 @@ from .atomic import remove_stale_temps, reporting_write_failures
 from .config import INIT_KEYWORDS, RunConfig
 from .errors import CheckpointError, ConfigError
 from .images import read_size, target_shape
-from .module import FINGERPRINT_KEY
+from .groups import FINGERPRINT_KEY
 
 RUN_FILES = ("config.yaml", "final.png", "interrupted.png", "losses.csv", "loss_curve.png", "side_by_side.png")
 RUN_DIRS = ("checkpoints", "snapshots")

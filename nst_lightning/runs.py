@@ -27,7 +27,7 @@ from .export import onnx_targets
 from .faults import GracefulStop
 from .features import VGGFeatures
 from .flow import require_opencv
-from .groups import GroupStop, check_folder_strategy, distributed_before, gather_results
+from .groups import FolderGroups, GroupStop, check_folder_strategy, distributed_before, gather_results
 from .images import read_size, save_image
 from .inputs import build_module, init_input, input_warnings, load_images, load_masks, load_styles, loading
 from .lock import FolderLock
@@ -187,11 +187,11 @@ def run_folder(
         blocks = plan_folder_memory(config, todo, per_device)
         check_writable(output)  # after every refusal, before any work: a read-only or full disk is said at once
         features = config.features.model_copy(update={"checkpoint_blocks": blocks})
-        stop = GroupStop()
+        groups = FolderGroups()
+        stop = GroupStop(groups)
         bars = [ImagesProgressBar()] if progress else []
-        trainer = build_trainer(config, output, progress=False, callbacks=[*bars, stop, *(callbacks or [])], folder=True)
+        trainer = build_trainer(config, output, progress=False, callbacks=[*bars, stop, *(callbacks or []), groups], folder=True)
         module = build_module(config, None, None, masks=load_masks(config), init=init_input(config), features=features)
-        module.group_checkpoint_every = config.checkpoint.every_n_steps
         data = StylePairsDataModule.from_config(config, todo, images_per_device=per_device)
         checkpoints = output / "checkpoints"
         output.mkdir(parents=True, exist_ok=True)
@@ -211,7 +211,7 @@ def run_folder(
             stopped=lambda: interrupted(stop, rerun=RERUN_FOLDER),
         )
         fit(trainer, module, stop, failure, datamodule=data)
-        results = gather_results(module.results, release=owned)
+        results = gather_results(groups.results, release=owned)
         report = BatchReport(output, len(pairs), skipped, results, trainer.world_size, trainer.is_global_zero)
         report.save(config)
         return report

@@ -30,6 +30,7 @@ from .data import GroupStep
 from .errors import CheckpointError, ConfigError, NumericalError
 from .features import VGGFeatures, extractor_for, min_side
 from .groups import FINGERPRINT_KEY, FolderGroups
+from .history import LOSS_TERMS
 from .images import load_image, load_style, read_image, resize
 from .layers import LAYER_NAMES, deepest
 from .losses import StyleTransferLoss, TemporalTarget
@@ -666,7 +667,6 @@ class StyleTransferModule(L.LightningModule):
         return StepGraph()
 
 
-LOSS_TERMS = ("content", "style", "tv", "loss")
 
 
 def _styles_per_image(

@@ -30,7 +30,6 @@ from .flow import require_opencv
 from .groups import FolderGroups, GroupStop, check_folder_strategy, distributed_before, gather_results
 from .images import read_size, save_image
 from .inputs import build_module, init_input, input_warnings, load_images, load_masks, load_styles, loading
-from .lock import FolderLock
 from .pairs import Pair, expand_pairs, pending
 from .resources import out_of_memory_message
 from .rundir import (
@@ -92,7 +91,7 @@ def run_image(
         name = {"folder": "fit_batch", "clip": "fit_clip", "clips": "fit_clips"}[kind]
         raise ConfigError(f"the config names {KIND_TEXT[kind]}; run it with nst_lightning.{name}(config) or nst_lightning.run(config)")
     outputs = RunOutputs(Path(config.output))
-    with session(outputs.root, "the run's outputs", verbose), FolderLock(outputs.root):
+    with session(outputs.root, "the run's outputs", verbose, lock=True):
         check_output(config, outputs, resuming=resume is not None, overwrite=overwrite)
         stages = plan_stages(config, outputs)
         start, ckpt_path = resume_point(config, resume, stages)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,19 +24,23 @@ from .errors import ConfigError, NSTError, NumericalError, ResourceError, RunInt
 from .faults import AtomicCheckpointIO, GracefulStop
 from .groups import folder_strategy
 from .hardware import cuda_run, resolve_precision
+from .lock import FolderLock
 from .quiet import lightning_quiet
 from .resources import Shape, check_fits, is_out_of_memory
 from .rundir import RunOutputs, Stage, checkpoint_step, plan_stages
 
 
 @contextmanager
-def session(output: Path, what: str, verbose: bool = False) -> Iterator[None]:
+def session(output: Path, what: str, verbose: bool = False, lock: bool = False) -> Iterator[None]:
     """A run's frame: Lightning's start-up lines and known notices held back unless ``verbose`` (levels and
-    filters restored on exit), and an ``output`` that is a file refused (``what`` names what goes there)."""
-    with lightning_quiet(verbose):
+    filters restored on exit), an ``output`` that is a file refused (``what`` names what goes there) and, with
+    ``lock``, the folder's lock held so the checks made inside still hold when files are written."""
+    with lightning_quiet(verbose), ExitStack() as held:
         if output.is_file():
             hint = " (an input image?)" if what == "the run's outputs" else ""
             raise ConfigError(f"output {output} is a file{hint}; give a directory for {what}")
+        if lock:
+            held.enter_context(FolderLock(output))
         yield
 
 

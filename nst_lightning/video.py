@@ -26,6 +26,7 @@ from .flow import flow_and_weights, warp
 from .images import read_image
 from .losses import TemporalTarget
 from .pairs import Pair
+from .rundir import check_inputs_outside
 from .videoio import Clip
 
 PASS_BLEND = 0.5
@@ -108,14 +109,8 @@ def check_clip_config(config: RunConfig, resume: str | None) -> None:
 
 def check_clip_output(config: RunConfig, outputs: ClipOutputs, resuming: bool, overwrite: bool) -> None:
     """Refuse an output directory that holds an input, or a previous run that would be clobbered."""
-    root = outputs.root.expanduser().resolve()
-    if outputs.root.is_file():
-        raise ConfigError(f"output {outputs.root} is a file; give a directory for the clip's outputs")
     inputs = [*config.contents, *config.styles, *(m for m in config.style_masks or [] if m)]
-    for entry in inputs:
-        path = Path(entry).expanduser().resolve()
-        if path == root or any(path == w.resolve() or path.is_relative_to(w.resolve()) for w in outputs.written()):
-            raise ConfigError(f"input {entry} is where the clip writes its outputs; choose another output= directory")
+    check_inputs_outside(inputs, outputs.root, outputs.written(), "the clip writes its outputs (stylised.mp4, frames/, ...)")
     previous = any(p.exists() for p in outputs.written())
     if resuming and not outputs.record.is_file():
         raise CheckpointError(f"no clip to resume in {outputs.root} (no clip.json); run without resume= to start it")

@@ -9,6 +9,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -193,13 +194,15 @@ def resize_rgb(arr: np.ndarray, shape: tuple[int, int], resample: str = "bicubic
 def target_shape(height: int, width: int, size: int, fit: str = "long", rounding: str = "round") -> tuple[int, int]:
     """The ``(H, W)`` that scales ``height x width`` so the side named by ``fit`` equals ``size``.
 
-    The other side is rounded (``round``) or truncated (``floor``, as ``int()`` in the Keras notebook and
-    torchvision's ``Resize``).
+    The fitted side is exactly ``size``; the other side is rounded (``round``) or truncated (``floor``, as
+    ``int()`` in the Keras notebook and torchvision's ``Resize``), computed exactly: in floating point
+    ``1331 * (400 / 1331)`` is 399.99999999999994, which truncation made 399.
     """
-    side = {"long": max(height, width), "short": min(height, width), "height": height, "width": width}[fit]
-    scale = size / side
+    fits_height = {"long": height >= width, "short": height <= width, "height": True, "width": False}[fit]
     snap = round if rounding == "round" else math.floor
-    return max(1, int(snap(height * scale))), max(1, int(snap(width * scale)))
+    if fits_height:
+        return size, max(1, int(snap(Fraction(width * size, height))))
+    return max(1, int(snap(Fraction(height * size, width)))), size
 
 
 def style_side(content_shape: tuple[int, int], scale: float) -> int:

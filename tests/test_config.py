@@ -269,3 +269,12 @@ def test_mask_paths_in_a_file_are_relative_to_it(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("style: [a.jpg, b.jpg]\nstyle_masks: [left.png, null]\n")
     assert load_config(f).style_masks == [str(tmp_path / "left.png"), None]
+
+
+def test_scales_give_the_size_without_changing_the_image_section_they_were_given():
+    from nst_lightning.config import ImageConfig, RunConfig
+
+    image = ImageConfig(fit="height")
+    config = RunConfig(scales=[64, 128], image=image)
+    assert config.image.size == 128 and config.image.fit == "height"
+    assert image.size == ImageConfig().size and "size" not in image.model_fields_set

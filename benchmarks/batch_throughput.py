@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from nst_lightning.batch import fit_batch
+from nst_lightning import fit_batch
 from nst_lightning.config import EXAMPLE_CONTENT, load_config
 
 

@@ -30,7 +30,7 @@ from nst_lightning.config import EXAMPLE_CONTENT, EXAMPLE_STYLE, load_config
 from nst_lightning.flow import warp
 from nst_lightning.images import read_image
 from nst_lightning.judge import Judge
-from nst_lightning.video import fit_clip
+from nst_lightning import fit_clip
 from nst_lightning.videoio import write_video
 
 

@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 
 from .atomic import write_text_atomic
-from .history import LOSS_COLUMNS, keep_damaged, read_history
+from .history import LOSS_COLUMNS, LOSS_TERMS, keep_damaged, read_history
 from .images import save_image
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class LossHistory(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         with torch.no_grad():
             terms = pl_module.loss_terms()
-        self._append(trainer.global_step, torch.stack([terms[k].mean() for k in LOSS_COLUMNS[1:]]))
+        self._append(trainer.global_step, torch.stack([terms[k].mean() for k in LOSS_TERMS]))
         self.flush(trainer)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
@@ -145,7 +145,7 @@ class LossHistory(Callback):
         rows = []
         for row in self.rows:
             if "terms" in row:
-                row = {"step": row["step"], **dict(zip(LOSS_COLUMNS[1:], row["terms"].tolist()))}
+                row = {"step": row["step"], **dict(zip(LOSS_TERMS, row["terms"].tolist()))}
             rows.append(row)
         self.rows = rows
         buf = io.StringIO()

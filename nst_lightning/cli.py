@@ -10,16 +10,12 @@ import shlex
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from . import __version__
-from .allocator import request_huge_pages
-from .errors import NSTError, RunInterrupted, for_cli
-
-if TYPE_CHECKING:
-    from .config import RunConfig
+from . import __version__, api
+from .api import NSTError, RunInterrupted, for_cli
 
 EXIT_USAGE = 2
 EXIT_MISMATCH = 1
@@ -89,13 +85,11 @@ def _sweep_resume_command(
     return shlex.join([*args, "--resume"])
 
 
-def _load(config: Optional[Path], overrides: Optional[list[str]], output: Optional[Path] = None):
-    from .config import load_config
-
+def _load(config: Optional[Path], overrides: Optional[list[str]], output: Optional[Path] = None) -> api.RunConfig:
     extra = list(overrides or [])
     if output is not None:
         extra.append(f"output={output}")
-    return load_config(config, extra)
+    return api.load_config(config, extra)
 
 
 def _show_api_messages() -> None:
@@ -154,20 +148,8 @@ def fit(
     """
     try:
         cfg = _load(config, set_, output)
-        request_huge_pages(cfg.image.size)
-        from .pairs import is_batch, is_clip, is_clip_batch
-
-        if is_clip(cfg):
-            _fit_clip(cfg, resume, overwrite, quiet)
-            return
-        if is_batch(cfg) or is_clip_batch(cfg):
-            _fit_batch(cfg, resume, overwrite, quiet, clips=is_clip_batch(cfg))
-            return
-        from .api import fit as run_fit
-
         _show_api_messages()
-
-        outputs = run_fit(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
+        result = api.run(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
     except RunInterrupted as err:
         hint = f"resume with: {_resume_command(config, set_, output)}" if err.resumable else for_cli(err.hint)
         echo_error(f"{for_cli(err.summary)}; {hint}", prefix="")  # the command is already in flags: not translated
@@ -176,36 +158,23 @@ def fit(
         raise fail(str(err)) from None
     except KeyboardInterrupt:
         raise fail("interrupted; the files written so far are intact", EXIT_SIGNAL + signal.SIGINT) from None
-    typer.echo(f"wrote {outputs.final}")
+    _say_written(cfg.kind, result)
 
 
-def _fit_clip(cfg: RunConfig, resume: Optional[str], overwrite: bool, quiet: bool) -> None:
-    """A clip: frames one after another, then the video."""
-    from .video import fit_clip
-
-    _show_api_messages()
-    outputs = fit_clip(cfg, resume=resume, overwrite=overwrite, progress=not quiet)
-    if outputs.video.is_file():
-        count = len(list(outputs.frames.glob("*.png")))
-        typer.echo(f"wrote {outputs.video} and {count} frames in {outputs.frames}")
-
-
-def _fit_batch(cfg: RunConfig, resume: Optional[str], overwrite: bool, quiet: bool, clips: bool) -> None:
-    """Many images or clips: rank zero prints the summary; exit code 1 when any of them failed."""
-    if resume is not None:
-        unfinished = "finished clips are skipped, an unfinished one continues" if clips else "finished images are skipped"
-        raise NSTError(f"--resume is for single runs; rerun a batch as it was to continue it ({unfinished})")
-    if clips:
-        from .clip_batch import fit_clips as run
+def _say_written(kind: str, result: Any) -> None:
+    """What a finished run wrote: the image, the clip's video and frames, or (rank zero) a folder's summary;
+    exit code 1 when any image or clip of a folder failed."""
+    if kind == "image":
+        typer.echo(f"wrote {result.final}")
+    elif kind == "clip":
+        if result.video.is_file():
+            count = len(list(result.frames.glob("*.png")))
+            typer.echo(f"wrote {result.video} and {count} frames in {result.frames}")
     else:
-        from .batch import fit_batch as run
-
-    _show_api_messages()
-    report = run(cfg, overwrite=overwrite, progress=not quiet)
-    if report.is_global_zero:
-        typer.echo("\n".join(report.lines()))
-    if report.failed:
-        raise typer.Exit(EXIT_SOME_FAILED)
+        if result.is_global_zero:
+            typer.echo("\n".join(result.lines()))
+        if result.failed:
+            raise typer.Exit(EXIT_SOME_FAILED)
 
 
 @app.command()
@@ -237,20 +206,14 @@ def sweep(
         if not 32 <= cell_px <= 1024:
             raise NSTError(f"--cell-px {cell_px} is out of range; give 32 to 1024 pixels")
         cfg = _load(config, set_, output)
-        request_huge_pages(cfg.image.size)
-        from .sweep import grid_cells, parse_grid
-
-        values = parse_grid(grid or [])
-        cells = grid_cells(cfg, values)
-        from .sweep import sweep as run_sweep
-
+        values, cells = api.grid(cfg, grid or [])
         _show_api_messages()
 
         def announce(cell, total: int) -> None:
             where = ", ".join(f"{k}={v}" for k, v in cell.values.items())
             typer.echo(f"cell {cell.index + 1}/{total}: {where}")
 
-        outputs = run_sweep(
+        outputs = api.sweep(
             cfg, values, overwrite=overwrite, resume=resume, progress=not quiet, on_cell=announce, cell_px=cell_px
         )
     except RunInterrupted as err:
@@ -267,13 +230,11 @@ def sweep(
 @app.command("print-config")
 def print_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Print the resolved config (defaults, file and --set overrides) as YAML."""
-    from .config import dump_config
-
     try:
         cfg = _load(config, set_)
     except NSTError as err:
         raise fail(str(err)) from None
-    typer.echo(dump_config(cfg), nl=False)
+    typer.echo(api.dump_config(cfg), nl=False)
 
 
 @app.command()
@@ -294,16 +255,12 @@ def export(
     """Export the configured VGG19 feature extractor as an ONNX graph (opset 18) plus a JSON sidecar."""
     try:
         cfg = _load(config, set_)
-        from .export import export_features
-
-        path, info = export_features(cfg, output, overwrite=overwrite)
+        path, info = api.export(cfg, output, overwrite=overwrite)
     except NSTError as err:
         raise fail(str(err)) from None
-    from .export import sidecar_path
-
     spec = info.extractor
     typer.echo(
-        f"wrote {path} and {sidecar_path(path).name}: outputs {', '.join(spec.layers)}; weights {spec.weights}, "
+        f"wrote {path} and {api.sidecar(path).name}: outputs {', '.join(spec.layers)}; weights {spec.weights}, "
         f"{spec.preprocessing.name} preprocessing, {spec.pooling} pooling; height and width >= {info.min_side} px; "
         f"opset {info.opset}; onnx.checker full check passed"
     )
@@ -333,9 +290,7 @@ def validate_onnx(
     """Compare an exported graph (onnxruntime) with the torch extractor per layer; exit 1 past the tolerance."""
     try:
         cfg = _load(config, set_)
-        from .export import validate_graph
-
-        report = validate_graph(cfg, model, size, rtol)
+        report = api.validate(cfg, model, size, rtol)
     except NSTError as err:
         raise fail(str(err)) from None
     for line in report.lines():
@@ -350,11 +305,7 @@ def validate_onnx(
 def estimate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Estimate a run's peak memory from the image headers (nothing decoded) and the largest size that fits."""
     try:
-        cfg = _load(config, set_)
-        from .images import read_size
-        from .resources import summary
-
-        text = summary(cfg, read_size(cfg.content), [read_size(s) for s in cfg.styles])
+        text = api.estimate(_load(config, set_))
     except NSTError as err:
         raise fail(str(err)) from None
     typer.echo(text)

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
+from .kinds import RunKind, run_kind
 from .layers import LAYER_NAMES, canonical_layer
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -337,6 +338,22 @@ class RunConfig(_Section):
             raise ValueError("scale_steps must be at least 1 each")
         return steps
 
+    @model_validator(mode="before")
+    @classmethod
+    def _size_from_scales(cls, data: Any) -> Any:
+        """Without ``image.size``, the output size is the last scale: given as input, not written into a built config."""
+        scales = data.get("scales") if isinstance(data, dict) else None
+        if not (isinstance(scales, list) and scales and isinstance(scales[-1], int)):
+            return data
+        image = data.get("image") or {}
+        if isinstance(image, ImageConfig):
+            if "size" in image.model_fields_set:
+                return data
+            image = image.model_dump(exclude_unset=True)
+        if not isinstance(image, dict) or "size" in image:
+            return data
+        return {**data, "image": {**image, "size": scales[-1]}}
+
     @model_validator(mode="after")
     def _compatible(self) -> RunConfig:
         if self.trainer.precision == "16-mixed":
@@ -374,9 +391,7 @@ class RunConfig(_Section):
             raise ValueError(
                 f"scale_steps has {len(self.scale_steps)} entries for {len(self.scales)} scales; give one per scale"
             )
-        if "size" not in self.image.model_fields_set:
-            self.image.size = self.scales[-1]
-        elif self.image.size != self.scales[-1]:
+        if self.image.size != self.scales[-1]:
             raise ValueError(
                 f"scales end at {self.scales[-1]} but image.size is {self.image.size}; the last scale is the "
                 f"output size, so end scales with {self.image.size} or set image.size={self.scales[-1]}"
@@ -393,6 +408,11 @@ class RunConfig(_Section):
         """The ``style_scale`` of each style image."""
         scale = self.image.style_scale
         return list(scale) if isinstance(scale, list) else [scale] * len(self.styles)
+
+    @property
+    def kind(self) -> RunKind:
+        """The run this config describes: ``image``, ``folder`` (of images), ``clip`` or ``clips`` (a folder of clips)."""
+        return run_kind(self.contents, self.styles, isinstance(self.content, list), self.video.enabled)
 
     @property
     def contents(self) -> list[str]:

@@ -131,6 +131,8 @@ class GroupStep(NamedTuple):
     """The loaded images, on the group's first step only."""
     resume: dict[str, Any] | None = None
     """The saved state of an interrupted group, on its first step only."""
+    save: bool = False
+    """Whether the group's state is saved after this step (every ``checkpoint_every`` steps but the last)."""
 
     @property
     def first(self) -> bool:
@@ -176,8 +178,10 @@ class GroupSteps(IterableDataset):
         fit: str,
         style_scale: float | Sequence[float],
         loading: Loading = Loading(),
+        checkpoint_every: int = 0,
     ) -> None:
         self.pairs = list(pairs)
+        self.checkpoint_every = checkpoint_every
         self.groups = [list(g) for g in groups]
         self.steps = steps
         self.checkpoints = Path(checkpoints)
@@ -210,7 +214,8 @@ class GroupSteps(IterableDataset):
             pairs = [self.pairs[i] for i in group]
             path = group_checkpoint(self.checkpoints, pairs)
             for step in range(start + 1, self.steps + 1):
-                item = GroupStep(index, step, self.steps, pairs, str(path))
+                save = bool(self.checkpoint_every) and step % self.checkpoint_every == 0 and step < self.steps
+                item = GroupStep(index, step, self.steps, pairs, str(path), save=save)
                 if step == start + 1:
                     loaded = [load_pair(p, self.size, self.fit, self.style_scale, self.loading) for p in pairs]
                     item = item._replace(items=loaded, resume=read_group_checkpoint(path) if start else None)
@@ -234,6 +239,7 @@ class StylePairsDataModule(L.LightningDataModule):
         images_per_device: the largest group optimised together.
         checkpoints: folder of the groups' checkpoints (an interrupted group resumes from its own); default
             ``OUTPUT/checkpoints``, or ``checkpoints`` for given pairs.
+        checkpoint_every: save the running group every this many steps (0: only when stopped by a signal).
     """
 
     def __init__(
@@ -251,6 +257,7 @@ class StylePairsDataModule(L.LightningDataModule):
         loading: Loading = Loading(),
         images_per_device: int = 4,
         checkpoints: str | Path | None = None,
+        checkpoint_every: int = 0,
     ) -> None:
         super().__init__()
         if pairs is None:
@@ -264,6 +271,7 @@ class StylePairsDataModule(L.LightningDataModule):
         self.images_per_device = images_per_device
         default = Path(output) / "checkpoints" if output is not None else Path("checkpoints")
         self.checkpoints = Path(checkpoints) if checkpoints is not None else default
+        self.checkpoint_every = checkpoint_every
         self.dataset: GroupSteps | None = None
 
     @classmethod
@@ -280,6 +288,7 @@ class StylePairsDataModule(L.LightningDataModule):
             loading=Loading(**config.image.loading()),
             images_per_device=images_per_device or config.batch.images_per_device,
             checkpoints=Path(config.output) / "checkpoints",
+            checkpoint_every=config.checkpoint.every_n_steps,
         )
 
     def setup(self, stage: str) -> None:
@@ -292,7 +301,8 @@ class StylePairsDataModule(L.LightningDataModule):
         groups = group_by_shape(shapes, self.images_per_device, world_size)
         mine = groups[rank::world_size]
         self.dataset = GroupSteps(
-            self.pairs, mine, self.steps, self.checkpoints, self.size, self.fit, self.style_scale, self.loading
+            self.pairs, mine, self.steps, self.checkpoints, self.size, self.fit, self.style_scale, self.loading,
+            self.checkpoint_every,
         )
         if world_size > 1:
             self.dataset.pad_to(max(_everyones(self.dataset.working_steps(), world_size)))

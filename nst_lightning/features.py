@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from copy import deepcopy as copy_module
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -276,3 +277,26 @@ def build_extractor(
     if preprocessing != "auto":
         pre = PREPROCESSING[preprocessing]
     return VGGFeatures(layers, state, pre, pooling, padding)
+
+
+class FeatureSettings(Protocol):
+    """What the extractor is built from: the fields of a config's ``features`` section."""
+
+    weights: str
+    pooling: str
+    padding: str
+    preprocessing: str
+    allow_download: bool
+
+
+def extractor_for(settings: FeatureSettings, layers: Sequence[str]) -> VGGFeatures:
+    """The frozen extractor a ``features`` section describes, returning ``layers``: the one builder every run,
+    sweep and export uses, so none of them can drop a setting."""
+    return build_extractor(
+        layers,
+        weights=settings.weights,
+        pooling=settings.pooling,
+        padding=settings.padding,
+        preprocessing=settings.preprocessing,
+        allow_download=settings.allow_download,
+    )

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from .atomic import atomic_write
 
-LOSS_COLUMNS = ("step", "content", "style", "tv", "loss")
+LOSS_TERMS = ("content", "style", "tv", "loss")
+"""The loss terms every run logs, in order: ``tv`` holds every smoothness term (total variation, chroma, border)."""
+LOSS_COLUMNS = ("step", *LOSS_TERMS)
 
 
 @dataclass

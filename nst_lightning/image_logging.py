@@ -17,7 +17,8 @@ from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, W
 from PIL import Image
 
 from .images import save_pil, to_pil
-from .plots import LOSS_SERIES, loss_curve_picture, side_by_side_picture
+from .history import LOSS_TERMS
+from .plots import loss_curve_picture, side_by_side_picture
 
 
 def log_picture(logger: Logger, tag: str, picture: Image.Image, step: int) -> None:
@@ -80,9 +81,9 @@ class ImageLogger(Callback):
             self._log(trainer, "side_by_side", picture, step)
         if self.loss_curve and self._terms:
             with torch.no_grad():
-                final = torch.stack([pl_module.loss_terms()[k].mean() for k in LOSS_SERIES])
+                final = torch.stack([pl_module.loss_terms()[k].mean() for k in LOSS_TERMS])
             rows = [(s, t.tolist()) for s, t in [*self._terms, (step, final)]]
-            data = {"step": [float(s) for s, _ in rows], **{k: [v[i] for _, v in rows] for i, k in enumerate(LOSS_SERIES)}}
+            data = {"step": [float(s) for s, _ in rows], **{k: [v[i] for _, v in rows] for i, k in enumerate(LOSS_TERMS)}}
             self._log(trainer, "loss_curve", loss_curve_picture(data), step)
 
     def log_image(self, trainer: L.Trainer, image: torch.Tensor, step: int) -> None:

@@ -201,14 +201,19 @@ def _pil_resize(arr: np.ndarray, shape: tuple[int, int], resample: str, wide: bo
 
 def read_resized(path: str | os.PathLike[str], shape: tuple[int, int], resample: str = "bicubic") -> torch.Tensor:
     """Read ``path`` resized to exactly ``shape`` = ``(H, W)`` with the ``resample`` filter."""
-    if resample not in RESAMPLE:
-        raise ValueError(f"unknown resample {resample!r}; use one of {', '.join(RESAMPLE)}")
     p = Path(path)
     img, mode = _decode(p)
-    arr = _to_float_rgb(img, p)
+    return resize_rgb(_to_float_rgb(img, p), shape, resample, wide=mode in _WIDE_MODES)
+
+
+def resize_rgb(arr: np.ndarray, shape: tuple[int, int], resample: str = "bicubic", wide: bool = False) -> torch.Tensor:
+    """An ``H x W x 3`` float array in ``[0, 1]`` (a decoded file or video frame) as a ``(1, 3, H, W)`` tensor
+    at ``shape`` with the ``resample`` filter; ``wide``: the source had more than 8 bits per channel."""
+    if resample not in RESAMPLE:
+        raise ValueError(f"unknown resample {resample!r}; use one of {', '.join(RESAMPLE)}")
     if resample == "bicubic" or arr.shape[:2] == tuple(shape):
         return resize(_as_tensor(arr), shape)
-    return _as_tensor(_pil_resize(arr, shape, resample, mode in _WIDE_MODES))
+    return _as_tensor(_pil_resize(arr, shape, resample, wide))
 
 
 def target_shape(height: int, width: int, size: int, fit: str = "long", rounding: str = "round") -> tuple[int, int]:

@@ -265,8 +265,8 @@ class StyleTransferLoss(nn.Module):
         content_loss: str = "relative",
         style_loss: str = "relative",
         tv_loss: str = "keras",
-        chroma_weight: float = 0.0,
-        border_weight: float = 0.0,
+        chroma_weight: float = 3e-4,
+        border_weight: float = 3e-4,
     ) -> None:
         super().__init__()
         if len(style_layer_weights) != len(style_layers):

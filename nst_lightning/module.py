@@ -13,7 +13,6 @@ import hashlib
 import itertools
 import json
 import logging
-import time
 import warnings
 from pathlib import Path
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
@@ -26,21 +25,20 @@ import torch.nn.functional as F
 
 from . import color as colour
 from .config import INIT_KEYWORDS, MAX_CHECKPOINT_BLOCKS, FeaturesConfig, LossConfig, OptimConfig
-from .atomic import atomic_write
 from .callbacks import CudnnBenchmark
-from .data import GroupStep, PairResult
-from .errors import CheckpointError, ConfigError, NSTError, NumericalError
-from .features import VGGFeatures, build_extractor, min_side
-from .images import check_image_tensor, load_image, load_style, read_image, resize, save_image
+from .data import GroupStep
+from .errors import CheckpointError, ConfigError, NumericalError
+from .features import VGGFeatures, extractor_for, min_side
+from .groups import FINGERPRINT_KEY, FolderGroups
+from .history import LOSS_TERMS
+from .images import check_image_tensor, load_image, load_style, read_image, resize
 from .layers import LAYER_NAMES, deepest
 from .losses import StyleTransferLoss, TemporalTarget
-from .pairs import Pair
 from .resources import is_out_of_memory
 from .cudagraph import StepGraph
 from .optim import BatchedAdam, BatchedLBFGS
 
 log = logging.getLogger(__name__)
-FINGERPRINT_KEY = "nst_lightning"
 ImageInput = Union[str, Path, torch.Tensor]
 """An image given to the module: a ``(1, 3, H, W)`` tensor in ``[0, 1]`` or the path of an image file."""
 CHECKPOINT_STATE = ("image", "objective_scale", "image_average", "average_accum")
@@ -101,18 +99,6 @@ def initial_image(init: str | torch.Tensor, content: torch.Tensor, styles: Seque
     if init == "style":
         return resize(styles[0].detach().float(), shape).clone()
     raise ConfigError(f"init {init!r} is not content, noise, style or an image; load the image and pass a tensor")
-
-
-def config_extractor(features: FeaturesConfig, layers: Sequence[str]) -> VGGFeatures:
-    """The frozen VGG19 extractor a ``features`` config section describes, returning ``layers``."""
-    return build_extractor(
-        layers,
-        weights=features.weights,
-        pooling=features.pooling,
-        padding=features.padding,
-        preprocessing=features.preprocessing,
-        allow_download=features.allow_download,
-    )
 
 
 def network_dtype(precision: str) -> torch.dtype:
@@ -213,7 +199,7 @@ class StyleTransferModule(L.LightningModule):
             init = load_image(init)
         if style_masks is not None:
             style_masks = [m if m is None or isinstance(m, torch.Tensor) else read_image(m) for m in style_masks]
-        self.extractor = extractor if extractor is not None else config_extractor(self.features_config, self.layers)
+        self.extractor = extractor if extractor is not None else extractor_for(self.features_config, self.layers)
         missing = [n for n in self.layers if n not in self.extractor.layers]
         if missing:
             raise ConfigError(f"the given extractor does not return layers {missing}; build it with all loss layers")
@@ -236,12 +222,8 @@ class StyleTransferModule(L.LightningModule):
         """The loss terms (content, style, tv, loss; mean over the batch) at the image this step started from."""
         self._first_evaluation = True
         self._scale_ready = False
-        self.group: GroupStep | None = None
-        self.group_pairs: list[Pair] = []
-        self.group_checkpoint_every = 0
-        """Folder runs: save the running group every this many steps (0: only when stopped by a signal)."""
-        self.results: list[PairResult] = []
-        """Folder runs: what became of each pair this rank handled."""
+        self.ran_out_of_memory = False
+        """A folder run's group did not fit in its last step (the step was dropped; ``FolderGroups`` fails the group)."""
         self.criteria = nn.ModuleList()
         self.style_images: list[list[torch.Tensor]] = []
         self.style_masks: list[torch.Tensor | None] | None = None
@@ -313,6 +295,7 @@ class StyleTransferModule(L.LightningModule):
             self.fingerprint["temporal"] = [_digest(t.image), _digest(t.weights), float(t.weight)]
         self.hparams["image_shape"] = list(content.shape)
         self.step_terms = None
+        self._stepped = False
 
     def canvas(self, image: torch.Tensor) -> torch.Tensor:
         """``image`` with ``features.margin`` mirrored pixels on every side: what VGG sees of the output and content.
@@ -493,9 +476,9 @@ class StyleTransferModule(L.LightningModule):
             except BaseException as err:
                 if self.recompute_more_blocks(err):
                     continue
-                if self.group is None or not is_out_of_memory(err):
+                if not (isinstance(batch, GroupStep) and is_out_of_memory(err)):
                     raise
-                self.fail_group_out_of_memory()
+                self.ran_out_of_memory = True  # a folder run goes on with its next group
                 return
         self._stepped = True
         with torch.no_grad():
@@ -560,8 +543,14 @@ class StyleTransferModule(L.LightningModule):
             self.prepare_targets()
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """cuDNN's algorithm search for CUDA runs (shapes are static), in whatever Trainer fits the module."""
-        return [CudnnBenchmark()]
+        """cuDNN's algorithm search for CUDA runs (shapes are static), in whatever Trainer fits the module; a module
+        without images (fed groups of pairs by ``StylePairsDataModule``) brings ``FolderGroups`` unless the Trainer
+        has one."""
+        own: list[L.Callback] = [CudnnBenchmark()]
+        trainer = self._trainer
+        if not self.batch_size and not any(isinstance(c, FolderGroups) for c in (trainer.callbacks if trainer else [])):
+            own.append(FolderGroups())
+        return own
 
     def train_dataloader(self) -> Iterator[int]:
         """The image is the only data: an endless stream of placeholders, stopped by ``max_steps``."""
@@ -575,57 +564,7 @@ class StyleTransferModule(L.LightningModule):
             f"style_weight {loss.style_weight:g}, tv_weight {loss.tv_weight:g})"
         )
 
-    # ----------------------------------------------------------------------------------- folder runs
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """A folder run's group begins: load its images (recording those that fail) and a fresh optimiser."""
-        if isinstance(batch, GroupStep):
-            if batch.first:
-                self.start_group(batch)
-            self.group = batch
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """A folder run saves its group every ``group_checkpoint_every`` steps and writes its images at the last."""
-        if not isinstance(batch, GroupStep) or not self.batch_size:
-            return
-        if batch.last:
-            self.finish_group(batch)
-        elif self.group_checkpoint_every and batch.step % self.group_checkpoint_every == 0:
-            self.save_group()
-
-    def start_group(self, batch: GroupStep) -> None:
-        """Make the group's loadable pairs the problem; an interrupted group continues from its saved state."""
-        self._stepped = False
-        good = []
-        for item in batch.items or []:
-            error = item.error
-            if error is None:
-                try:
-                    self.check_sizes(item.content, item.styles)
-                except NSTError as err:
-                    error = str(err)
-            if error is None:
-                good.append(item)
-            else:
-                self.results.append(self._pair_result(item.pair, "failed", error=error))
-        self.group = batch
-        self.group_pairs = [item.pair for item in good]
-        self._group_started = time.perf_counter()
-        if not good:
-            self.image = nn.Parameter(self.image.new_zeros((0, 3, 1, 1)))
-            return
-        try:
-            self.set_images(torch.cat([item.content for item in good]), [item.styles for item in good])
-            self.prepare_targets()
-        except BaseException as err:
-            if not is_out_of_memory(err):
-                raise
-            self.fail_group_out_of_memory()
-            return
-        optimizer = self.configure_optimizers()
-        if batch.resume is not None:
-            self._restore_group(batch.resume, optimizer)
-        self.trainer.strategy.optimizers = [optimizer]
-
+    # ----------------------------------------------------------------------------------- memory
     def recompute_more_blocks(self, err: BaseException) -> bool:
         """Memory planned by measurement: when the first step of an image runs out of memory and
         ``features.checkpoint_blocks`` is auto, recompute one more VGG block in the backward pass and say
@@ -646,75 +585,11 @@ class StyleTransferModule(L.LightningModule):
         )
         return True
 
-    def fail_group_out_of_memory(self) -> None:
-        """The running group did not fit: its pairs fail with one line (said on this rank at once, and in the
-        summary every rank gathers), its memory is freed and the rank goes on with its next group. So no rank
-        dies alone and leaves the others waiting for it in the final gather."""
-        h, w = self.image.shape[-2:] if self.image.dim() == 4 else (0, 0)
-        message = (
-            f"out of memory on {self.image.device.type} optimising {len(self.group_pairs)} image(s) of {w}x{h} "
-            "together; lower batch.images_per_device or image.size"
-        )
-        self.results.extend(self._pair_result(pair, "failed", error=message) for pair in self.group_pairs)
-        log.warning("rank %d: %s (%s)", self.global_rank, message, ", ".join(p.name for p in self.group_pairs))
-        self.group_pairs = []
+    def clear_images(self) -> None:
+        """No images: the module waits for the next group of a folder run (its step does nothing meanwhile)."""
         self.image = nn.Parameter(self.image.new_zeros((0, 3, 1, 1)))
-        self.trainer.strategy.optimizers = [self.configure_optimizers()]  # drops the failed group's history
         if self.image.device.type == "cuda":
             torch.cuda.empty_cache()
-
-    def group_state(self) -> dict[str, Any]:
-        """What a group checkpoint holds: members, fingerprint, step, images (and average) and optimiser state."""
-        self.check_finite()
-        state = {k: v for k, v in self.state_dict().items() if k in CHECKPOINT_STATE}
-        return {
-            "members": [p.name for p in self.group_pairs],
-            FINGERPRINT_KEY: self.fingerprint,
-            "step": self.group.step,
-            "state_dict": state,
-            "optimizer": self.trainer.strategy.optimizers[0].state_dict(),
-        }
-
-    def save_group(self) -> Path | None:
-        """Write the running group's checkpoint (atomically, by this rank alone); its path, or None if none runs."""
-        if not self.batch_size or self.group is None:
-            return None
-        path = Path(self.group.checkpoint)
-        state = self.group_state()
-        atomic_write(path, lambda fh: torch.save(state, fh), fsync=True)
-        return path
-
-    def _restore_group(self, saved: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> None:
-        if saved.get("members") != [p.name for p in self.group_pairs] or saved.get(FINGERPRINT_KEY) != self.fingerprint:
-            raise CheckpointError(
-                f"{self.group.checkpoint} was written by a run with other images or settings; rerun with "
-                "overwrite=True to start the folder again, or restore the settings it was written with"
-            )
-        self.load_state_dict(saved["state_dict"], strict=False)
-        self._scale_ready = "objective_scale" in saved["state_dict"]
-        state = saved["optimizer"]
-        for group in state.get("param_groups", []):
-            group["lr"] = self.optim_config.learning_rate
-        optimizer.load_state_dict(state)
-        self.last_good.copy_(self.image.detach())
-
-    @torch.no_grad()
-    def finish_group(self, batch: GroupStep) -> None:
-        """Write each image of the group to its pair's file and record its loss at the result (unscaled)."""
-        self.check_finite()
-        losses = self.loss_terms()["loss"].tolist()
-        seconds = (time.perf_counter() - self._group_started) / self.batch_size
-        for pair, image, loss in zip(self.group_pairs, self.result(), losses):
-            save_image(image.unsqueeze(0), pair.output)
-            self.results.append(self._pair_result(pair, "done", loss=loss, seconds=seconds))
-        Path(batch.checkpoint).unlink(missing_ok=True)
-        self.image = nn.Parameter(self.image.new_zeros((0, 3, 1, 1)))
-
-    def _pair_result(self, pair: Pair, status: str, **details: Any) -> PairResult:
-        return PairResult(pair.name, pair.content, list(pair.styles), pair.output, self.global_rank, status, **details)
-
-    def on_train_start(self) -> None:
-        self.results: list[PairResult] = []
 
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -723,6 +598,17 @@ class StyleTransferModule(L.LightningModule):
         self.check_finite()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in CHECKPOINT_STATE}
         checkpoint[FINGERPRINT_KEY] = self.fingerprint
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The state a checkpoint keeps (``CHECKPOINT_STATE``), read after the NaN guard so it is never non-finite."""
+        self.check_finite()
+        return {k: v for k, v in self.state_dict().items() if k in CHECKPOINT_STATE}
+
+    def restore_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Put back what ``checkpoint_state`` returned (a folder group's checkpoint), the last good image with it."""
+        self.load_state_dict(dict(state), strict=False)
+        self._scale_ready = "objective_scale" in state
+        self.last_good.copy_(self.image.detach())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint written by a run with other images, size, layers or weights.
@@ -785,7 +671,6 @@ class StyleTransferModule(L.LightningModule):
         return StepGraph()
 
 
-LOSS_TERMS = ("content", "style", "tv", "loss")
 
 
 def _styles_per_image(

@@ -8,7 +8,6 @@ Imports no torch, so the CLI can tell a batch run from a single run (and report 
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,9 +15,8 @@ from typing import NamedTuple
 
 from .config import RunConfig
 from .errors import ConfigError
+from .kinds import IMAGE_SUFFIXES, VIDEO_SUFFIXES, found, is_glob, is_video_file, matches, names_many
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
-VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg")
 PAIR_SEPARATOR = "__"
 OUTPUT_SUFFIX = ".png"
 
@@ -36,26 +34,14 @@ class Pair(NamedTuple):
         return Path(self.output).name
 
 
-def names_many(entry: str) -> bool:
-    """Whether an input entry is a folder or a glob (so it may name several images)."""
-    return _is_glob(entry) or Path(os.path.expanduser(entry)).is_dir()
-
-
-def is_video_file(entry: str) -> bool:
-    """Whether an input entry names one video file, by its suffix (a glob such as ``clips/*.mp4`` does not)."""
-    return not _is_glob(entry) and Path(entry).suffix.lower() in VIDEO_SUFFIXES
-
-
 def is_clip(config: RunConfig) -> bool:
     """A clip run stylises frames in order: ``video.enabled``, or one content entry that is a video file."""
-    return config.video.enabled or (len(config.contents) == 1 and is_video_file(config.contents[0]))
+    return config.kind == "clip"
 
 
 def is_clip_batch(config: RunConfig) -> bool:
     """A batch of clips: without ``video.enabled``, a list of video files or a folder or glob matching videos."""
-    if config.video.enabled or is_clip(config):
-        return False
-    return any(is_video_file(e) or (names_many(e) and _matches(e, VIDEO_SUFFIXES)) for e in config.contents)
+    return config.kind == "clips"
 
 
 def is_batch(config: RunConfig) -> bool:
@@ -64,9 +50,7 @@ def is_batch(config: RunConfig) -> bool:
     The form of the input decides, not the number of matches, so a folder of one image still writes
     ``OUTPUT/<content>__<style>.png`` and reruns keep finding it. Clips are not batches.
     """
-    if is_clip(config) or is_clip_batch(config):
-        return False
-    return isinstance(config.content, list) or any(names_many(e) for e in [*config.contents, *config.styles])
+    return config.kind == "folder"
 
 
 def expand_pairs(config: RunConfig, clips: bool = False) -> list[Pair]:
@@ -77,7 +61,7 @@ def expand_pairs(config: RunConfig, clips: bool = False) -> list[Pair]:
     out_dir = Path(config.output)
     role, suffixes, suffix = ("clip", VIDEO_SUFFIXES, "") if clips else ("content", IMAGE_SUFFIXES, OUTPUT_SUFFIX)
     contents = _unique(p for entry in config.contents for p in _expand(entry, role, suffixes))
-    mixed = [e for e in config.contents if clips and names_many(e) and _matches(e, IMAGE_SUFFIXES)]
+    mixed = [e for e in config.contents if clips and names_many(e) and matches(e, IMAGE_SUFFIXES)]
     if mixed:
         raise ConfigError(
             f"content {mixed[0]} holds both video files and images; put a clip's frames in a folder of their own "
@@ -115,25 +99,6 @@ def pending(pairs: list[Pair], overwrite: bool = False) -> tuple[list[Pair], lis
     return todo, done
 
 
-def _is_glob(entry: str) -> bool:
-    return any(ch in entry for ch in "*?[")
-
-
-def _found(entry: str) -> list[Path]:
-    """The visible files a folder (not recursive) or glob entry matches."""
-    path = Path(os.path.expanduser(entry))
-    if _is_glob(entry):
-        found = [Path(p) for p in glob.glob(os.path.expanduser(entry), recursive=True)]
-    else:
-        found = [p for p in path.iterdir() if not p.name.startswith(".")]
-    return [p for p in found if p.is_file()]
-
-
-def _matches(entry: str, suffixes: tuple[str, ...]) -> bool:
-    """Whether a folder or glob entry matches any file with one of ``suffixes``."""
-    return any(p.suffix.lower() in suffixes for p in _found(entry))
-
-
 def _expand(entry: str, role: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
     """The files an entry names: itself, a folder's files (not recursive) or a glob's matches with ``suffixes``."""
     path = Path(os.path.expanduser(entry))
@@ -144,8 +109,8 @@ def _expand(entry: str, role: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -
         if role == "clip" and not is_video_file(entry):
             raise ConfigError(f"clip list entry {path} is not a video file ({', '.join(suffixes)}); list only videos")
         return [path]
-    what = f"{role} glob {entry!r} matches" if _is_glob(entry) else f"{role} folder {path} holds"
-    files = sorted(p for p in _found(entry) if p.suffix.lower() in suffixes)
+    what = f"{role} glob {entry!r} matches" if is_glob(entry) else f"{role} folder {path} holds"
+    files = sorted(p for p in found(entry) if p.suffix.lower() in suffixes)
     if not files:
         raise ConfigError(f"{what} no {kind} ({', '.join(suffixes)}); check the path or the pattern")
     return files

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from .history import read_history
+from .history import LOSS_TERMS, read_history
 from .images import save_pil
 
 if TYPE_CHECKING:
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-LOSS_SERIES = ("content", "style", "tv", "loss")
 DPI = 100
 
 
@@ -61,7 +60,7 @@ def _show(ax: Axes, image: torch.Tensor, title: str | None = None) -> None:
 def read_losses(path: str | os.PathLike[str]) -> dict[str, list[float]]:
     """The columns of a run's ``losses.csv`` (``step``, ``content``, ``style``, ``tv``, ``loss``) as lists."""
     rows = read_history(path).rows
-    return {key: [float(r[key]) for r in rows] for key in ("step", *LOSS_SERIES)}
+    return {key: [float(r[key]) for r in rows] for key in ("step", *LOSS_TERMS)}
 
 
 def loss_curve(losses: str | os.PathLike[str], path: str | os.PathLike[str], stage_starts: Sequence[int] = ()) -> Path:
@@ -78,8 +77,8 @@ def loss_curve_picture(data: Mapping[str, Sequence[float]], stage_starts: Sequen
     """
     fig = _figure(640, 400)
     ax = fig.add_subplot()
-    shown = [v for key in LOSS_SERIES for v in data[key] if v > 0]
-    for key in LOSS_SERIES:
+    shown = [v for key in LOSS_TERMS for v in data[key] if v > 0]
+    for key in LOSS_TERMS:
         values = data[key]
         if len(values) == len(data["step"]) and any(v > 0 for v in values):
             style = {"color": "black", "linestyle": "--", "linewidth": 1.2} if key == "loss" else {"linewidth": 1.6}

@@ -6,6 +6,7 @@ Knows nothing of the Trainer: it reads checkpoints only to find the step and ima
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from .atomic import remove_stale_temps, reporting_write_failures
 from .config import INIT_KEYWORDS, RunConfig
 from .errors import CheckpointError, ConfigError
 from .images import read_size, target_shape
-from .module import FINGERPRINT_KEY
+from .groups import FINGERPRINT_KEY
 
 RUN_FILES = ("config.yaml", "final.png", "interrupted.png", "losses.csv", "loss_curve.png", "side_by_side.png")
 RUN_DIRS = ("checkpoints", "snapshots")
@@ -198,18 +199,23 @@ def input_paths(config: RunConfig) -> list[Path]:
     return [Path(p).expanduser().resolve() for p in paths]
 
 
+def check_inputs_outside(inputs: Sequence[str | Path], root: Path, written: Sequence[Path], what: str) -> None:
+    """Refuse an input that lies where a run writes: its folder ``root``, one of the ``written`` files or folders, or
+    inside one of them; ``what`` names the run and its typical outputs in the message."""
+    root = root.expanduser().resolve()
+    places = [w.expanduser().resolve() for w in written]
+    for entry in inputs:
+        path = Path(entry).expanduser().resolve()
+        if path == root or any(path == w or path.is_relative_to(w) for w in places):
+            raise ConfigError(
+                f"input {path} is where {what} and would be overwritten; choose another output= directory or move the input"
+            )
+
+
 def check_output(config: RunConfig, outputs: RunOutputs, resuming: bool, overwrite: bool) -> None:
     """Refuse an output directory that would overwrite or delete an input, or clobber a previous run."""
-    root = outputs.root.expanduser().resolve()
-    if outputs.root.is_file():
-        raise ConfigError(f"output {outputs.root} is a file (an input image?); give a directory for the run's outputs")
-    written = {root / name for name in RUN_FILES}
-    for path in input_paths(config):
-        if path == root or path in written or any(path.is_relative_to(root / d) for d in RUN_DIRS):
-            raise ConfigError(
-                f"input {path} is where the run writes its outputs (final.png, snapshots/, ...) and would be "
-                "overwritten; choose another output= directory or move the input"
-            )
+    written = [outputs.root / name for name in (*RUN_FILES, *RUN_DIRS)]
+    check_inputs_outside(input_paths(config), outputs.root, written, "the run writes its outputs (final.png, snapshots/, ...)")
     if resuming and overwrite:
         raise ConfigError(
             "resume= continues the run and overwrite=True replaces it; give resume= to continue it or overwrite=True to "

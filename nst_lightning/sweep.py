@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from .allocator import request_huge_pages
 from .config import RunConfig, all_layers, build_config, set_value
 from .errors import ConfigError
 
@@ -142,6 +143,7 @@ def sweep(
     """
     from .lock import FolderLock
 
+    request_huge_pages(config.image.size)  # before torch allocates (it reads the switch once)
     cells = grid_cells(config, grid)
     root = Path(config.output)
     if resume and overwrite:
@@ -163,9 +165,9 @@ def _run_cells(
     on_cell: Callable[[Cell, int], None] | None,
 ) -> None:
     """Run each cell not yet finished, sharing one extractor per features setting and the computed targets."""
-    from .api import fit
     from .atomic import reporting_write_failures
-    from .module import config_extractor
+    from .features import extractor_for
+    from .runs import run_image
 
     root = Path(config.output)
     if (root / SUMMARY).exists() or (root / CELLS).exists():
@@ -194,8 +196,8 @@ def _run_cells(
         key = feats.model_dump_json()
         if key not in extractors:
             layers = sorted({n for c in cells if c.config.features == feats for n in all_layers(c.config)})
-            extractors[key] = config_extractor(feats, layers)
-        fit(
+            extractors[key] = extractor_for(feats, layers)
+        run_image(
             cell.config,
             resume="last" if state == "resumable" else None,
             overwrite=state != "resumable",
@@ -232,7 +234,7 @@ def check_same_cells(cells: list[Cell]) -> None:
 
 def _summarise(config: RunConfig, grid: Mapping[str, Sequence[Any]], cells: list[Cell], cell_px: int) -> SweepOutputs:
     """Draw the contact sheet and write ``sweep.csv`` from the finished cells."""
-    from .api import load_images
+    from .inputs import load_images
     from .atomic import reporting_write_failures, write_text_atomic
     from .images import read_image
     from .plots import contact_sheet, read_losses

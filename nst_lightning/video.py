@@ -1,7 +1,7 @@
 """Clips stylised with temporal coherence (Ruder, Dosovitskiy & Brox, "Artistic style transfer for videos", 2016).
 
-Frames go one after another through the same module and Trainer as a single run (``api.build_module`` and
-``api.build_trainer``). From the second frame on, a frame starts from the previous result warped to it by
+The pieces of a clip run (``runs.run_clip``): its files, the frame order, the record a resume must match and
+each frame's start. Frames go one after another through the same module and session as a single run. From the second frame on, a frame starts from the previous result warped to it by
 optical flow (``video.init=warped``) and a temporal term pulls it towards that warp wherever the flow is
 reliable (``video.temporal_weight``). Later passes alternate direction and blend each frame's previous pass
 with its neighbour's warp, as the paper's multi-pass algorithm does. Finished frames are files, so a stopped
@@ -11,33 +11,23 @@ clip continues at its first unfinished frame.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
-import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 
-from .api import _as_nst_error, build_module, build_trainer, load_masks
-from .quiet import lightning_quiet
 from .atomic import remove_stale_temps, write_text_atomic
 from .config import RunConfig, dump_config
-from .errors import CheckpointError, ConfigError, RunInterrupted
-from .faults import GracefulStop
-from .features import VGGFeatures
-from .flow import flow_and_weights, require_opencv, warp
-from .images import load_image, read_image, save_image, style_side
+from .errors import CheckpointError, ConfigError
+from .flow import flow_and_weights, warp
+from .images import read_image
 from .losses import TemporalTarget
-from .resources import check_fits
-from .rundir import RunOutputs, Stage
-from .videoio import Clip, read_clip, write_video
-
-log = logging.getLogger(__name__)
+from .pairs import Pair
+from .rundir import check_inputs_outside
+from .videoio import Clip
 
 PASS_BLEND = 0.5
 """Weight of the neighbour's warp against the frame's previous pass where the flow is reliable (Ruder's delta)."""
@@ -101,7 +91,7 @@ def frame_order(count: int, passes: int) -> Iterator[tuple[int, int, int | None]
             previous = i
 
 
-def _record(config: RunConfig, clip: Clip) -> dict[str, Any]:
+def clip_record(config: RunConfig, clip: Clip) -> dict[str, Any]:
     settings = {k: v for k, v in config.model_dump(mode="json").items() if k not in RECORD_IGNORED}
     settings["trainer"] = {k: v for k, v in settings["trainer"].items() if k not in TRAINER_IGNORED}
     return {"settings": settings, "frames": len(clip), "size": list(clip.shape), "fps": str(clip.fps)}
@@ -117,16 +107,10 @@ def check_clip_config(config: RunConfig, resume: str | None) -> None:
         raise ConfigError("color=luminance is not supported for clips; use color=none or color=histogram")
 
 
-def _check_output(config: RunConfig, outputs: ClipOutputs, resuming: bool, overwrite: bool) -> None:
+def check_clip_output(config: RunConfig, outputs: ClipOutputs, resuming: bool, overwrite: bool) -> None:
     """Refuse an output directory that holds an input, or a previous run that would be clobbered."""
-    root = outputs.root.expanduser().resolve()
-    if outputs.root.is_file():
-        raise ConfigError(f"output {outputs.root} is a file; give a directory for the clip's outputs")
     inputs = [*config.contents, *config.styles, *(m for m in config.style_masks or [] if m)]
-    for entry in inputs:
-        path = Path(entry).expanduser().resolve()
-        if path == root or any(path == w.resolve() or path.is_relative_to(w.resolve()) for w in outputs.written()):
-            raise ConfigError(f"input {entry} is where the clip writes its outputs; choose another output= directory")
+    check_inputs_outside(inputs, outputs.root, outputs.written(), "the clip writes its outputs (stylised.mp4, frames/, ...)")
     previous = any(p.exists() for p in outputs.written())
     if resuming and not outputs.record.is_file():
         raise CheckpointError(f"no clip to resume in {outputs.root} (no clip.json); run without resume= to start it")
@@ -137,7 +121,7 @@ def _check_output(config: RunConfig, outputs: ClipOutputs, resuming: bool, overw
         )
 
 
-def _check_record(outputs: ClipOutputs, record: dict[str, Any]) -> None:
+def check_record(outputs: ClipOutputs, record: dict[str, Any]) -> None:
     try:
         theirs = json.loads(outputs.record.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -153,7 +137,7 @@ def _check_record(outputs: ClipOutputs, record: dict[str, Any]) -> None:
     )
 
 
-def _prepare(outputs: ClipOutputs, config: RunConfig, record: dict[str, Any], resuming: bool, overwrite: bool) -> None:
+def prepare_clip(outputs: ClipOutputs, config: RunConfig, record: dict[str, Any], resuming: bool, overwrite: bool) -> None:
     if overwrite and not resuming:
         for path in outputs.written():
             if path.is_dir():
@@ -167,7 +151,7 @@ def _prepare(outputs: ClipOutputs, config: RunConfig, record: dict[str, Any], re
     write_text_atomic(outputs.record, json.dumps(record, indent=1, sort_keys=True))
 
 
-class _Frames:
+class Flows:
     """Flows between content frames (kept for later passes) and the results read back from their files."""
 
     def __init__(self, clip: Clip, method: str, keep: bool) -> None:
@@ -184,84 +168,18 @@ class _Frames:
         return out
 
 
-def fit_clip(
-    config: RunConfig,
-    *,
-    resume: str | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    callbacks: list[Callback] | None = None,
-    extractor: VGGFeatures | None = None,
-    verbose: bool = False,
-    label: str | None = None,
-) -> ClipOutputs:
-    """Stylise the clip ``config.content`` names; writes ``stylised.mp4`` and ``frames/000001.png``, ... under ``output``.
-
-    ``resume="last"`` continues at the first unfinished frame (a resume with another clip or other settings is
-    refused); ``overwrite`` replaces a previous run. Bad clips are refused before anything is written. SIGINT or
-    SIGTERM stop after the current step of the current frame (RunInterrupted); finished frames are kept.
-
-    Lightning's start-up messages (accelerator lines, tips) and known deprecation notices are held back unless
-    ``verbose``; logger levels and warning filters are as before once it returns. ``label`` names the clip in
-    the progress line (a folder run of clips passes the clip's output name).
-    """
-    with lightning_quiet(verbose):
-        check_clip_config(config, resume)
-        outputs = ClipOutputs(Path(config.output))
-        resuming = resume is not None
-        _check_output(config, outputs, resuming, overwrite)
-        video = config.video
-        clip = read_clip(config.contents, config.image.size, config.image.fit, video.every_nth_frame, video.fps)
-        record = _record(config, clip)
-        if resuming:
-            _check_record(outputs, record)
-        styles = [load_image(p, style_side(clip.shape, s), "long") for p, s in zip(config.styles, config.style_scales())]
-        shapes = (clip.shape, [tuple(s.shape[-2:]) for s in styles])
-        blocks, _ = check_fits(config, *shapes)
-        features = config.features.model_copy(update={"checkpoint_blocks": blocks})
-        masks = load_masks(config)
-        require_opencv()
-        _prepare(outputs, config, record, resuming, overwrite)
-        log.info("clip %s: %d frames of %dx%d at %s fps", clip.source, len(clip), clip.shape[1], clip.shape[0], _fps(clip))
-        L.seed_everything(config.seed, workers=False, verbose=False)
-        frames = _Frames(clip, video.flow, keep=video.passes > 1)
-        redo = False
-        scale: torch.Tensor | None = None
-        for p, i, neighbour in frame_order(len(clip), video.passes):
-            target = outputs.frame(i, p, video.passes)
-            if target.is_file() and not redo:
-                continue
-            redo = True  # every later frame depends on this one
-            init, temporal = _start(config, outputs, frames, p, i, neighbour)
-            module = build_module(
-                config, clip.frame(i), styles, masks=masks, init=init, extractor=extractor, features=features, temporal=temporal
-            )
-            extractor = module.extractor
-            if scale is None:  # the first frame's cold-start scale, for every frame (also when resuming mid-clip)
-                first = build_module(config, clip.frame(0), styles, masks=masks, extractor=extractor, features=features)
-                scale = first.starting_objective_scale()
-            module.use_objective_scale(scale)
-            if not _run_frame(config, outputs, module, shapes, _where(p, i, len(clip), video.passes, label), progress, callbacks):
-                log.warning('stopped by a callback at frame %d; continue with resume="last"', i + 1)
-                return outputs
-            save_image(module.result(), target)
-        write_video([outputs.frame(i, video.passes - 1, video.passes) for i in range(len(clip))], outputs.video, clip.fps)
-        shutil.rmtree(outputs.work, ignore_errors=True)
-        return outputs
-
-
-def _fps(clip: Clip) -> str:
+def fps_text(clip: Clip) -> str:
     return f"{float(clip.fps):g}"
 
 
-def _where(p: int, i: int, count: int, passes: int, label: str | None = None) -> str:
+def frame_label(p: int, i: int, count: int, passes: int, label: str | None = None) -> str:
     frame = f"Frame {i + 1}/{count}"
     where = frame if passes == 1 else f"Pass {p + 1}/{passes} {frame.lower()}"
     return where if label is None else f"{label}: {where[0].lower()}{where[1:]}"
 
 
-def _start(
-    config: RunConfig, outputs: ClipOutputs, frames: _Frames, p: int, i: int, neighbour: int | None
+def frame_start(
+    config: RunConfig, outputs: ClipOutputs, flows: Flows, p: int, i: int, neighbour: int | None
 ) -> tuple[torch.Tensor | None, TemporalTarget | None]:
     """The init image of frame ``i`` in pass ``p`` (None: the config's ``init``) and its temporal target.
 
@@ -272,7 +190,7 @@ def _start(
     earlier = read_image(outputs.frame(i, p - 1, video.passes)) if p > 0 else None
     if neighbour is None or (video.temporal_weight == 0 and video.init == "content"):
         return earlier, None
-    flow, weights = frames.flow(i, neighbour)
+    flow, weights = flows.flow(i, neighbour)
     warped = warp(read_image(outputs.frame(neighbour, p, video.passes)), flow)
     temporal = TemporalTarget(warped, weights, video.temporal_weight) if video.temporal_weight > 0 else None
     if video.init == "content":
@@ -282,41 +200,14 @@ def _start(
     return earlier + PASS_BLEND * weights * (warped - earlier), temporal
 
 
-def _run_frame(
-    config: RunConfig,
-    outputs: ClipOutputs,
-    module: Any,
-    shapes: tuple[Any, Any],
-    label: str,
-    progress: bool,
-    callbacks: list[Callback] | None,
-) -> bool:
-    """Optimise one frame with the package's Trainer; False when a callback stopped it early."""
-    steps = config.trainer.max_steps
-    frame_config = config.model_copy(
-        update={
-            "checkpoint": config.checkpoint.model_copy(update={"every_n_steps": steps}),
-            "snapshot": config.snapshot.model_copy(update={"every_n_steps": 0}),
-        }
-    )
-    work = RunOutputs(outputs.work)
-    stage = Stage(0, 1, config.image.size, steps, 0, work.checkpoints)
-    stop = GracefulStop(work.last_checkpoint, work.interrupted)
-    trainer = build_trainer(frame_config, work, progress, [stop, *(callbacks or [])], stage=stage, label=label)
-    with stop.handling_signals():
-        try:
-            trainer.fit(module)
-        except BaseException as err:
-            if stop.stopped_by_signal and GracefulStop.is_stop(err):
-                signum = stop.signum if stop.signum is not None else signal.SIGINT
-                raise RunInterrupted(
-                    f"interrupted by {signal.Signals(signum).name} at {label.lower()}; the frames before it are in "
-                    f"{outputs.frames if config.video.passes == 1 else outputs.root}",
-                    signum,
-                    resumable=True,
-                ) from None
-            known = _as_nst_error(err, config, shapes, stop, work)
-            if known is None:
-                raise
-            raise known from None
-    return not trainer.should_stop and trainer.global_step >= steps
+def clip_finished(pair: Pair) -> bool:
+    """A clip is finished when its video is written and its work folder removed (the last thing a clip run does)."""
+    outputs = ClipOutputs(Path(pair.output))
+    return outputs.video.is_file() and outputs.record.is_file() and not outputs.work.exists()
+
+
+def clip_config(config: RunConfig, pair: Pair, rank_devices: Any) -> RunConfig:
+    """The single-clip config of one pair of a clip folder, on this rank's one device."""
+    trainer = config.trainer.model_copy(update={"devices": rank_devices, "num_nodes": 1, "strategy": "auto"})
+    style: str | list[str] = pair.styles[0] if len(pair.styles) == 1 else list(pair.styles)
+    return config.model_copy(update={"content": pair.content, "style": style, "output": pair.output, "trainer": trainer})

@@ -20,7 +20,7 @@ import torch
 from .atomic import replace_atomically
 from .errors import DependencyError, ResourceError, VideoError
 from .flow import VIDEO_EXTRA
-from .images import load_image, read_image, read_size, resize, target_shape
+from .images import Loading, load_image, read_image, read_size, resize_rgb, target_shape
 from .pairs import image_files, is_video_file
 
 log = logging.getLogger(__name__)
@@ -92,11 +92,16 @@ def _rate(fps: float | None, default: Fraction) -> Fraction:
 
 
 def read_clip(
-    entries: Sequence[str], size: int, fit: str = "long", every_nth: int = 1, fps: float | None = None
+    entries: Sequence[str],
+    size: int,
+    fit: str = "long",
+    every_nth: int = 1,
+    fps: float | None = None,
+    loading: Loading = Loading(),
 ) -> Clip:
     """The clip ``entries`` name: one video file, or image files (a folder, a glob or a list, in name order).
 
-    Frames are scaled so the side ``fit`` names is ``size``; ``every_nth`` keeps frames 1, 1+n, ...; the clip's
+    Frames are scaled so the side ``fit`` names is ``size``, as ``loading`` resamples and rounds; ``every_nth`` keeps frames 1, 1+n, ...; the clip's
     rate is ``fps`` if given, else the video's own (24 for image files), divided by ``every_nth``.
     """
     videos = [e for e in entries if is_video_file(e)]
@@ -106,11 +111,11 @@ def read_clip(
             "frames (a folder, glob or list); for several clips, list the videos or give their folder without video.enabled"
         )
     if videos:
-        return _read_video(Path(videos[0]).expanduser(), size, fit, every_nth, fps)
-    return _read_frames(entries, size, fit, every_nth, fps)
+        return _read_video(Path(videos[0]).expanduser(), size, fit, every_nth, fps, loading)
+    return _read_frames(entries, size, fit, every_nth, fps, loading)
 
 
-def _read_frames(entries: Sequence[str], size: int, fit: str, every_nth: int, fps: float | None) -> Clip:
+def _read_frames(entries: Sequence[str], size: int, fit: str, every_nth: int, fps: float | None, loading: Loading) -> Clip:
     files = [f for entry in entries for f in image_files(entry, "frame")][::every_nth]
     first = read_size(files[0])
     _check_frame_size(*first, f"frame {files[0]}")
@@ -121,13 +126,13 @@ def _read_frames(entries: Sequence[str], size: int, fit: str, every_nth: int, fp
                 f"frame {path} is {width}x{height} px but {files[0]} is {first[1]}x{first[0]}; "
                 "all frames of a clip must have one size"
             )
-    shape = target_shape(*first, size, fit)
+    shape = target_shape(*first, size, fit, loading.rounding)
     _check_memory(len(files), shape, str(entries[0]))
-    frames = [_as_uint8(load_image(path, size, fit)) for path in files]
+    frames = [_as_uint8(load_image(path, size, fit, loading)) for path in files]
     return Clip(frames, _rate(fps, DEFAULT_FPS) / every_nth, str(entries[0]))
 
 
-def _read_video(path: Path, size: int, fit: str, every_nth: int, fps: float | None) -> Clip:
+def _read_video(path: Path, size: int, fit: str, every_nth: int, fps: float | None, loading: Loading) -> Clip:
     av = _av()
     if not path.is_file():
         raise VideoError(f"video {path} does not exist; check the path")
@@ -143,7 +148,7 @@ def _read_video(path: Path, size: int, fit: str, every_nth: int, fps: float | No
         if not (width and height):
             raise VideoError(f"video {path} states no frame size; it is corrupt, re-export it")
         _check_frame_size(height, width, f"video {path}")
-        shape = target_shape(height, width, size, fit)
+        shape = target_shape(height, width, size, fit, loading.rounding)
         times: list[float] = []
         frames: list[torch.Tensor] = []
         try:
@@ -157,9 +162,8 @@ def _read_video(path: Path, size: int, fit: str, every_nth: int, fps: float | No
                     times.append(float(frame.time))
                 if index % every_nth == 0:
                     _check_memory(max(len(frames) + 1, (stream.frames or 0) // every_nth), shape, str(path))
-                    rgb = torch.from_numpy(np.ascontiguousarray(frame.to_ndarray(format="rgb24")))
-                    image = rgb.permute(2, 0, 1).unsqueeze(0).float() / 255.0
-                    frames.append(_as_uint8(resize(image, shape)))
+                    rgb = frame.to_ndarray(format="rgb24").astype(np.float32) / 255.0
+                    frames.append(_as_uint8(resize_rgb(rgb, shape, loading.resample)))
         except av.FFmpegError as err:
             raise VideoError(
                 f"video {path} is corrupt after {len(times)} frames ({_reason(err)}); re-export or cut the file"

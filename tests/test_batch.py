@@ -17,7 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from nst_lightning.api import fit
-from nst_lightning.batch import fit_batch
+from nst_lightning import fit_batch
 from nst_lightning.cli import app
 from nst_lightning.config import EXAMPLE_CONTENT, load_config
 from nst_lightning.errors import ConfigError, RunInterrupted
@@ -210,15 +210,22 @@ def test_folder_memory_is_planned_for_the_images_a_group_holds(tmp_path, monkeyp
 
 def _out_of_memory_in_groups_with(monkeypatch, first_pair: str) -> None:
     """Make every evaluation of a group holding ``first_pair`` fail as CUDA does when memory runs out."""
+    from nst_lightning.groups import FolderGroups
     from nst_lightning.module import StyleTransferModule
 
-    evaluate = StyleTransferModule.evaluate
+    evaluate, start = StyleTransferModule.evaluate, FolderGroups.start
+    running: list[str] = []
+
+    def noting(self, trainer, module, batch):
+        running[:] = [p.name for p in batch.pairs]
+        return start(self, trainer, module, batch)
 
     def failing(self):
-        if any(p.name.startswith(first_pair) for p in self.group_pairs):
+        if any(name.startswith(first_pair) for name in running):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return evaluate(self)
 
+    monkeypatch.setattr(FolderGroups, "start", noting)
     monkeypatch.setattr(StyleTransferModule, "evaluate", failing)
 
 

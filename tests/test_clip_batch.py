@@ -20,7 +20,7 @@ from .conftest import ROOT, tiny_overrides
 pytest.importorskip("av")
 pytest.importorskip("cv2")
 
-from nst_lightning.clip_batch import fit_clips  # noqa: E402
+from nst_lightning import fit_clips  # noqa: E402
 
 from .test_video import _SignalAtFrame, pan, write_clip  # noqa: E402
 

@@ -282,3 +282,10 @@ def test_a_set_value_meant_as_yaml_but_broken_is_refused_not_taken_as_text():
     with pytest.raises(ConfigError, match=r"--set 'style=\[': the value is not valid YAML .*close its brackets"):
         load_config(None, ["style=["])
     assert load_config(None, ["output=runs/a:b"]).output.endswith("runs/a:b")  # plain text stays text
+def test_scales_give_the_size_without_changing_the_image_section_they_were_given():
+    from nst_lightning.config import ImageConfig, RunConfig
+
+    image = ImageConfig(fit="height")
+    config = RunConfig(scales=[64, 128], image=image)
+    assert config.image.size == 128 and config.image.fit == "height"
+    assert image.size == ImageConfig().size and "size" not in image.model_fields_set

@@ -75,7 +75,7 @@ def fake_cuda_machine(monkeypatch):
 
 @pytest.mark.parametrize("run", ["single", "folder"])
 def test_nothing_initialises_cuda_before_the_trainer_fits(fake_cuda_machine, monkeypatch, tiny_config, tmp_path, run):
-    from nst_lightning.batch import fit_batch
+    from nst_lightning import fit_batch
 
     from .test_batch import make_frames
 

@@ -180,7 +180,7 @@ def test_tv_term_adds_weighted_total_variation_chroma_and_border_smoothness(extr
     terms = crit(extractor(image), image)
     expected = 1e-7 * tv_loss(image) + 0.01 * chroma_tv_loss(image).sum() + 0.002 * border_tv_loss(image).sum()
     torch.testing.assert_close(terms["tv"], expected)
-    assert _criterion(chroma_weight=0.0).smoothness(image).item() == 0
+    assert _criterion(chroma_weight=0.0, border_weight=0.0).smoothness(image).item() == 0
 
 
 def test_grams_and_losses_stay_fp32_under_bf16_autocast(extractor, content_small, style_small):
@@ -231,3 +231,19 @@ def test_default_criterion_is_the_weighted_sum_of_the_relative_formulas(extracto
     assert terms["content"].item() == pytest.approx(2.0 * content.item(), rel=1e-4)
     assert terms["style"].item() == pytest.approx(3.0 * style.item(), rel=1e-4)
     assert terms["content"].item() > 0 and terms["style"].item() > 0
+
+
+def test_the_loss_built_without_settings_weighs_its_terms_as_the_config_does():
+    import inspect
+
+    from nst_lightning.config import LossConfig
+
+    config = LossConfig()
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(StyleTransferLoss).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    wanted = {name: getattr(config, name) for name in defaults}
+    assert defaults == wanted
+    assert {"chroma_weight", "border_weight", "content_weight", "style_weight", "tv_weight"} <= set(defaults)

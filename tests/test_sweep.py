@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nst_lightning import losses, module
+from nst_lightning import features, losses
 from nst_lightning.config import load_config
 from nst_lightning.errors import ConfigError
 from nst_lightning.images import read_image
@@ -58,8 +58,8 @@ def test_a_bad_cell_is_refused_before_anything_runs(tmp_path, items, fragment):
 
 def test_a_sweep_runs_every_cell_on_one_network_and_one_set_of_targets(tmp_path, monkeypatch):
     built, targeted = [], []
-    real_build, real_targets = module.build_extractor, losses.StyleTransferLoss.set_targets
-    monkeypatch.setattr(module, "build_extractor", lambda *a, **k: built.append(1) or real_build(*a, **k))
+    real_build, real_targets = features.build_extractor, losses.StyleTransferLoss.set_targets
+    monkeypatch.setattr(features, "build_extractor", lambda *a, **k: built.append(1) or real_build(*a, **k))
     monkeypatch.setattr(losses.StyleTransferLoss, "set_targets", lambda *a, **k: targeted.append(1) or real_targets(*a, **k))
     base = load_config(None, tiny_overrides(tmp_path / "sweep", steps=3, **{"image.size": 32, "checkpoint.every_n_steps": 10}))
     out = sweep(base, parse_grid(["loss.style_weight=0,1e3", "loss.content_weight=1,0"]), progress=False)

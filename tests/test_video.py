@@ -27,7 +27,7 @@ av = pytest.importorskip("av")
 pytest.importorskip("cv2")
 
 from nst_lightning.flow import flow_and_weights, warping_error  # noqa: E402
-from nst_lightning.video import fit_clip  # noqa: E402
+from nst_lightning import fit_clip  # noqa: E402
 from nst_lightning.videoio import read_clip, video_info  # noqa: E402
 
 STEPS = 3
@@ -92,6 +92,39 @@ def test_frames_are_a_clip_with_video_enabled_at_video_fps_and_every_nth_frame(t
     assert torch.allclose(clip.frame(1), load_image(folder / "f02.png", 32), atol=1 / 255 + 1e-6)
     video = read_clip([str(write_clip(tmp_path / "c.mp4", pan(6), fps=12))], 32, every_nth=3)
     assert len(video) == 2 and video.fps == Fraction(4)
+
+
+class _SeenImages(Callback):
+    """Keeps the content and first style image of every frame's module as its fit starts."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.seen.append((pl_module.content_image.cpu(), pl_module.style_images[0][0].cpu()))
+
+
+def test_a_clip_loads_frames_and_styles_as_the_image_section_says(tmp_path):
+    from nst_lightning.config import EXAMPLE_STYLE
+    from nst_lightning.images import Loading, load_style
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for t, array in enumerate(pan(2)):
+        Image.fromarray(array).save(folder / f"f{t:02d}.png")
+    loading = Loading(resample="nearest", style_fit="stretch")
+    images = _SeenImages()
+    config = clip_config(
+        folder, tmp_path / "out",
+        **{"trainer.max_steps": 1, "video.enabled": "true", "image.resample": "nearest", "image.style_fit": "stretch", "style": EXAMPLE_STYLE},
+    )
+    fit_clip(config, progress=False, callbacks=[images])
+    content, style = images.seen[0]
+    assert tuple(style.shape[-2:]) == tuple(content.shape[-2:])  # stretched to the frame, not kept in proportion
+    torch.testing.assert_close(style, load_style(EXAMPLE_STYLE, tuple(content.shape[-2:]), 1.0, loading))
+    nearest = load_image(folder / "f00.png", config.image.size, "long", loading)
+    bicubic = load_image(folder / "f00.png", config.image.size, "long")
+    assert (content - nearest).abs().max() <= 1 / 255 + 1e-6 < (content - bicubic).abs().max()
 
 
 class _SignalAtFrame(Callback):

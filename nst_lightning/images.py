@@ -9,6 +9,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,31 @@ def _as_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
+def check_image_tensor(name: str, image: object, batch: bool = False) -> torch.Tensor:
+    """``image`` as a ``(1, 3, H, W)`` RGB float tensor in ``[0, 1]`` (``(3, H, W)`` gains its batch dimension;
+    with ``batch``, ``(B, 3, H, W)`` is kept); anything else is a ValueError naming ``name`` and the rule broken.
+
+    Checked at the door because a wrong tensor otherwise fails steps later under another name (NaN blamed on
+    ``optim.lr``) or not at all (0..255 or uint8 values give losses a thousand times off, silently).
+    """
+    if not isinstance(image, torch.Tensor):
+        raise ValueError(f"{name} must be a (1, 3, H, W) tensor or an image file path, got {type(image).__name__}")
+    if image.dim() == 3:
+        image = image.unsqueeze(0)
+    if image.dim() != 4 or image.shape[1] != 3 or (image.shape[0] != 1 and not batch):
+        shape = "(B, 3, H, W)" if batch else "(1, 3, H, W) or (3, H, W)"
+        raise ValueError(f"{name} must be an RGB image tensor {shape}, got shape {tuple(image.shape)}")
+    if not image.is_floating_point():
+        raise ValueError(f"{name} must be floating point in [0, 1], got {image.dtype}; divide 8-bit values by 255")
+    if not bool(torch.isfinite(image).all()):
+        raise ValueError(f"{name} holds NaN or infinite values; give an image with finite values in [0, 1]")
+    low, high = float(image.min()), float(image.max())
+    if low < 0.0 or high > 1.0:
+        hint = "; divide 0..255 values by 255" if high > 1.0 else ""
+        raise ValueError(f"{name} values must lie in [0, 1], got {low:g}..{high:g}{hint}")
+    return image
+
+
 def read_image(path: str | os.PathLike[str]) -> torch.Tensor:
     """Read ``path`` at full size as a ``(1, 3, H, W)`` RGB tensor in ``[0, 1]``, EXIF rotation applied."""
     p = Path(path)
@@ -188,13 +214,15 @@ def read_resized(path: str | os.PathLike[str], shape: tuple[int, int], resample:
 def target_shape(height: int, width: int, size: int, fit: str = "long", rounding: str = "round") -> tuple[int, int]:
     """The ``(H, W)`` that scales ``height x width`` so the side named by ``fit`` equals ``size``.
 
-    The other side is rounded (``round``) or truncated (``floor``, as ``int()`` in the Keras notebook and
-    torchvision's ``Resize``).
+    The fitted side is exactly ``size``; the other side is rounded (``round``) or truncated (``floor``, as
+    ``int()`` in the Keras notebook and torchvision's ``Resize``), computed exactly: in floating point
+    ``1331 * (400 / 1331)`` is 399.99999999999994, which truncation made 399.
     """
-    side = {"long": max(height, width), "short": min(height, width), "height": height, "width": width}[fit]
-    scale = size / side
+    fits_height = {"long": height >= width, "short": height <= width, "height": True, "width": False}[fit]
     snap = round if rounding == "round" else math.floor
-    return max(1, int(snap(height * scale))), max(1, int(snap(width * scale)))
+    if fits_height:
+        return size, max(1, int(snap(Fraction(width * size, height))))
+    return max(1, int(snap(Fraction(height * size, width)))), size
 
 
 def style_side(content_shape: tuple[int, int], scale: float) -> int:

@@ -31,7 +31,7 @@ from .callbacks import CudnnBenchmark
 from .data import GroupStep, PairResult
 from .errors import CheckpointError, ConfigError, NSTError, NumericalError
 from .features import VGGFeatures, build_extractor, min_side
-from .images import load_image, load_style, read_image, resize, save_image
+from .images import check_image_tensor, load_image, load_style, read_image, resize, save_image
 from .layers import LAYER_NAMES, deepest
 from .losses import StyleTransferLoss, TemporalTarget
 from .pairs import Pair
@@ -71,16 +71,20 @@ def _describe(value: Any) -> Any:
 def _load_inputs(
     content: ImageInput | None, style: Any, size: int, style_scale: float
 ) -> tuple[torch.Tensor | None, Any]:
-    """Content and style as tensors: files are read, the content at ``size``, styles at ``style_scale`` of its long side."""
+    """Content and style as checked tensors: files are read, the content at ``size``, styles at ``style_scale`` of
+    its long side; given tensors must be RGB in ``[0, 1]`` (``images.check_image_tensor``)."""
     if isinstance(content, (str, Path)):
         content = load_image(content, size)
-    if isinstance(style, (str, Path)):
+    elif content is not None:
+        content = check_image_tensor("content", content, batch=True)
+    if isinstance(style, (str, Path, torch.Tensor)):
         style = [style]
-    if isinstance(style, (list, tuple)) and any(isinstance(s, (str, Path)) for s in style):
-        if content is None:
+    if isinstance(style, (list, tuple)) and all(isinstance(s, (str, Path, torch.Tensor)) for s in style):
+        if content is None and any(isinstance(s, (str, Path)) for s in style):
             raise ConfigError("style images given as files need a content image; give content=")
-        shape = tuple(content.shape[-2:])
-        style = [load_style(s, shape, style_scale) if isinstance(s, (str, Path)) else s for s in style]
+        shape = tuple(content.shape[-2:]) if content is not None else None
+        style = [load_style(s, shape, style_scale) if isinstance(s, (str, Path)) else check_image_tensor(f"style {i + 1}", s)
+                 for i, s in enumerate(style)]
     return content, style
 
 
@@ -88,7 +92,7 @@ def initial_image(init: str | torch.Tensor, content: torch.Tensor, styles: Seque
     """The starting image: a copy of the content, seeded noise, the first style resized, or a given tensor."""
     shape = tuple(content.shape[-2:])
     if isinstance(init, torch.Tensor):
-        return resize(init.detach().float(), shape).clone()
+        return resize(check_image_tensor("init", init).detach().float(), shape).clone()
     if init == "content":
         return content.detach().clone()
     if init == "noise":

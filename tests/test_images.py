@@ -312,6 +312,26 @@ def test_short_side_fit_and_truncation_follow_torchvision_resize():
     assert target_shape(517, 775, 400, "short", "round") == (400, 600)
 
 
+@pytest.mark.parametrize("fit", ["long", "short", "height", "width"])
+@pytest.mark.parametrize("rounding", ["floor", "round"])
+def test_the_fitted_side_is_exactly_the_size_and_only_the_other_side_is_rounded(fit, rounding):
+    # sides from 20 to 400 px against sizes from 16 to 96: floating-point scales such as
+    # 1331 * (400 / 1331) = 399.99999999999994 must not cost the fitted side a pixel
+    for height in range(20, 401, 3):
+        width = 217
+        for size in range(16, 97):
+            fits_height = {"long": height >= width, "short": height <= width, "height": True, "width": False}[fit]
+            fitted, other = (height, width) if fits_height else (width, height)
+            shape = target_shape(height, width, size, fit, rounding)
+            got_fitted, got_other = shape if fits_height else shape[::-1]
+            assert got_fitted == size, (height, width, size)
+            if rounding == "floor":
+                assert got_other == max(1, other * size // fitted)
+            else:
+                assert abs(got_other - other * size / fitted) <= 0.5
+    assert target_shape(1331, 1054, 400, "height", "floor") == (400, 316)
+
+
 def test_stretched_style_takes_the_content_shape(tmp_path):
     from PIL import Image
 

@@ -231,3 +231,39 @@ def test_masks_follow_the_output_onto_the_margin_canvas(content_small, style_sma
     assert module.style_masks[0].shape[-2:] == module.canvas(content_small).shape[-2:]
     torch.testing.assert_close(module.style_masks[0][..., 4:-4, 4:-4], mask)
     assert torch.isfinite(module.loss_terms()["loss"]).all()
+
+
+@pytest.mark.parametrize(
+    ("argument", "bad", "message"),
+    [
+        ("content", "nan", r"content holds NaN or infinite values"),
+        ("style", "inf", r"style 1 holds NaN or infinite values"),
+        ("content", "uint8", r"content must be floating point in \[0, 1\], got torch.uint8; divide 8-bit values by 255"),
+        ("style", "0..255", r"style 1 values must lie in \[0, 1\], got [\d.]+\.\.[\d.]+; divide 0\.\.255 values by 255"),
+        ("content", "negative", r"content values must lie in \[0, 1\], got -0\.5\.\."),
+        ("style", "rgba", r"style 1 must be an RGB image tensor \(1, 3, H, W\) or \(3, H, W\), got shape \(1, 4, \d+, 48\)"),
+        ("content", "list", r"content must be a \(1, 3, H, W\) tensor or an image file path, got list"),
+    ],
+)
+def test_tensors_are_checked_at_the_door_with_the_argument_and_the_rule_named(
+    content_small, style_small, extractor, argument, bad, message
+):
+    good = {"content": content_small, "style": style_small}
+    image = good[argument].clone()
+    broken = {
+        "nan": lambda: image.index_put_((torch.tensor([0]),), torch.tensor(float("nan"))),
+        "inf": lambda: image.index_put_((torch.tensor([0]),), torch.tensor(float("inf"))),
+        "uint8": lambda: (image * 255).to(torch.uint8),
+        "0..255": lambda: image * 255,
+        "negative": lambda: image - 0.5,
+        "rgba": lambda: torch.cat([image, image[:, :1]], 1),
+        "list": lambda: image.tolist(),
+    }[bad]()
+    with pytest.raises(ValueError, match=message):
+        StyleTransferModule(**{**good, argument: broken}, extractor=extractor)
+
+
+def test_three_dimensional_content_and_style_are_taken_alike(content_small, style_small, extractor):
+    module = StyleTransferModule(content_small[0], style_small[0], extractor=extractor)
+    assert module.image.shape == content_small.shape
+    assert torch.equal(module.style_images[0][0], style_small)

@@ -137,3 +137,87 @@ def test_image_callbacks_write_under_the_trainers_log_dir_in_a_plain_trainer(ext
                         callbacks=[FinalImage()])
     trainer.fit(module)
     assert (tmp_path / "root" / "final.png").is_file()  # no logger: the Trainer's default_root_dir
+
+
+def _fit(*args: str) -> None:
+    """``fit`` from the shipped YAML at the tiny settings, in this process (the working directory is the clone)."""
+    lightning_cli.main(["fit", "--config", str(CONFIGS / "lightning_cli.yaml"), *TINY, *args])
+
+
+def _refused(capsys, *args: str) -> str:
+    """The one line ``fit ARGS`` is refused with (exit code 2, nothing else on stderr but Lightning's info lines)."""
+    with pytest.raises(SystemExit) as exit_:
+        _fit(*args)
+    assert exit_.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("error", "Traceback", "usage"))]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+@pytest.fixture
+def finished_run(clone, monkeypatch):
+    """A 2-step run from the shipped YAML in ``clone``, with its last checkpoint copied out of the run's folders."""
+    monkeypatch.chdir(clone)
+    _fit("--trainer.max_steps", "2")
+    kept = clone / "kept" / "step2.ckpt"
+    kept.parent.mkdir()
+    kept.write_bytes((clone / "runs" / "lightning_cli" / "checkpoints" / "last.ckpt").read_bytes())
+    return kept
+
+
+def test_ckpt_path_a_checkpoint_file_of_the_run_continues_from_its_step(finished_run, clone):
+    _fit("--trainer.max_steps", "3", "--ckpt_path", str(finished_run.relative_to(clone)))
+    run = clone / "runs" / "lightning_cli"
+    assert _global_step(run / "checkpoints" / "last.ckpt") == 3
+    assert _metric_steps(run / "lightning_logs" / "version_1" / "metrics.csv") == [2]  # only step 3 was taken
+
+
+def test_ckpt_path_a_checkpoint_of_other_settings_is_refused_before_anything_is_written(finished_run, clone, capsys):
+    line = _refused(capsys, "--model.size", "48", "--ckpt_path", "kept/step2.ckpt")
+    assert line.startswith("error: --ckpt_path kept/step2.ckpt: checkpoint belongs to another run (image_shape")
+    assert not (clone / "runs" / "lightning_cli" / "lightning_logs" / "version_1").exists()
+
+
+def test_ckpt_path_a_file_that_is_no_checkpoint_is_refused_in_one_line(clone, monkeypatch, capsys):
+    monkeypatch.chdir(clone)
+    (clone / "notes.ckpt").write_text("not a checkpoint\n")
+    line = _refused(capsys, "--ckpt_path", "notes.ckpt")
+    assert line.startswith("error: --ckpt_path notes.ckpt: cannot read checkpoint notes.ckpt")
+    assert _refused(capsys, "--ckpt_path", "missing.ckpt").startswith("error: --ckpt_path missing.ckpt is not a file")
+    assert not (clone / "runs").exists()
+
+
+def test_an_unknown_layer_is_one_line_naming_the_option_with_a_suggestion(clone, monkeypatch, capsys):
+    monkeypatch.chdir(clone)
+    line = _refused(capsys, "--model.loss", "{style_layers: [relu1_1, relu9_9]}")
+    assert line.startswith("error: --model.loss.style_layers: unknown VGG19 layer 'relu9_9'; did you mean 'relu5_4'?")
+
+
+def test_a_bad_size_is_one_line_naming_the_lightning_cli_option(clone, monkeypatch, capsys):
+    monkeypatch.chdir(clone)
+    line = _refused(capsys, "--model.size", "-3")
+    assert line.startswith("error: --model.size: ") and "image.size" not in line
+    line = _refused(capsys, "--model.style_scale", "0")
+    assert line.startswith("error: --model.style_scale: ")
+
+
+def test_package_messages_name_this_clis_options():
+    message = "content image is 1x1 px; raise image.size or image.style_scale, or lower loss.tv_weight; give content="
+    assert lightning_cli.for_lightning_cli(message) == (
+        "content image is 1x1 px; raise --model.size or --model.style_scale, or lower --model.loss.tv_weight; give --model.content"
+    )
+
+
+def test_default_root_dir_moves_everything_the_run_writes(clone, monkeypatch):
+    monkeypatch.chdir(clone)
+    _fit("--trainer.max_steps", "2", "--trainer.default_root_dir", "elsewhere/run1")
+    root = clone / "elsewhere" / "run1"
+    logs = root / "lightning_logs" / "version_0"
+    assert _global_step(root / "checkpoints" / "last.ckpt") == 2
+    assert _metric_steps(logs / "metrics.csv") == [0, 1]
+    assert (logs / "final.png").is_file() and (logs / "images" / "image_step_000002.png").is_file()
+    assert (logs / "config.yaml").is_file()
+    assert sorted(p.name for p in clone.iterdir()) == ["elsewhere", "nst_lightning"]  # nothing in ./runs or ./lightning_logs
+
+    _fit("--trainer.max_steps", "3", "--trainer.default_root_dir", "elsewhere/run1", "--ckpt_path", "last")
+    assert _global_step(root / "checkpoints" / "last.ckpt") == 3  # "last" is looked up under the root dir too

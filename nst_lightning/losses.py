@@ -262,8 +262,19 @@ def blend_moments(
 def tv_loss(image: torch.Tensor, kind: str = "keras") -> torch.Tensor:
     """Total variation of an RGB ``[0, 1]`` image measured in 8-bit pixel units (0..255).
 
-    ``keras``: ``sum((dx^2 + dy^2)^1.25)`` as in the Keras example; ``squared``: ``sum(dx^2) + sum(dy^2)``.
+    ``keras``: ``sum((dx^2 + dy^2)^1.25)`` as in the Keras example; ``squared``: ``sum(dx^2) + sum(dy^2)``;
+    ``nine_point``: crowsonkb's L2 total variation on the ``[0, 1]`` image, means of squared differences to the
+    right and below (1/3 each) and along both diagonals (1/12 each), edges replicated, times 2; a mean, so its
+    weight holds at every scale.
     """
+    if kind == "nine_point":
+        x = F.pad(image.float(), (1, 1, 1, 1), mode="replicate")
+        mid, after, head, tail = slice(1, -1), slice(2, None), slice(None, -1), slice(1, None)
+        right = (x[..., mid, after] - x[..., mid, mid]).pow(2).mean() / 3
+        below = (x[..., after, mid] - x[..., mid, mid]).pow(2).mean() / 3
+        diagonal = (x[..., tail, tail] - x[..., head, head]).pow(2).mean() / 12
+        antidiagonal = (x[..., tail, head] - x[..., head, tail]).pow(2).mean() / 12
+        return 2 * (right + below + diagonal + antidiagonal)
     x = image.float() * 255.0
     if kind == "keras":
         dy = (x[..., :-1, :-1] - x[..., 1:, :-1]).pow(2)

@@ -235,3 +235,58 @@ def test_the_judge_reports_both_style_statistics_and_the_style_scores_best_on_bo
     of_style, of_content = judge(style_small, content_small, style_small), judge(content_small, content_small, style_small)
     assert of_style.style < of_content.style and of_style.style_sw < of_content.style_sw
     assert "sw" in str(of_style)
+
+
+# configs/crowsonkb.yaml against the peer's formulas (crowsonkb/style-transfer-pytorch, style_transfer.py).
+
+
+def _peer_w2(x: torch.Tensor, s: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """The peer's ``StyleLossW2``: mean squared mean gap plus the mean diagonal of the W2 covariance term."""
+
+    def fit_gaussian(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = f[0].double().flatten(1)
+        mean = m.mean(1)
+        return mean, m @ m.T / m.shape[1] - torch.outer(mean, mean) + eps * torch.eye(m.shape[0], dtype=torch.float64)
+
+    def root(a: torch.Tensor) -> torch.Tensor:
+        vals, vecs = torch.linalg.eigh(a)
+        return vecs @ torch.diag(vals.abs().sqrt()) @ vecs.T  # the peer's sqrtm_eig
+
+    mx, cx = fit_gaussian(x)
+    ms, cs = fit_gaussian(s)
+    rs = root(cs)
+    return ((mx - ms) ** 2).mean() + torch.diagonal(cs + cx - 2 * root(rs @ cx @ rs)).mean()
+
+
+def _peer_tv(image: torch.Tensor) -> torch.Tensor:
+    """The peer's ``TVLoss`` (nine-point stencil, replicate-padded), copied."""
+    x = torch.nn.functional.pad(image.double(), (1, 1, 1, 1), "replicate")
+    s1, s2, s3, s4 = slice(1, -1), slice(2, None), slice(None, -1), slice(1, None)
+    d1 = (x[..., s1, s2] - x[..., s1, s1]).pow(2).mean() / 3
+    d2 = (x[..., s2, s1] - x[..., s1, s1]).pow(2).mean() / 3
+    d3 = (x[..., s4, s4] - x[..., s3, s3]).pow(2).mean() / 12
+    d4 = (x[..., s4, s3] - x[..., s3, s4]).pow(2).mean() / 12
+    return 2 * (d1 + d2 + d3 + d4)
+
+
+def test_crowsonkb_config_computes_the_peers_loss():
+    from nst_lightning.api import build_module, load_images
+    from nst_lightning.features import build_extractor
+
+    from .conftest import CONFIGS
+
+    cfg = load_config(CONFIGS / "crowsonkb.yaml", ["scales=[80]", "scale_steps=[1]", "trainer.precision=32-true"])
+    content, styles = load_images(cfg)
+    module = build_module(cfg, content, styles)
+    torch.manual_seed(9)
+    image = (content + 0.2 * torch.randn_like(content)).clamp(0, 1)  # away from the content, so every term counts
+    with torch.no_grad():
+        got = module(image)
+        net = build_extractor([*DEFAULT_STYLE_LAYERS, "relu4_2"], padding="replicate")
+        fx, fc, fs = net(image), net(content), net(styles[0])
+    weights = [w / 341 for w in (256, 64, 16, 4, 1)]
+    content_term = 0.015 * (fx["relu4_2"].double() - fc["relu4_2"].double()).pow(2).mean()
+    style_term = sum(w * _peer_w2(fx[n], fs[n]) for w, n in zip(weights, DEFAULT_STYLE_LAYERS))
+    assert float(got["content"]) == pytest.approx(float(content_term), rel=1e-4)
+    assert float(got["style"]) == pytest.approx(float(style_term), rel=1e-3)  # the peer's 1e-4 I is all that differs
+    assert float(got["tv"]) == pytest.approx(float(2 * _peer_tv(image)), rel=1e-5)

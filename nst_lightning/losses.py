@@ -163,7 +163,7 @@ def style_layer_loss(
 STYLE_STATISTICS = {"w2": ("mean", "cov", "root")}
 """Target tensors per style layer of the loss kinds that are not Gram distances; every other kind keeps ``gram``."""
 SQRT_FLOOR = 1e-6
-"""Eigenvalues below this fraction of the largest count as zero in ``trace_sqrt``'s slope (fp32 resolves about 1e-7)."""
+"""Eigenvalues below this fraction of the largest count as zero in ``trace_sqrt``'s slope (the cross term is formed in fp32, which resolves about 1e-7)."""
 
 
 def gaussian_moments(features: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,8 +214,7 @@ def trace_sqrt(matrix: torch.Tensor, scale: torch.Tensor | float = 0.0) -> torch
     Stable at any rank (a covariance of fewer positions than channels, a small mask): the gradient of eigenvalues,
     ``V diag(g) V^T``, needs no gap between them, unlike that of eigenvectors or an iterative root, and the root's
     slope is capped at ``SQRT_FLOOR`` times the largest eigenvalue (or ``scale``, when larger: a zero matrix has
-    no largest one) so zero ones do not blow it up. The
-    eigenvalues are found in float64: LAPACK's fp32 solver returned NaN for a rank-4 512-channel covariance
+    no largest one) so zero ones do not blow it up. The eigenvalues are found in float64: LAPACK's fp32 solver returned NaN for a rank-4 512-channel covariance
     inside a run (not reproducibly outside it), and the float64 one costs about 15 ms more per 512-channel layer.
     """
     vals = torch.linalg.eigvalsh(((matrix + matrix.transpose(-1, -2)) / 2).double())

@@ -1,14 +1,17 @@
 r"""Quality per second on the bundled pairs: the default config, ``gatys2015`` and ``crowsonkb``, judged two ways.
 
-Each method runs in this process at ``--size`` (its own schedule; ``crowsonkb`` climbs by sqrt 2 from 128 px to
-the size, 1000 steps at the first scale and 500 at each later one) and ``crowsonkb-short`` runs the same scales
-with its steps cut so that it takes the default config's wall time. Every saved result is scored by
+Each method runs in this process at ``--size``, on its own schedule (``crowsonkb`` climbs by sqrt 2 from 128 px to
+the size, 1000 steps at the first scale and 500 at each later one), or with ``--budget N`` on N evaluations at
+the full size (``default`` N steps, ``gatys2015`` N/20 steps of 20). ``crowsonkb-short`` runs crowsonkb's scales
+with its steps cut to the default's evaluations weighted by pixels (a 128 px step costs a quarter of a 256 px
+one), about its wall time; the table shows the times measured. Every saved result is scored by
 ``nst_lightning.judge.Judge``: style as the relative Gram distance and as the relative sliced Wasserstein
 distance (``sw``, which no loss here optimises), content as the relu4_2 distance; lower is better, and a result
 better on both style statistics is better. Prints a Markdown table and writes one contact sheet per pair
 (content | style | each result) to ``--sheets``.
 
     python benchmarks/quality.py --size 256 --sheets docs/quality
+    python benchmarks/quality.py --size 256 --budget 100 --methods default crowsonkb-short gatys2015 --sheets docs/quality
 """
 
 from __future__ import annotations
@@ -52,25 +55,27 @@ def peer_scales(size: int, start: int = 128) -> list[int]:
     return sorted(scales)
 
 
-def overrides(method: str, size: int, short_factor: float | None) -> tuple[Path, list[str]]:
-    """The config file and ``--set`` items of ``method`` at ``size``."""
+def overrides(method: str, size: int, budget: int | None) -> tuple[Path, list[str]]:
+    """The config file and ``--set`` items of ``method`` at ``size``, cut to ``budget`` full-size evaluations if given."""
     if method == "default":
-        return CONFIGS / "example.yaml", [f"image.size={size}"]
+        return CONFIGS / "example.yaml", [f"image.size={size}", *([f"trainer.max_steps={budget}"] if budget else [])]
     if method == "gatys2015":
-        return CONFIGS / "gatys2015.yaml", [f"image.size={size}"]
+        return CONFIGS / "gatys2015.yaml", [f"image.size={size}", *([f"trainer.max_steps={math.ceil(budget / 20)}"] if budget else [])]
     scales = peer_scales(size)
     steps = [1000] + [500] * (len(scales) - 1)
     if method == "crowsonkb-short":
-        steps = [max(1, round(s * (short_factor or 1.0))) for s in steps]
+        evaluations = budget or load_config(CONFIGS / "example.yaml").trainer.max_steps
+        factor = evaluations * size**2 / sum(n * s**2 for n, s in zip(steps, scales))
+        steps = [max(1, round(n * factor)) for n in steps]
     return CONFIGS / "crowsonkb.yaml", [f"scales={scales}", f"scale_steps={steps}"]
 
 
-def run(method: str, content: Path, style: Path, size: int, work: Path, judge: Judge, short_factor: float | None) -> Result:
+def run(method: str, content: Path, style: Path, size: int, work: Path, judge: Judge, budget: int | None) -> Result:
     """Fit ``method`` on the pair and judge the saved ``final.png``."""
-    path, items = overrides(method, size, short_factor)
+    path, items = overrides(method, size, budget)
     cfg = load_config(path, [f"content={content}", f"style={style}", f"output={work / method}", "snapshot.every_n_steps=0",
                              *items])
-    evaluations = sum(steps for _, steps in cfg.stages()) * (cfg.optim.max_iter if cfg.optim.name == "lbfgs" else 1)
+    evaluations = sum(steps for _, steps in cfg.stages()) * cfg.optim.max_iter
     start = time.perf_counter()
     outputs = fit(cfg, progress=False, overwrite=True)
     seconds = time.perf_counter() - start
@@ -103,23 +108,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--budget", type=int, default=None,
+                        help="full-size evaluations for default and gatys2015 (and crowsonkb-short's pixel budget)")
     parser.add_argument("--style", action="append", default=None, help="only the pairs with this style (file stem)")
     parser.add_argument("--sheets", type=Path, default=None, help="write SHEETS/<style>_<size>.jpg")
     args = parser.parse_args()
     judge = Judge()
-    print(f"{args.size} px; wall time of fit() in this process; judged on the saved 8-bit images")
+    budget = f"{args.budget} full-size evaluations each (shortened)" if args.budget else "own schedules"
+    print(f"{args.size} px, {budget}; wall time of fit() in this process; judged on the saved 8-bit images")
     print("| pair | method | evaluations | wall s | style (Gram) | style (sw) | content |")
     print("|---|---|---|---|---|---|---|")
     for content, style in [p for p in PAIRS if args.style is None or p[1].stem in args.style]:
         results: dict[str, Result] = {}
         with tempfile.TemporaryDirectory() as tmp:
             for method in args.methods:
-                factor = None
-                if method == "crowsonkb-short":
-                    if "default" not in results or "crowsonkb" not in results:
-                        raise SystemExit("crowsonkb-short needs default and crowsonkb before it (to match the wall time)")
-                    factor = results["default"].seconds / results["crowsonkb"].seconds
-                r = results[method] = run(method, content, style, args.size, Path(tmp), judge, factor)
+                r = results[method] = run(method, content, style, args.size, Path(tmp), judge, args.budget)
                 q = r.quality
                 print(f"| {content.stem} x {style.stem} | {method} | {r.evaluations} | {r.seconds:.0f} | {q.style:.4f} | "
                       f"{q.style_sw:.4f} | {q.content:.4f} |", flush=True)

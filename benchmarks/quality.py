@@ -112,6 +112,7 @@ def main() -> None:
                         help="full-size evaluations for default and gatys2015 (and crowsonkb-short's pixel budget)")
     parser.add_argument("--style", action="append", default=None, help="only the pairs with this style (file stem)")
     parser.add_argument("--sheets", type=Path, default=None, help="write SHEETS/<style>_<size>.jpg")
+    parser.add_argument("--keep", type=Path, default=None, help="keep each run in KEEP/<style>/<method> (default: a temporary folder)")
     args = parser.parse_args()
     judge = Judge()
     budget = f"{args.budget} full-size evaluations each (shortened)" if args.budget else "own schedules"
@@ -121,13 +122,14 @@ def main() -> None:
     for content, style in [p for p in PAIRS if args.style is None or p[1].stem in args.style]:
         results: dict[str, Result] = {}
         with tempfile.TemporaryDirectory() as tmp:
+            work = args.keep / style.stem if args.keep else Path(tmp)
             for method in args.methods:
-                r = results[method] = run(method, content, style, args.size, Path(tmp), judge, args.budget)
+                r = results[method] = run(method, content, style, args.size, work, judge, args.budget)
                 q = r.quality
                 print(f"| {content.stem} x {style.stem} | {method} | {r.evaluations} | {r.seconds:.0f} | {q.style:.4f} | "
                       f"{q.style_sw:.4f} | {q.content:.4f} |", flush=True)
-        if args.sheets:
-            sheet(content, style, list(results.values()), args.sheets / f"{style.stem}_{args.size}.jpg")
+                if args.sheets:  # after each method, so a stopped benchmark leaves what it measured
+                    sheet(content, style, list(results.values()), args.sheets / f"{style.stem}_{args.size}.jpg")
 
 
 if __name__ == "__main__":

@@ -352,6 +352,11 @@ class RunConfig(_Section):
                 "optim.cuda_graph=true needs a CUDA run but trainer.accelerator=cpu; set trainer.accelerator=gpu "
                 "or optim.cuda_graph=auto"
             )
+        if self.optim.cuda_graph is True and self.loss.style_loss == "w2":
+            raise ValueError(
+                "optim.cuda_graph=true cannot capture loss.style_loss=w2 (its eigenvalue solver checks its result on "
+                "the host every step); set optim.cuda_graph=auto, which runs w2 steps eagerly"
+            )
         if self.optim.average is not None and self.optim.name != "adam":
             raise ValueError(
                 "optim.average (iterate averaging) needs optim.name=adam; L-BFGS converges without it, "

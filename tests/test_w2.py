@@ -290,3 +290,11 @@ def test_crowsonkb_config_computes_the_peers_loss():
     assert float(got["content"]) == pytest.approx(float(content_term), rel=1e-4)
     assert float(got["style"]) == pytest.approx(float(style_term), rel=1e-3)  # the peer's 1e-4 I is all that differs
     assert float(got["tv"]) == pytest.approx(float(2 * _peer_tv(image)), rel=1e-5)
+
+
+def test_a_cuda_graph_of_w2_steps_is_refused_by_name():
+    from nst_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="optim.cuda_graph=true cannot capture loss.style_loss=w2"):
+        load_config(None, ["loss.style_loss=w2", "optim.cuda_graph=true"])
+    assert load_config(None, ["loss.style_loss=w2"]).optim.cuda_graph == "auto"  # auto: w2 steps run eagerly

@@ -52,7 +52,7 @@ class Run:
     step_times: list[float]
     output: Path
     precision: str
-    quality: tuple[float, float] = (float("nan"), float("nan"))
+    quality: tuple[float, float, float] = (float("nan"), float("nan"), float("nan"))  # style, content, style_sw
     curve: list[tuple[int, float, float]] = field(default_factory=list)
     gpu_peak_bytes: int = 0
     details: dict = field(default_factory=dict)
@@ -131,7 +131,7 @@ def judge_run(run: Run, judge, content_path: Path, style_path: Path) -> None:
     content = load_image(content_path)
     style = load_image(style_path, max(final.shape[-2:]))
     q = judge(final, content, style)
-    run.quality = (q.style, q.content)
+    run.quality = (q.style, q.content, q.style_sw)
     for snap in sorted((run.output / "snapshots").glob("step_*.png")):
         step = int(snap.stem.split("_")[1])
         qs = judge(load_image(snap), content, style)
@@ -256,12 +256,13 @@ def render(rows: list[Row], big: Run | None, help_s: float, args: argparse.Names
         "per step for both systems (nst-lightning `optim.max_iter=1`, pastiche's L-BFGS `max_iter=1`), so step",
         f"counts compare. nst-lightning: `trainer.precision={args.precision}` (ran as {rows[0].ours.precision if rows else '-'}), L-BFGS history 20, default",
         "(relative) losses; pastiche 1.6: its defaults (history 100). Quality: nst_lightning.judge on the saved",
-        "images (style = mean relative Gram distance relu1_1..relu5_1, content = relative relu4_2 distance; lower is better).",
+        "images (style = mean relative Gram distance relu1_1..relu5_1, style (sw) = relative sliced Wasserstein distance of "
+        "the same layers, content = relative relu4_2 distance; lower is better).",
         "Rows naming a precision are nst-lightning again at that precision, to show which default is best here.",
         f"Command: `{' '.join(['python benchmarks/benchmark.py', *sys.argv[1:]])}`",
         "",
-        "| size | system | precision | s/eval | optimisation s | process wall s | peak RSS MB | style | content |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| size | system | precision | s/eval | optimisation s | process wall s | peak RSS MB | style | style (sw) | content |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for ours, peer, others in rows:
         for r in (ours, *others, peer):
@@ -270,7 +271,7 @@ def render(rows: list[Row], big: Run | None, help_s: float, args: argparse.Names
             h, w = _shape(r.output / "final.png")
             lines.append(
                 f"| {w}x{h} | {r.system} | {r.precision} | {r.s_per_eval:.3f} | {r.opt_s:.1f} | {r.wall_s:.1f} | {r.rss_mb:.0f} | "
-                f"{r.quality[0]:.4f} | {r.quality[1]:.4f} |"
+                f"{r.quality[0]:.4f} | {r.quality[2]:.4f} | {r.quality[1]:.4f} |"
             )
         if peer is not None:
             lines.append(

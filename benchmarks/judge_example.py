@@ -41,14 +41,14 @@ def main() -> None:
     config = load_config(ROOT / "configs" / "example.yaml")
     content, style = load_image(config.content, config.image.size), load_image(config.styles[0], config.image.size)
     judge = Judge()
-    print(f"| tree ({config.image.size} px, {args.steps} steps) | style | content |")
-    print("|---|---|---|")
+    print(f"| tree ({config.image.size} px, {args.steps} steps) | style | style (sw) | content |")
+    print("|---|---|---|---|")
     for item in args.tree:
         name, path = item.split("=", 1)
         with tempfile.TemporaryDirectory() as tmp:
             run(Path(path), args.steps, Path(tmp) / "run")
             quality = judge(read_image(Path(tmp) / "run" / "final.png"), content, style)
-        print(f"| {name} | {quality.style:.4f} | {quality.content:.4f} |", flush=True)
+        print(f"| {name} | {quality.style:.4f} | {quality.style_sw:.4f} | {quality.content:.4f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -62,8 +62,8 @@ def main() -> None:
     settings = [(s.partition(":")[0], [o for o in s.partition(":")[2].split(",") if o]) for s in args.setting or ["default:"]]
     judge = Judge()
     print(f"{args.size} px, {args.steps} L-BFGS steps, configs/example.yaml losses")
-    print("| pair | setting | speckle | border | style | content |")
-    print("|---|---|---|---|---|---|")
+    print("| pair | setting | speckle | border | style | style (sw) | content |")
+    print("|---|---|---|---|---|---|---|")
     for content, style in [p for p in PAIRS if args.style is None or p[1].stem in args.style]:
         label = f"{content.stem} x {style.stem}"
         source = load_image(content, args.size)
@@ -82,7 +82,7 @@ def main() -> None:
                 result = read_image(out.final)
                 q = judge(result, read_image(content), load_image(style, max(img.size)))
                 results.append((name, img))
-            print(f"| {label} | {name} | {speckle(result):.2f} | {border(result):.2f} | {q.style:.4f} | {q.content:.4f} |", flush=True)
+            print(f"| {label} | {name} | {speckle(result):.2f} | {border(result):.2f} | {q.style:.4f} | {q.style_sw:.4f} | {q.content:.4f} |", flush=True)
         if args.pictures:
             picture(results, args.pictures / f"{style.stem}.jpg")
 

@@ -86,6 +86,7 @@ class Result:
     warping_error: float
     style: float
     content: float
+    style_sw: float
     frames: list[torch.Tensor]
 
 
@@ -130,6 +131,7 @@ def stylise(mode: str, clip: Path, out: Path, args: argparse.Namespace, camera: 
         warping_error(frames, camera),
         float(np.mean([s.style for s in scores])),
         float(np.mean([s.content for s in scores])),
+        float(np.mean([s.style_sw for s in scores])),
         frames,
     )
 
@@ -177,9 +179,9 @@ def main() -> None:
         f"style starry_night.jpg; {args.steps} L-BFGS steps per frame; temporal_weight {args.temporal_weight:g}; "
         f"threads {torch.get_num_threads()}"
     )
-    print("\n| mode | warping error (8-bit) | judged style | judged content | s/frame |\n|---|---|---|---|---|")
+    print("\n| mode | warping error (8-bit) | judged style | judged style (sw) | judged content | s/frame |\n|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r.mode} | {r.warping_error:.2f} | {r.style:.4f} | {r.content:.4f} | {r.seconds_per_frame:.2f} |")
+        print(f"| {r.mode} | {r.warping_error:.2f} | {r.style:.4f} | {r.style_sw:.4f} | {r.content:.4f} | {r.seconds_per_frame:.2f} |")
     print(f"| content frames (resampling floor) | {floor:.2f} | | | |")
     ind, tem = results
     print(

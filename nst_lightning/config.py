@@ -141,13 +141,16 @@ class LossConfig(_Section):
     content_loss: Literal["mse", "paper", "sum", "relative"] = Field(
         "relative", description="mse | paper (1/2 sum of squares) | sum (as Keras) | relative (over the target's norm)"
     )
-    style_loss: Literal["paper", "keras", "mean_chw", "relative"] = Field(
+    style_loss: Literal["paper", "keras", "mean_chw", "relative", "w2"] = Field(
         "relative",
         description="paper: 1/(4 N^2 M^2) per layer | keras: N=3, M=image pixels | mean_chw: mean((G-A)^2)/(N*M) "
-        "on unnormalised Grams, as the PyTorch tutorials | relative: |G-A|^2/|A|^2",
+        "on unnormalised Grams, as the PyTorch tutorials | relative: |G-A|^2/|A|^2 | w2: squared Wasserstein-2 "
+        "distance of Gaussian fits (feature mean and covariance) over the channel count, as crowsonkb's",
     )
-    tv_loss: Literal["keras", "squared"] = Field(
-        "keras", description="keras: sum((dx^2+dy^2)^1.25) | squared: sum(dx^2)+sum(dy^2), pixels in 0..255"
+    tv_loss: Literal["keras", "squared", "nine_point"] = Field(
+        "keras",
+        description="keras: sum((dx^2+dy^2)^1.25) | squared: sum(dx^2)+sum(dy^2), pixels in 0..255 | nine_point: "
+        "crowsonkb's mean-based L2 stencil (axes and diagonals) on 0..1 pixels",
     )
 
     @field_validator("content_layers", "style_layers")
@@ -365,6 +368,11 @@ class RunConfig(_Section):
             raise ValueError(
                 "optim.cuda_graph=true needs a CUDA run but trainer.accelerator=cpu; set trainer.accelerator=gpu "
                 "or optim.cuda_graph=auto"
+            )
+        if self.optim.cuda_graph is True and self.loss.style_loss == "w2":
+            raise ValueError(
+                "optim.cuda_graph=true cannot capture loss.style_loss=w2 (its eigenvalue solver checks its result on "
+                "the host every step); set optim.cuda_graph=auto, which runs w2 steps eagerly"
             )
         if self.optim.average is not None and self.optim.name != "adam":
             raise ValueError(

@@ -1,7 +1,10 @@
 """One fixed quality judge for comparing style-transfer results across tools and settings.
 
 Style distance: mean over relu1_1..relu5_1 of ``|G(x) - G(s)|_F / |G(s)|_F`` (position-normalised
-Grams); content distance: ``|F(x) - F(c)|_F / |F(c)|_F`` at relu4_2. Both on the caffe VGG19 (zero
+Grams); a second style distance, ``style_sw``, that no loss of the package optimises: the relative sliced
+Wasserstein distance of the same layers' feature distributions (a method that matches Grams, or Gaussian
+fits, need not match these; a result better on both is better); content distance:
+``|F(x) - F(c)|_F / |F(c)|_F`` at relu4_2. All on the caffe VGG19 (zero
 padding, as trained, whatever the runs use), on
 images as saved (8-bit), so what users get is what is measured. Lower is better.
 
@@ -23,12 +26,44 @@ JUDGE_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 JUDGE_CONTENT_LAYER = "relu4_2"
 
 
+SW_PROJECTIONS = 64
+"""Random unit directions per layer of the sliced Wasserstein distance, drawn once from a fixed seed."""
+SW_QUANTILES = 256
+"""Quantiles compared per direction: images of any sizes give distributions of equal length."""
+
+
 @dataclass(frozen=True)
 class Quality:
-    """Distances of a result to its style (Gram) and content (features); lower is better."""
+    """Distances of a result to its style (Gram; sliced Wasserstein ``style_sw``) and content (features); lower is better."""
 
     style: float
     content: float
+    style_sw: float = float("nan")
+
+    def __str__(self) -> str:
+        return f"style {self.style:.4f} / sw {self.style_sw:.4f} / content {self.content:.4f}"
+
+
+def sliced_wasserstein(features: torch.Tensor, target: torch.Tensor, directions: torch.Tensor) -> float:
+    """Relative sliced W2 of two ``(1, C, H, W)`` feature maps: ``sqrt(mean (q_x - q_s)^2 / mean q_s^2)``.
+
+    ``q`` are the ``SW_QUANTILES`` quantiles of the features projected on each of ``directions`` ``(C, K)``;
+    unlike a Gram or a Gaussian fit it compares the whole distribution along each direction (skew, sparsity).
+    """
+    levels = torch.linspace(0, 1, SW_QUANTILES, dtype=torch.float64)
+
+    def quantiles(f: torch.Tensor) -> torch.Tensor:
+        projected = f[0].double().flatten(1).T @ directions  # (positions, K)
+        return torch.quantile(projected, levels, dim=0)
+
+    qx, qs = quantiles(features), quantiles(target)
+    return float(((qx - qs).pow(2).mean() / qs.pow(2).mean().clamp_min(1e-30)).sqrt())
+
+
+def _directions(channels: int) -> torch.Tensor:
+    """``SW_PROJECTIONS`` unit vectors in ``channels`` dimensions, the same on every machine (seeded, float64)."""
+    d = torch.randn(channels, SW_PROJECTIONS, dtype=torch.float64, generator=torch.Generator().manual_seed(channels))
+    return d / d.norm(dim=0, keepdim=True)
 
 
 class Judge:
@@ -47,9 +82,10 @@ class Judge:
             (torch.linalg.norm(gram_matrix(fx[n]) - gram_matrix(fs[n])) / torch.linalg.norm(gram_matrix(fs[n]))).item()
             for n in JUDGE_STYLE_LAYERS
         ) / len(JUDGE_STYLE_LAYERS)
+        sw = sum(sliced_wasserstein(fx[n], fs[n], _directions(fx[n].shape[1])) for n in JUDGE_STYLE_LAYERS)
         c = JUDGE_CONTENT_LAYER
         content_d = (torch.linalg.norm(fx[c] - fc[c]) / torch.linalg.norm(fc[c])).item()
-        return Quality(style=style_d, content=content_d)
+        return Quality(style=style_d, content=content_d, style_sw=sw / len(JUDGE_STYLE_LAYERS))
 
 
 def _pixels(image: torch.Tensor) -> torch.Tensor:

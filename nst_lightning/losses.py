@@ -1,4 +1,5 @@
-"""The Gatys et al. loss: content, style (Gram matrices) and total variation, always computed in fp32.
+"""The Gatys et al. loss: content, style (Gram matrices, or the W2 distance of Gaussian fits) and total
+variation, always computed in fp32.
 
 Functions hold the maths; ``StyleTransferLoss`` holds the fixed targets as buffers and returns the
 weighted terms by name. Plain PyTorch.
@@ -6,7 +7,8 @@ weighted terms by name. Plain PyTorch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -159,11 +161,138 @@ def style_layer_loss(
     raise ValueError(f"unknown style loss {kind!r}")
 
 
+STYLE_STATISTICS = {"w2": ("mean", "cov", "root")}
+"""Target tensors per style layer of the loss kinds that are not Gram distances; every other kind keeps ``gram``."""
+SQRT_FLOOR = 1e-6
+"""Eigenvalues below this fraction of the largest count as zero in ``trace_sqrt``'s slope (the cross term is formed in fp32, which resolves about 1e-7)."""
+
+
+def gaussian_moments(features: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``(B, C)`` and second raw moment ``E[f f^T]`` ``(B, C, C)`` of a layer over the positions, fp32 or fp64.
+
+    With a ``(1, 1, H, W)`` mask, positions are weighted by ``m^2`` as ``guided_gram`` does. Raw moments, unlike
+    covariances, mix linearly, so blended styles combine them (the Gaussian fit of the mixture, as the peer does).
+    """
+    srm = guided_gram(features, mask)
+    if mask is None:
+        dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+        return features.mean(dim=(-2, -1), dtype=dtype), srm
+    w = mask.float().pow(2)
+    return (_at_least_fp32(features) * w).sum(dim=(-2, -1)) / w.sum().clamp_min(1e-8), srm
+
+
+def covariance(mean: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
+    """``E[f f^T] - mu mu^T``: the covariance from the moments ``gaussian_moments`` returns."""
+    return second_moment - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run LAPACK's eigenvalue solvers on one CPU thread: on a shared 2-core machine a 512-channel float64 solve took
+    11.6 s with 2 OpenMP threads (each of its many small parallel regions waits for a descheduled thread) and 0.28 s
+    with one."""
+    if device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root of symmetric PSD matrices by a float64 eigendecomposition (negative roundoff to 0).
+
+    Not differentiated: it serves the fixed targets, computed once, so exactness costs nothing per step.
+    """
+    with _one_cpu_thread(matrix.device):
+        vals, vecs = torch.linalg.eigh(matrix.double())
+    return ((vecs * vals.clamp_min(0).sqrt().unsqueeze(-2)) @ vecs.transpose(-1, -2)).to(matrix.dtype)
+
+
+class _FlooredSqrt(torch.autograd.Function):
+    """``sqrt(max(x, 0))`` whose slope stops growing below ``floor``: finite gradients for zero eigenvalues."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, floor)
+        return x.clamp_min(0).sqrt()
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        x, floor = ctx.saved_tensors
+        return grad / (2 * torch.maximum(x, floor).sqrt()), None
+
+
+def trace_sqrt(matrix: torch.Tensor, scale: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """``tr(A^1/2)`` of symmetric PSD matrices ``(..., C, C)``: the sum of the square roots of their eigenvalues.
+
+    Stable at any rank (a covariance of fewer positions than channels, a small mask): the gradient of eigenvalues,
+    ``V diag(g) V^T``, needs no gap between them, unlike that of eigenvectors or an iterative root, and the root's
+    slope is capped at ``SQRT_FLOOR`` times the largest eigenvalue (or ``scale``, when larger: a zero matrix has
+    no largest one) so zero ones do not blow it up. The eigenvalues are found in float64: LAPACK's fp32 solver returned NaN for a rank-4 512-channel covariance
+    inside a run (not reproducibly outside it), and the float64 one costs about 15 ms more per 512-channel layer.
+    """
+    with _one_cpu_thread(matrix.device):
+        vals = torch.linalg.eigvalsh(((matrix + matrix.transpose(-1, -2)) / 2).double())
+    top = torch.maximum(vals.detach().amax(-1, keepdim=True), torch.as_tensor(scale, dtype=vals.dtype, device=vals.device))
+    floor = (top * SQRT_FLOOR).clamp_min(torch.finfo(torch.float32).tiny)
+    return _FlooredSqrt.apply(vals, floor.expand_as(vals)).sum(-1).to(matrix.dtype)
+
+
+def w2_target(mean: torch.Tensor, second_moment: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A style layer's fixed W2 target: its ``mean``, ``cov`` and the covariance's square root ``root``, once."""
+    cov = covariance(mean, second_moment)
+    return {"mean": mean, "cov": cov, "root": psd_sqrt(cov)}
+
+
+def w2_layer_loss(mean: torch.Tensor, cov: torch.Tensor, target: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Squared Wasserstein-2 distance of ``N(mean, cov)`` to the target Gaussian, over the channel count C.
+
+    ``|mu - mu_s|^2 + tr(S + S_s - 2 (S_s^1/2 S S_s^1/2)^1/2)``, divided by C as crowsonkb/style-transfer-pytorch
+    does (its mean over channels); summed over the batch.
+    """
+    root = target["root"]
+    gap = (mean - target["mean"]).pow(2).sum(-1)
+    target_trace = target["cov"].diagonal(dim1=-2, dim2=-1).sum(-1)
+    traces = cov.diagonal(dim1=-2, dim2=-1).sum(-1) + target_trace
+    scale = (target_trace.detach() / cov.shape[-1]).pow(2).unsqueeze(-1)  # the cross term's size near the target
+    return (gap + traces - 2 * trace_sqrt(root @ cov @ root, scale)).sum() / cov.shape[-1]
+
+
+def blend_moments(
+    style_features: Sequence[Features], layers: Sequence[str], blend: Sequence[float]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer mean and second raw moment mixing several style images with ``blend`` weights (normalised to sum 1)."""
+    total = _blend_total(blend, len(style_features))
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for layer in layers:
+        moments = [gaussian_moments(f[layer]) for f in style_features]
+        out[layer] = (
+            sum(m * (b / total) for (m, _), b in zip(moments, blend)),
+            sum(s * (b / total) for (_, s), b in zip(moments, blend)),
+        )
+    return out
+
+
 def tv_loss(image: torch.Tensor, kind: str = "keras") -> torch.Tensor:
     """Total variation of an RGB ``[0, 1]`` image measured in 8-bit pixel units (0..255).
 
-    ``keras``: ``sum((dx^2 + dy^2)^1.25)`` as in the Keras example; ``squared``: ``sum(dx^2) + sum(dy^2)``.
+    ``keras``: ``sum((dx^2 + dy^2)^1.25)`` as in the Keras example; ``squared``: ``sum(dx^2) + sum(dy^2)``;
+    ``nine_point``: crowsonkb's L2 total variation on the ``[0, 1]`` image, means of squared differences to the
+    right and below (1/3 each) and along both diagonals (1/12 each), edges replicated, times 2; a mean, so its
+    weight holds at every scale.
     """
+    if kind == "nine_point":
+        x = F.pad(image.float(), (1, 1, 1, 1), mode="replicate")
+        mid, after, head, tail = slice(1, -1), slice(2, None), slice(None, -1), slice(1, None)
+        right = (x[..., mid, after] - x[..., mid, mid]).pow(2).mean() / 3
+        below = (x[..., after, mid] - x[..., mid, mid]).pow(2).mean() / 3
+        diagonal = (x[..., tail, tail] - x[..., head, head]).pow(2).mean() / 12
+        antidiagonal = (x[..., tail, head] - x[..., head, tail]).pow(2).mean() / 12
+        return 2 * (right + below + diagonal + antidiagonal)
     x = image.float() * 255.0
     if kind == "keras":
         dy = (x[..., :-1, :-1] - x[..., 1:, :-1]).pow(2)
@@ -230,17 +359,22 @@ class TemporalTarget(NamedTuple):
     weight: float
 
 
+def _blend_total(blend: Sequence[float], styles: int) -> float:
+    if len(blend) != styles:
+        raise ValueError(f"{len(blend)} blend weights for {styles} style images")
+    total = float(sum(blend))
+    if total <= 0:
+        raise ValueError("style blend weights must sum to more than 0")
+    return total
+
+
 def blend_grams(style_features: Sequence[Features], layers: Sequence[str], blend: Sequence[float]) -> dict[str, torch.Tensor]:
     """Per-layer Gram target mixing several style images with ``blend`` weights (normalised to sum 1).
 
     ``sum_s b_s |G - A_s|^2`` and ``|G - sum_s b_s A_s|^2`` differ by a constant, so one blended target
     gives the same gradients at a fraction of the cost.
     """
-    if len(blend) != len(style_features):
-        raise ValueError(f"{len(blend)} blend weights for {len(style_features)} style images")
-    total = float(sum(blend))
-    if total <= 0:
-        raise ValueError("style blend weights must sum to more than 0")
+    total = _blend_total(blend, len(style_features))
     out: dict[str, torch.Tensor] = {}
     for layer in layers:
         out[layer] = sum(gram_matrix(f[layer]) * (b / total) for f, b in zip(style_features, blend))
@@ -250,8 +384,9 @@ def blend_grams(style_features: Sequence[Features], layers: Sequence[str], blend
 class StyleTransferLoss(nn.Module):
     """Weighted content + style + TV loss against fixed targets (kept as non-persistent buffers).
 
-    Style targets form groups: without masks one group holds the blended Grams of all style images;
-    with masks each style image is its own group, compared through guided Grams over its region.
+    Style targets form groups: without masks one group holds the blended Grams (or, for ``w2``, the blended
+    moments' Gaussian) of all style images; with masks each style image is its own group, compared through
+    guided statistics over its region.
     """
 
     def __init__(
@@ -297,6 +432,11 @@ class StyleTransferLoss(nn.Module):
         self.temporal_weights = None if target is None else target.weights.detach().float().clone()
 
     @property
+    def target_kinds(self) -> tuple[str, ...]:
+        """The tensors held per style layer and group: ``gram``, or ``mean``, ``cov`` and ``root`` for ``w2``."""
+        return STYLE_STATISTICS.get(self.style_kind, ("gram",))
+
+    @property
     def has_targets(self) -> bool:
         """Whether ``set_targets`` has run."""
         return bool(self.group_weights)
@@ -304,7 +444,10 @@ class StyleTransferLoss(nn.Module):
     def targets(self) -> dict[str, torch.Tensor | None | list[float]]:
         """Every target tensor by name plus the group weights, to hand to ``load_targets`` of a like loss."""
         names = [f"content_{layer}" for layer in self.content_layers] + [
-            f"{kind}{g}_{layer}" for g in range(len(self.group_weights)) for layer in self.style_layers for kind in ("gram", "mask")
+            f"{kind}{g}_{layer}"
+            for g in range(len(self.group_weights))
+            for layer in self.style_layers
+            for kind in (*self.target_kinds, "mask")
         ]
         out: dict[str, torch.Tensor | None | list[float]] = {name: getattr(self, name) for name in names}
         out["group_weights"] = list(self.group_weights)
@@ -322,8 +465,8 @@ class StyleTransferLoss(nn.Module):
     def _clear_groups(self) -> None:
         for g in range(len(self.group_weights)):
             for layer in self.style_layers:
-                delattr(self, f"gram{g}_{layer}")
-                delattr(self, f"mask{g}_{layer}")
+                for kind in (*self.target_kinds, "mask"):
+                    delattr(self, f"{kind}{g}_{layer}")
         self.group_weights = []
 
     @torch.no_grad()
@@ -334,7 +477,7 @@ class StyleTransferLoss(nn.Module):
         blend: Sequence[float] | None = None,
         masks: Sequence[torch.Tensor | None] | None = None,
     ) -> None:
-        """Store the content activations and the style Grams the output is pulled towards.
+        """Store the content activations and the style statistics (Grams or W2 Gaussians) the output is pulled towards.
 
         ``masks`` (one ``(1, 1, H, W)`` mask or None per style, at the output's size) makes each style
         act only where its mask is white; ``blend`` then weights each style's term relative to the mean.
@@ -345,22 +488,40 @@ class StyleTransferLoss(nn.Module):
             for layer in self.content_layers:
                 setattr(self, f"content_{layer}", content_features[layer].detach().float().clone())
             if masks is None or all(m is None for m in masks):
-                groups = [(1.0, None, blend_grams(style_features, self.style_layers, weights))]
+                groups = [(1.0, None, self._style_targets(style_features, weights))]
             else:
                 if len(masks) != len(style_features):
                     raise ValueError(f"{len(masks)} masks for {len(style_features)} style images")
                 mean = sum(weights) / len(weights)
-                groups = [
-                    (w / mean, m, {layer: gram_matrix(f[layer]) for layer in self.style_layers})
-                    for w, m, f in zip(weights, masks, style_features)
-                ]
-            for g, (weight, mask, grams) in enumerate(groups):
+                groups = [(w / mean, m, self._style_targets([f], [1.0])) for w, m, f in zip(weights, masks, style_features)]
+            for g, (weight, mask, targets) in enumerate(groups):
                 for layer in self.style_layers:
-                    self.register_buffer(f"gram{g}_{layer}", grams[layer], persistent=False)
+                    for kind, tensor in targets[layer].items():
+                        self.register_buffer(f"{kind}{g}_{layer}", tensor, persistent=False)
                     shape = content_features[layer].shape[-2:]
-                    lm = None if mask is None else layer_mask(mask.to(grams[layer].device), shape)
+                    device = content_features[layer].device
+                    lm = None if mask is None else layer_mask(mask.to(device), shape)
                     self.register_buffer(f"mask{g}_{layer}", lm, persistent=False)
                 self.group_weights.append(weight)
+
+    def _style_targets(self, style_features: Sequence[Features], blend: Sequence[float]) -> dict[str, dict[str, torch.Tensor]]:
+        """Each style layer's target tensors by kind, blending the style images with ``blend``."""
+        if self.style_kind == "w2":
+            moments = blend_moments(style_features, self.style_layers, blend)
+            return {layer: w2_target(*moments[layer]) for layer in self.style_layers}
+        grams = blend_grams(style_features, self.style_layers, blend)
+        return {layer: {"gram": grams[layer]} for layer in self.style_layers}
+
+    def style_layer(self, features: torch.Tensor, group: int, layer: str, image_pixels: int) -> torch.Tensor:
+        """One style layer's unweighted loss for target group ``group``."""
+        mask = getattr(self, f"mask{group}_{layer}")
+        if self.style_kind == "w2":
+            mean, second_moment = gaussian_moments(features, mask)
+            target = {kind: getattr(self, f"{kind}{group}_{layer}") for kind in self.target_kinds}
+            return w2_layer_loss(mean, covariance(mean, second_moment), target)
+        positions = features.shape[-2] * features.shape[-1]
+        gram = guided_gram(features, mask)
+        return style_layer_loss(gram, getattr(self, f"gram{group}_{layer}"), positions, image_pixels, self.style_kind)
 
     def smoothness(self, image: torch.Tensor) -> torch.Tensor:
         """The ``tv`` term: weighted total variation, chroma smoothness and border smoothness (0 when no weight is set)."""
@@ -384,12 +545,7 @@ class StyleTransferLoss(nn.Module):
             style = image.new_zeros((), dtype=torch.float32)
             for g, group_weight in enumerate(self.group_weights):
                 for layer, weight in zip(self.style_layers, self.style_layer_weights):
-                    feat = features[layer]
-                    positions = feat.shape[-2] * feat.shape[-1]
-                    gram = guided_gram(feat, getattr(self, f"mask{g}_{layer}"))
-                    style = style + group_weight * weight * style_layer_loss(
-                        gram, getattr(self, f"gram{g}_{layer}"), positions, pixels, self.style_kind
-                    )
+                    style = style + group_weight * weight * self.style_layer(features[layer], g, layer, pixels)
             terms = {
                 "content": self.content_weight * content,
                 "style": self.style_weight * style,

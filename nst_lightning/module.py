@@ -663,10 +663,12 @@ class StyleTransferModule(L.LightningModule):
         return network_dtype(str(self.trainer.precision) if self._trainer is not None else "32-true")
 
     def step_graph(self) -> StepGraph | None:
-        """The CUDA graph of the step under ``optim.cuda_graph``: ``auto`` on CUDA, ``true`` anywhere (off CUDA its
-        code path runs eagerly, which is how CPU tests check it), ``false`` never."""
+        """The CUDA graph of the step under ``optim.cuda_graph``: ``auto`` on CUDA (not for the ``w2`` style loss,
+        whose eigenvalue solver reads its status on the host), ``true`` anywhere (off CUDA its code path runs
+        eagerly, which is how CPU tests check it), ``false`` never."""
         setting = self.optim_config.cuda_graph
-        if setting is False or (setting == "auto" and self.image.device.type != "cuda"):
+        eager = self.image.device.type != "cuda" or self.loss_config.style_loss == "w2"
+        if setting is False or (setting == "auto" and eager):
             return None
         return StepGraph()
 

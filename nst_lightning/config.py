@@ -26,6 +26,9 @@ MAX_IMAGE_SIZE = 16384
 MAX_CHECKPOINT_BLOCKS = 4
 """VGG blocks that end in a pooling layer before relu5_1, the ones activation checkpointing can cover."""
 
+MIN_TILE = 16
+"""The smallest ``features.tile``: one position of relu5_1."""
+
 PositiveFloat = Field(gt=0)
 
 
@@ -97,6 +100,20 @@ class FeaturesConfig(_Section):
         "auto: the fewest that make the run fit, by the memory estimate, and one more whenever an image's "
         "first step runs out of memory",
     )
+
+    tile: Union[Literal["auto", "off"], int] = Field(
+        "off",
+        description="evaluate the loss exactly tile by tile, N px per tile side (rounded up to the pooling grid), so "
+        "memory is set by the tile, not the image; auto: tiles only when the memory estimate says the whole image "
+        "does not fit, the largest tile that does; off: never",
+    )
+
+    @field_validator("tile", mode="before")
+    @classmethod
+    def _tile(cls, value: object) -> object:
+        if value in ("auto", "off") or (isinstance(value, int) and not isinstance(value, bool) and value >= MIN_TILE):
+            return value
+        raise ValueError(f"must be auto, off or a tile side of at least {MIN_TILE} px, got {value!r}")
 
     @field_validator("checkpoint_blocks", mode="before")
     @classmethod

@@ -339,6 +339,14 @@ def fit(
         return outputs
 
 
+def _features_for(config: RunConfig, size: int, shapes: tuple[Shape, list[Shape]]) -> FeaturesConfig:
+    """The features section of a stage at ``size``: checkpointed blocks and tiling as its memory plan resolves
+    them (an earlier, smaller stage of a tiled run may fit whole); ResourceError when it cannot fit."""
+    staged = config.model_copy(update={"image": config.image.model_copy(update={"size": size})})
+    blocks, estimate = check_fits(staged, *shapes)
+    return config.features.model_copy(update={"checkpoint_blocks": blocks, "tile": estimate.tile or "off"})
+
+
 def _fit_locked(
     config: RunConfig,
     outputs: RunOutputs,
@@ -354,8 +362,7 @@ def _fit_locked(
     stages = plan_stages(config, outputs)
     start, ckpt_path = resume_point(config, resume, stages)
     shapes = (read_size(config.content), [read_size(p) for p in config.styles])
-    blocks, _ = check_fits(config, *shapes)
-    features = config.features.model_copy(update={"checkpoint_blocks": blocks})
+    plans = {stage.size: _features_for(config, stage.size, shapes) for stage in stages[start:]}
     for line in input_warnings(config):  # once the run is known to go ahead
         log.warning("%s", line)
     masks = load_masks(config)
@@ -369,7 +376,7 @@ def _fit_locked(
         )
         module = build_module(
             config, content, styles, masks=masks, init=init, extractor=extractor, target_cache=target_cache,
-            features=features,
+            features=plans[stage.size],
         )
         extractor = module.extractor
         first = stage.index == start

@@ -32,7 +32,7 @@ from .faults import GracefulStop
 from .images import read_size
 from .pairs import expand_pairs, pending
 from .quiet import lightning_quiet
-from .resources import check_fits, is_out_of_memory
+from .resources import check_fits, is_out_of_memory, refuse_tiling
 
 SUMMARY_FILE = "batch-summary.json"
 FOLDER_STRATEGIES = ("auto", "ddp")
@@ -212,6 +212,7 @@ def check_folder_config(config: RunConfig) -> None:
 
 def plan_folder_memory(config: RunConfig, pairs: Sequence[Any], per_device: int) -> int:
     """The VGG blocks to checkpoint so the largest group fits; ResourceError when even that does not fit."""
+    refuse_tiling(config, "folder runs")
     largest = max(pairs, key=lambda p: _pixels(p.content))
     try:
         content = read_size(largest.content)

@@ -366,6 +366,11 @@ class RunConfig(_Section):
                 "optim.cuda_graph=true needs a CUDA run but trainer.accelerator=cpu; set trainer.accelerator=gpu "
                 "or optim.cuda_graph=auto"
             )
+        if self.optim.cuda_graph is True and self.features.tile != "off":
+            raise ValueError(
+                f"optim.cuda_graph=true cannot capture a tiled evaluation (features.tile={self.features.tile}) yet; "
+                "set optim.cuda_graph=auto (tiled steps then run eagerly) or features.tile=off"
+            )
         if self.optim.average is not None and self.optim.name != "adam":
             raise ValueError(
                 "optim.average (iterate averaging) needs optim.name=adam; L-BFGS converges without it, "

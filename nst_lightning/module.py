@@ -38,7 +38,7 @@ from .pairs import Pair
 from .resources import is_out_of_memory
 from .cudagraph import StepGraph
 from .optim import BatchedAdam, BatchedLBFGS
-from .tiling import tiled_targets, tiled_terms
+from .tiling import TILED_STYLE_LOSSES, tiled_targets, tiled_terms
 
 log = logging.getLogger(__name__)
 FINGERPRINT_KEY = "nst_lightning"
@@ -219,6 +219,11 @@ class StyleTransferModule(L.LightningModule):
         tile = self.features_config.tile
         self.tile = tile if isinstance(tile, int) else 0
         """Evaluate the loss tile by tile with tiles of this side (``nst_lightning.tiling``); 0: the whole image at once."""
+        if self.tile and self.loss_config.style_loss not in TILED_STYLE_LOSSES:
+            raise ConfigError(
+                f"features.tile cannot evaluate style_loss {self.loss_config.style_loss} by tiles; use one of "
+                f"{', '.join(TILED_STYLE_LOSSES)} or features.tile=off"
+            )
         self.grow_checkpoint_blocks = blocks == "auto" if grow_checkpoint_blocks is None else grow_checkpoint_blocks
         self._stepped = False
         self.network: VGGFeatures = self.extractor
@@ -815,9 +820,9 @@ class StyleTransferModule(L.LightningModule):
 
     def step_graph(self) -> StepGraph | None:
         """The CUDA graph of the step under ``optim.cuda_graph``: ``auto`` on CUDA, ``true`` anywhere (off CUDA its
-        code path runs eagerly, which is how CPU tests check it), ``false`` never."""
+        code path runs eagerly, which is how CPU tests check it), ``false`` never; a tiled evaluation runs eagerly."""
         setting = self.optim_config.cuda_graph
-        if setting is False or (setting == "auto" and self.image.device.type != "cuda"):
+        if setting is False or (setting == "auto" and (self.image.device.type != "cuda" or self.tile)):
             return None
         return StepGraph()
 

@@ -25,54 +25,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import LAYER_INDEX, LAYER_NAMES
+from .layers import aligned_tile, alignment, halo, layer_shape, stride
 from .losses import StyleTransferLoss, gram_matrix, layer_mask, style_layer_loss, temporal_loss
 
 TILED_STYLE_LOSSES = ("relative", "paper", "keras", "mean_chw")
 """Style loss kinds that are functions of the Gram alone, the ones a tiled evaluation reproduces exactly."""
 Features = Callable[[torch.Tensor], Mapping[str, torch.Tensor]]
-
-
-def stride(layer: str) -> int:
-    """Input pixels per position of ``layer``'s output: 2 to the number of poolings up to and including it."""
-    return 2 ** sum(1 for name in LAYER_NAMES[: LAYER_INDEX[layer] + 1] if name.startswith("pool"))
-
-
-def receptive_radius(layer: str) -> int:
-    """How far (input pixels) a tile's cut edge changes ``layer``'s output inward, for a tile aligned to its stride.
-
-    Each 3x3 convolution at stride ``s`` reaches ``s`` pixels further; a 2x2 pooling's output is changed where
-    either of its inputs is, so the reach rounds up to the pooling's output stride. To relu5_1: 80 px.
-    """
-    reach, step = 0, 1
-    for name in LAYER_NAMES[: LAYER_INDEX[layer] + 1]:
-        if name.startswith("conv"):
-            reach += step
-        elif name.startswith("pool"):
-            step *= 2
-            reach = -(-reach // step) * step
-    return reach
-
-
-def _deepest(layers: Sequence[str]) -> str:
-    return max(layers, key=LAYER_INDEX.__getitem__)
-
-
-def alignment(layers: Sequence[str]) -> int:
-    """The grid step tiles and halos are multiples of: the pooling stride of the deepest of ``layers``."""
-    return stride(_deepest(layers))
-
-
-def halo(layers: Sequence[str]) -> int:
-    """Input pixels a tile carries on each side: the deepest layer's receptive radius rounded up to the grid step."""
-    step = alignment(layers)
-    return -(-receptive_radius(_deepest(layers)) // step) * step
-
-
-def aligned_tile(tile: int, layers: Sequence[str]) -> int:
-    """``tile`` rounded up to the grid step (at least one step)."""
-    step = alignment(layers)
-    return max(step, -(-tile // step) * step)
 
 
 @dataclass(frozen=True)
@@ -121,14 +79,6 @@ def tile_grid(height: int, width: int, tile: int, layers: Sequence[str]) -> list
         for y0, y1, iy0, iy1 in _spans(height, side, margin)
         for x0, x1, ix0, ix1 in _spans(width, side, margin)
     ]
-
-
-def layer_shape(height: int, width: int, layer: str) -> tuple[int, int]:
-    """The ``(h, w)`` of ``layer``'s output for a ``height x width`` input (each pooling floors)."""
-    for name in LAYER_NAMES[: LAYER_INDEX[layer] + 1]:
-        if name.startswith("pool"):
-            height, width = height // 2, width // 2
-    return height, width
 
 
 def content_coefficient(target: torch.Tensor, kind: str) -> torch.Tensor | float:

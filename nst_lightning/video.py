@@ -33,7 +33,7 @@ from .features import VGGFeatures
 from .flow import flow_and_weights, require_opencv, warp
 from .images import load_image, read_image, save_image, style_side
 from .losses import TemporalTarget
-from .resources import check_fits
+from .resources import check_fits, refuse_tiling
 from .rundir import RunOutputs, Stage
 from .videoio import Clip, read_clip, write_video
 
@@ -217,6 +217,7 @@ def fit_clip(
             _check_record(outputs, record)
         styles = [load_image(p, style_side(clip.shape, s), "long") for p, s in zip(config.styles, config.style_scales())]
         shapes = (clip.shape, [tuple(s.shape[-2:]) for s in styles])
+        refuse_tiling(config, "clips")
         blocks, _ = check_fits(config, *shapes)
         features = config.features.model_copy(update={"checkpoint_blocks": blocks})
         masks = load_masks(config)

@@ -13,9 +13,9 @@ import torch
 from nst_lightning import tiling
 from nst_lightning.config import EXAMPLE_CONTENT, EXAMPLE_STYLE, EXAMPLE_STYLE_2
 from nst_lightning.images import load_image
-from nst_lightning.layers import LAYER_NAMES
+from nst_lightning.layers import LAYER_NAMES, aligned_tile, alignment, halo, layer_shape, receptive_radius, stride
 from nst_lightning.module import StyleTransferModule
-from nst_lightning.tiling import aligned_tile, alignment, halo, receptive_radius, tile_grid, tiled_features
+from nst_lightning.tiling import tile_grid, tiled_features
 
 SHALLOW = {"style_layers": ["relu1_1", "relu2_1", "relu3_1"], "content_layers": ["relu3_1"]}
 """Layers whose halo (16 px) is smaller than the tiles, so every tile's input is a real cut out of the image."""
@@ -143,6 +143,6 @@ def test_a_style_loss_of_other_positions_than_the_gram_is_refused_by_name():
 
 
 def test_layer_shapes_follow_the_poolings():
-    assert tiling.layer_shape(157, 211, "relu1_1") == (157, 211)
-    assert tiling.layer_shape(157, 211, "pool2") == (157 // 2 // 2, 211 // 2 // 2)
-    assert all(tiling.stride(n) == 2 ** n.startswith("pool") for n in LAYER_NAMES[:5])
+    assert layer_shape(157, 211, "relu1_1") == (157, 211)
+    assert layer_shape(157, 211, "pool2") == (157 // 2 // 2, 211 // 2 // 2)
+    assert all(stride(n) == 2 ** n.startswith("pool") for n in LAYER_NAMES[:5])

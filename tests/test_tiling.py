@@ -111,15 +111,15 @@ def test_tiled_targets_equal_the_whole_images(content, styles, extractor):
             assert torch.allclose(got[name], value, rtol=1e-5, atol=1e-6 * value.abs().max()), name
 
 
-def test_a_tiled_run_follows_the_untiled_one_over_20_lbfgs_steps(content, styles, extractor):
+@pytest.mark.parametrize("optim", [{"name": "lbfgs"}, {"name": "adam", "average": 0.9, "lr": 2.0}], ids=["lbfgs", "adam-average"])
+def test_a_tiled_run_follows_the_untiled_one_over_20_steps(content, styles, extractor, optim):
     import lightning as L
 
-    small = content[..., :96, :128].contiguous()
+    small = content[..., :64, :96].contiguous()
+    loss = {**SHALLOW, "tv_weight": 1e-6}
     results = []
-    for tile in (0, 32):
-        module = StyleTransferModule(
-            small, styles[0], loss={**SHALLOW, "tv_weight": 1e-6}, features={"tile": tile or "off"}, extractor=extractor
-        )
+    for tile in ("off", 32):
+        module = StyleTransferModule(small, styles[0], loss=loss, optim=optim, features={"tile": tile}, extractor=extractor)
         trainer = L.Trainer(
             max_steps=20, accelerator="cpu", precision="32-true", logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False,
@@ -127,8 +127,8 @@ def test_a_tiled_run_follows_the_untiled_one_over_20_lbfgs_steps(content, styles
         trainer.fit(module)
         results.append((module.result(), module.loss_terms()["loss"].item()))
     (untiled, untiled_loss), (tiled, tiled_loss) = results
-    start = StyleTransferModule(small, styles[0], loss={**SHALLOW, "tv_weight": 1e-6}, extractor=extractor)
-    assert tiled_loss < 0.5 * start.loss_terms()["loss"].item()  # it really optimised
+    start = StyleTransferModule(small, styles[0], loss=loss, extractor=extractor).loss_terms()["loss"].item()
+    assert tiled_loss < 0.7 * start  # it really optimised
     assert abs(tiled_loss - untiled_loss) < 1e-3 * untiled_loss
     assert (tiled - untiled).abs().mean().item() < 1e-3 and (tiled - untiled).abs().max().item() < 2e-2
 

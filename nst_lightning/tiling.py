@@ -50,21 +50,21 @@ class Tile:
         """The tile's input cut from a ``(B, C, H, W)`` image."""
         return image[..., self.iy0 : self.iy1, self.ix0 : self.ix1]
 
+    def window(self, layer: str, full: Sequence[int]) -> tuple[int, int, int, int]:
+        """The interior on ``layer``'s whole ``(h, w)`` grid: rows ``[a, b)``, columns ``[c, d)``."""
+        s = stride(layer)
+        return self.y0 // s, min(full[0], self.y1 // s), self.x0 // s, min(full[1], self.x1 // s)
+
     def interior(self, features: torch.Tensor, layer: str, full: Sequence[int]) -> torch.Tensor:
         """The interior of a layer's output computed from this tile's input; ``full`` is the layer's whole ``(h, w)``."""
-        s = stride(layer)
-        h, w = full
-        y1 = h if self.y1 // s >= h else self.y1 // s
-        x1 = w if self.x1 // s >= w else self.x1 // s
-        return features[..., self.y0 // s - self.iy0 // s : y1 - self.iy0 // s, self.x0 // s - self.ix0 // s : x1 - self.ix0 // s]
+        a, b, c, d = self.window(layer, full)
+        oy, ox = self.iy0 // stride(layer), self.ix0 // stride(layer)
+        return features[..., a - oy : b - oy, c - ox : d - ox]
 
     def crop(self, full_grid: torch.Tensor, layer: str) -> torch.Tensor:
         """The interior's part of a tensor on the layer's whole grid (a target or a mask)."""
-        s = stride(layer)
-        h, w = full_grid.shape[-2:]
-        y1 = h if self.y1 // s >= h else self.y1 // s
-        x1 = w if self.x1 // s >= w else self.x1 // s
-        return full_grid[..., self.y0 // s : y1, self.x0 // s : x1]
+        a, b, c, d = self.window(layer, full_grid.shape[-2:])
+        return full_grid[..., a:b, c:d]
 
 
 def _spans(size: int, tile: int, margin: int) -> list[tuple[int, int, int, int]]:

@@ -73,7 +73,7 @@ class ImagesProgressBar(Callback):
         self.steps = tqdm(desc="steps", position=1, leave=False, dynamic_ncols=True)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.steps is None or not isinstance(batch, GroupStep):
+        if self.steps is None or not isinstance(batch, GroupStep) or batch.idle:
             return
         if batch.first:
             self.steps.reset(total=batch.steps)

@@ -104,6 +104,15 @@ def group_by_shape(shapes: Sequence[tuple[int, int] | None], max_group: int, wor
     return groups
 
 
+def _everyones(value: int, world_size: int) -> list[int]:
+    """``value`` of every rank (one ``all_gather_object``, outside any step)."""
+    import torch.distributed as dist
+
+    gathered: list[int | None] = [None] * world_size
+    dist.all_gather_object(gathered, value)
+    return [int(v) for v in gathered if v is not None]
+
+
 def _as_is(batch: Any) -> Any:
     return batch
 
@@ -126,6 +135,11 @@ class GroupStep(NamedTuple):
     @property
     def first(self) -> bool:
         return self.items is not None
+
+    @property
+    def idle(self) -> bool:
+        """A step with no pairs: a rank whose share is done keeps stepping with the others (see ``GroupSteps.pad_to``)."""
+        return not self.pairs
 
     @property
     def last(self) -> bool:
@@ -172,9 +186,20 @@ class GroupSteps(IterableDataset):
         for group in self.groups:
             saved = read_group_checkpoint(group_checkpoint(self.checkpoints, [self.pairs[i] for i in group]))
             self.starts.append(min(int(saved["step"]), steps - 1) if saved else 0)
+        self.idle_steps = 0
+
+    def working_steps(self) -> int:
+        """The steps this rank's groups take (an interrupted group only its remaining ones)."""
+        return sum(self.steps - start for start in self.starts)
+
+    def pad_to(self, total: int) -> None:
+        """End with idle steps up to ``total``: with several ranks, Lightning exchanges a stop flag at every step,
+        so a rank that finished its share early would wait there for ever while another waits for it in the
+        final gather. Every rank is padded to the longest share."""
+        self.idle_steps = max(0, total - self.working_steps())
 
     def __len__(self) -> int:
-        return sum(self.steps - start for start in self.starts)
+        return self.working_steps() + self.idle_steps
 
     def images(self) -> int:
         """How many images this rank's groups hold (progress bars count images, not steps)."""
@@ -190,6 +215,8 @@ class GroupSteps(IterableDataset):
                     loaded = [load_pair(p, self.size, self.fit, self.style_scale, self.loading) for p in pairs]
                     item = item._replace(items=loaded, resume=read_group_checkpoint(path) if start else None)
                 yield item
+        for step in range(1, self.idle_steps + 1):
+            yield GroupStep(-1, step, self.idle_steps, [], "")
 
 
 class StylePairsDataModule(L.LightningDataModule):
@@ -267,6 +294,8 @@ class StylePairsDataModule(L.LightningDataModule):
         self.dataset = GroupSteps(
             self.pairs, mine, self.steps, self.checkpoints, self.size, self.fit, self.style_scale, self.loading
         )
+        if world_size > 1:
+            self.dataset.pad_to(max(_everyones(self.dataset.working_steps(), world_size)))
 
     def train_dataloader(self) -> DataLoader:
         if self.dataset is None:

@@ -63,6 +63,7 @@ class GracefulStop(Callback):
         self.started = False
         self.step: int | None = None
         self.saved: list[Path] = []
+        self._announce = False
 
     @contextmanager
     def handling_signals(self) -> Iterator[None]:
@@ -95,13 +96,27 @@ class GracefulStop(Callback):
         self.started = True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.signum is not None:
+        """Stop at the end of the step after a signal. With several ranks, rank zero decides for all of them, at the
+        same step: it sets Lightning's ``received_sigterm`` (Lightning then raises ``SIGTERMException`` at the end
+        of this step) and ``on_exception`` answers the broadcast the other ranks are waiting in at their next step;
+        a signal that reaches another rank only is noted (its exit code) and waits for rank zero's decision."""
+        if self.signum is None:
+            return
+        if trainer.world_size == 1:
             raise _StopRequested
+        if trainer.is_global_zero and not trainer.received_sigterm:
+            trainer.received_sigterm = True
+            self._announce = True
 
     def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
         """Save the image if training had started and it is finite; after a requested stop (a step boundary)
         save the checkpoint too. Before training starts a resumed image is not restored yet: nothing is saved."""
         self.step = trainer.global_step
+        if isinstance(exception, SIGTERMException) and self.signum is None:
+            self.signum = signal.SIGTERM  # told to stop by rank zero
+        if self._announce:
+            self._announce = False
+            _tell_other_ranks_to_stop(trainer)
         if not self.started:
             return
         try:
@@ -131,3 +146,14 @@ class GracefulStop(Callback):
     def is_stop(exception: BaseException) -> bool:
         """Whether ``exception`` is how Lightning or this callback unwinds a stopped run."""
         return isinstance(exception, (_StopRequested, SystemExit, KeyboardInterrupt))
+
+
+def _tell_other_ranks_to_stop(trainer: L.Trainer) -> None:
+    """Rank zero's half of Lightning's per-step stop broadcast (``_broadcast_sigterm_tensor``): the flag, set, then
+    the barrier every rank passes before it raises ``SIGTERMException``, so all ranks stop after the same step."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.broadcast(torch.tensor([1], device=trainer.strategy.root_device), src=0)
+    dist.barrier()

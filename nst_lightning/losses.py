@@ -178,14 +178,21 @@ CHROMA = ((-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
 """Rows of the JPEG (full-range BT.601) RGB -> Cb, Cr matrix, as Pillow's ``YCbCr`` mode; offsets drop out of differences."""
 
 
-def chroma_tv_loss(image: torch.Tensor) -> torch.Tensor:
+def chroma_matrix(device: torch.device | str | None = None) -> torch.Tensor:
+    """``CHROMA`` as a ``(2, 3)`` fp32 tensor: built once, before any step (a tensor made from Python data inside
+    a step is a host-to-device copy, which CUDA graph capture refuses)."""
+    return torch.tensor(CHROMA, dtype=torch.float32, device=device)
+
+
+def chroma_tv_loss(image: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared difference of Cb and Cr between neighbouring pixels, in 8-bit units, per image ``(B,)``.
 
     Smooths colour noise only: luminance, which carries the brush strokes and the content's detail, is free.
-    A mean, so the same weight suits every image size as the relative losses do.
+    A mean, so the same weight suits every image size as the relative losses do. ``matrix``: ``chroma_matrix()``
+    on the image's device (made here when not given).
     """
     x = image.float() * 255.0
-    cbcr = torch.einsum("kc,bchw->bkhw", x.new_tensor(CHROMA), x)
+    cbcr = torch.einsum("kc,bchw->bkhw", chroma_matrix(x.device) if matrix is None else matrix, x)
     dy = (cbcr[..., 1:, :] - cbcr[..., :-1, :]).pow(2).sum(1).flatten(1)
     dx = (cbcr[..., :, 1:] - cbcr[..., :, :-1]).pow(2).sum(1).flatten(1)
     return (dy.sum(1) + dx.sum(1)) / (dy.shape[1] + dx.shape[1])
@@ -281,6 +288,7 @@ class StyleTransferLoss(nn.Module):
         self.temporal_weight = 0.0
         self.register_buffer("temporal_image", None, persistent=False)
         self.register_buffer("temporal_weights", None, persistent=False)
+        self.register_buffer("chroma", chroma_matrix(), persistent=False)
 
     def set_temporal(self, target: TemporalTarget | None) -> None:
         """Add (or, with None, remove) the temporal term ``temporal`` pulling the image towards ``target.image``."""
@@ -358,7 +366,7 @@ class StyleTransferLoss(nn.Module):
         """The ``tv`` term: weighted total variation, chroma smoothness and border smoothness (0 when no weight is set)."""
         tv = self.tv_weight * tv_loss(image, self.tv_kind) if self.tv_weight else image.new_zeros((), dtype=torch.float32)
         if self.chroma_weight:
-            tv = tv + self.chroma_weight * chroma_tv_loss(image).sum()
+            tv = tv + self.chroma_weight * chroma_tv_loss(image, self.chroma).sum()
         if self.border_weight:
             tv = tv + self.border_weight * border_tv_loss(image).sum()
         return tv

@@ -407,7 +407,7 @@ class StyleTransferModule(L.LightningModule):
         masks = None if self.style_masks is None else [m if m is None else m.to(device) for m in self.style_masks]
         with torch.autocast(device.type, enabled=False):
             for i, criterion in enumerate(self.criteria):
-                key = self._targets_key(i)
+                key = self._targets_key(i) if cache is not None else ""
                 if cache is not None and key in cache:
                     criterion.load_targets(cache[key])
                     continue

@@ -45,6 +45,7 @@ class _BatchedOptimizer(torch.optim.Optimizer):
         self.after_update = after_update
         self.graph = graph
         """With a ``StepGraph``, each step with a closure is captured once per parameter and shape, then replayed."""
+        self._lr: torch.Tensor | None = None
 
     @property
     def param(self) -> torch.Tensor:
@@ -57,17 +58,33 @@ class _BatchedOptimizer(torch.optim.Optimizer):
         With ``graph``, a replay repeats the closure captured at the first step after the warm-up: every step's
         closure must launch the same work (Lightning's closure around the module's ``evaluate`` does).
         """
+        self._set_lr()
         if self.graph is not None and closure is not None:
             return self.graph(lambda: self._steps(closure), graph_key(self.param), self.param.device)
         return self._steps(closure)
 
+    def _set_lr(self) -> None:
+        """Copy the group's ``lr`` into the device tensor the update reads, before the step (outside any graph),
+        so a learning rate changed between steps (a scheduler, a resume) is honoured by replays too."""
+        if self._lr is None or self._lr.device != self.param.device:
+            self._lr = torch.zeros((), dtype=torch.float32, device=self.param.device)
+        self._lr.fill_(self.param_groups[0]["lr"])
+
+    def _learning_rate(self) -> torch.Tensor:
+        """The learning rate as the update reads it: the device tensor ``step`` filled (filled here on a bare ``update``)."""
+        if self._lr is None:
+            self._set_lr()
+        return self._lr
+
     def _steps(self, closure: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
+        """The step proper; the update runs with autocast off, so its state and dot products stay fp32 even when
+        the caller (Lightning's ``bf16-mixed`` around ``training_step``) runs the closure under autocast."""
         loss = None
         for _ in range(self.max_iter if closure is not None else 1):
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(self.param.device.type, enabled=False):
                 self.update()
                 if self.after_update is not None:
                     self.after_update()
@@ -134,7 +151,7 @@ class BatchedLBFGS(_BatchedOptimizer):
         b = p.shape[0]
         grad = p.grad.reshape(b, -1)
         state = self._state(grad)
-        lr = self.param_groups[0]["lr"]
+        lr = self._learning_rate()
         if self.static_history:
             order, first = self._record_pair_static(grad, state)
         else:
@@ -149,7 +166,7 @@ class BatchedLBFGS(_BatchedOptimizer):
             beta = _dot(state["dirs"][i], d) * state["rho"][i]
             d.addcmul_(state["steps"][i], (alphas[i] - beta).unsqueeze(1))
         if isinstance(first, bool):
-            t = torch.clamp(1.0 / grad.abs().sum(1), max=1.0) * lr if first else torch.full_like(state["t"], lr)
+            t = torch.clamp(1.0 / grad.abs().sum(1), max=1.0) * lr if first else lr.expand(b)
         else:
             t = torch.where(first, torch.clamp(1.0 / grad.abs().sum(1), max=1.0) * lr, lr)
         t = torch.where(_dot(grad, d) > 0, 0.0, t)  # not a descent direction: stand still, as torch does
@@ -249,4 +266,4 @@ class BatchedAdam(_BatchedOptimizer):
         correction1 = 1 - torch.pow(beta1, state["step"])
         correction2 = 1 - torch.pow(beta2, state["step"])
         denom = (state["exp_avg_sq"] / correction2).sqrt_().add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denom * (correction1 / group["lr"]), value=-1.0)
+        p.addcdiv_(state["exp_avg"], denom * (correction1 / self._learning_rate()), value=-1.0)

@@ -123,9 +123,10 @@ def activation_bytes(
     return max(forward, recompute)
 
 
-def style_pass_bytes(height: int, width: int, layers: Sequence[str], precision: str = "32-true") -> int:
-    """Peak bytes of the gradient-free pass computing a style image's Grams: its kept layers and two more."""
-    size = 2 if precision in ("bf16-mixed", "16-mixed") else 4
+def target_pass_bytes(height: int, width: int, layers: Sequence[str]) -> int:
+    """Peak bytes of the gradient-free pass computing an image's targets (style Grams, content features): its
+    kept layers and two more, in fp32 whatever the run's precision (targets come from the fp32 extractor)."""
+    size = 4
     deepest = max(LAYER_INDEX[n] for n in layers)
     walk = _walk(height, width, deepest)
     kept = sum(c * p * size for name, c, p in walk if name in layers)
@@ -160,16 +161,16 @@ def estimate_memory(
     if tile:
         side = aligned_tile(tile, layers) + 2 * halo(layers)
         network = activation_bytes(min(height, side), min(width, side), layers, precision, pooling) + TILED_IMAGE_COPIES * image
-        style_pass = max(style_pass_bytes(min(h, side), min(w, side), layers, precision) for h, w in style_shapes)
+        target_pass = max(target_pass_bytes(min(h, side), min(w, side), layers) for h, w in [shape, *style_shapes])
     else:
         network = activation_bytes(height, width, layers, precision, pooling, checkpoint_blocks)
-        style_pass = max(style_pass_bytes(h, w, layers, precision) for h, w in style_shapes)
+        target_pass = max(target_pass_bytes(h, w, layers) for h, w in [shape, *style_shapes])
     deepest = max(LAYER_INDEX[n] for n in layers)
     content_features = sum(c * p * 4 for name, c, p in _walk(height, width, deepest) if name in content_layers)
     grams = sum(CHANNELS[int(n[4])] ** 2 * 4 for n in layers)
     return MemoryEstimate(
         weights=VGG19_WEIGHT_BYTES * 2,
-        activations=max(network, style_pass),
+        activations=max(network, target_pass),
         optimizer=copies * image,
         targets=image + sum(3 * h * w * 4 for h, w in style_shapes) + content_features + grams,
         loading=source_pixels * LOAD_BYTES_PER_PIXEL,

@@ -8,6 +8,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,3 +268,78 @@ def test_out_of_memory_on_one_ddp_rank_ends_the_run_on_both_with_the_failure_rep
     assert run.stdout.count(": out of memory on cpu optimising 2 image(s) of 32x32 together") == 2
     assert "rank 1: out of memory" in run.stderr and "Traceback" not in run.stderr
     assert len(list(out.glob("*.png"))) == 2
+
+
+def _ddp_folder_command(content, out, steps: int, *extra: str) -> list[str]:
+    settings = [f"content={content}", "image.size=32", f"trainer.max_steps={steps}", "trainer.accelerator=cpu",
+                "trainer.precision=32-true", "trainer.devices=2", "trainer.strategy=ddp", *extra]
+    return [sys.executable, "-m", "nst_lightning", "fit", "-q", "--output", str(out),
+            *[a for s in settings for a in ("--set", s)]]
+
+
+def _written_once(out) -> list[str]:
+    summary = json.loads((out / "batch-summary.json").read_text())
+    written = [r["name"] for r in summary["results"] if r["status"] == "done"]
+    assert len(written) == len(set(written)), "no image written twice"
+    return sorted(written)
+
+
+def test_ddp_ranks_with_unequal_shares_of_two_sizes_all_finish(tmp_path):
+    # 3 images of two sizes: 3 groups, so rank 0 takes two and rank 1 one; the idle rank keeps stepping with the
+    # other (Lightning exchanges a stop flag at every step) instead of waiting for it in the final gather
+    frames = tmp_path / "frames"
+    names = make_frames(frames, 2)
+    Image.open(EXAMPLE_CONTENT).convert("RGB").resize((40, 56)).save(frames / "tall.png")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    run = subprocess.run(_ddp_folder_command(frames, out, 3), capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=240)  # a hang ends here, as a failure
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "3 images: 3 written, 0 already complete (skipped), 0 failed" in run.stdout
+    assert "rank 0: 2 written" in run.stdout and "rank 1: 1 written" in run.stdout
+    assert _written_once(out) == sorted([*names, "tall__starry_night.png"])
+    assert read_image(out / "tall__starry_night.png").shape[-2:] == (32, 23)
+
+
+def _session_alive(session: int) -> list[int]:
+    """Processes still running in a session (the launcher's rank 0 and the rank it started)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+def test_sigterm_stops_every_ddp_rank_of_an_unequal_folder_run_with_its_group_saved_and_a_rerun_finishes(tmp_path):
+    names = make_frames(tmp_path / "frames", 5)  # one image a group: rank 0 takes 3, rank 1 takes 2
+    out = tmp_path / "out"
+    cmd = _ddp_folder_command(tmp_path / "frames", out, 60, "batch.images_per_device=1", "checkpoint.every_n_steps=1000")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                           start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not list(out.glob("*.png")) and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.2)
+    assert run.poll() is None, run.communicate()[1][-3000:]
+    os.killpg(run.pid, signal.SIGTERM)  # as a terminal, a scheduler or systemd does: every process of the run
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 143, stderr[-3000:]
+    deadline = time.monotonic() + 60
+    while _session_alive(run.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _session_alive(run.pid), "every rank ended"
+    assert stderr.count("interrupted by SIGTERM") == 2, stderr[-3000:]  # each rank said so, and exits 143
+    assert "Traceback" not in stderr
+    saved = list((out / "checkpoints").glob("group-*.ckpt"))
+    written = list(out.glob("*.png"))
+    assert saved and len(written) < 5, "the running groups were saved, not finished"
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"5 images: {5 - len(written)} written, {len(written)} already complete (skipped), 0 failed" in rerun.stdout
+    assert sorted(p.name for p in out.glob("*.png")) == names
+    assert not list((out / "checkpoints").glob("group-*.ckpt")), "finished groups leave no checkpoint"

@@ -6,13 +6,16 @@ tests check that the graph path computes what the plain path computes.
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 import pytest
 import torch
 
+from nst_lightning import cudagraph
 from nst_lightning.cudagraph import StepGraph, graph_key
 from nst_lightning.module import StyleTransferModule
-from nst_lightning.optim import BatchedLBFGS
+from nst_lightning.optim import BatchedAdam, BatchedLBFGS
 
 
 def _problem(seed: int = 0):
@@ -103,3 +106,74 @@ def test_auto_leaves_a_cpu_run_eager(content_small, style_small, extractor):
     assert module.optim_config.cuda_graph == "auto"
     assert module.step_graph() is None
     assert StyleTransferModule(content_small, style_small, extractor=extractor, optim={"cuda_graph": True}).step_graph()
+
+
+class _FakeStream:
+    made = 0
+
+    def __init__(self, device=None) -> None:
+        _FakeStream.made += 1
+
+    def wait_stream(self, other) -> None:
+        pass
+
+
+def _pretend_cuda(monkeypatch) -> None:
+    """Stand-ins for the CUDA stream calls, so the graph's CUDA branch runs its Python logic on the CPU."""
+    current = _FakeStream()
+    _FakeStream.made = 0
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+
+def test_warm_up_steps_share_one_side_stream_and_an_out_of_memory_capture_runs_the_steps_eagerly(monkeypatch):
+    _pretend_cuda(monkeypatch)
+
+    def capture_out_of_memory(step):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(cudagraph, "_capture", capture_out_of_memory)
+    graph, calls, cuda = StepGraph(warmup=3), [], torch.device("cuda")
+    key = graph_key(torch.zeros(2, 3))
+    with pytest.warns(RuntimeWarning, match="out of memory capturing the step's CUDA graph"):
+        for _ in range(6):
+            graph(lambda: calls.append(1), key, cuda)
+    assert _FakeStream.made == 1, "one side stream for every warm-up step"
+    assert len(calls) == 6 and graph.failed_captures == 1 and graph.captures == 0 and graph.replays == 0
+
+
+def test_a_capture_failing_for_another_reason_is_raised(monkeypatch):
+    _pretend_cuda(monkeypatch)
+
+    def capture_refused(step):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cudagraph, "_capture", capture_refused)
+    graph = StepGraph(warmup=0)
+    with pytest.raises(RuntimeError, match="not permitted"):
+        graph(lambda: None, graph_key(torch.zeros(1)), torch.device("cuda"))
+
+
+def test_a_learning_rate_changed_between_steps_is_used_by_the_next_step():
+    # a captured step reads lr from a device tensor filled before each step, not a Python float frozen at capture
+    def run(make, new_lr: float):
+        x = torch.linspace(-1, 1, 12).view(2, 6).requires_grad_(True)
+        opt = make([x])
+        for step in range(6):
+            if step == 3:
+                opt.param_groups[0]["lr"] = new_lr
+
+            def closure():
+                opt.zero_grad()
+                loss = (x - 0.3).pow(4).sum() + x.pow(2).sum()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        return x.detach()
+
+    batched = run(lambda p: BatchedAdam(p, lr=0.05, graph=StepGraph(warmup=1)), 0.5)
+    torch.testing.assert_close(batched, run(lambda p: torch.optim.Adam(p, lr=0.05), 0.5), atol=1e-4, rtol=1e-4)
+    assert (batched - run(lambda p: torch.optim.Adam(p, lr=0.05), 0.05)).abs().max() > 0.1  # the change mattered

@@ -18,11 +18,13 @@ from nst_lightning.config import DEFAULT_STYLE_LAYERS, EXAMPLE_STYLE, all_layers
 from nst_lightning.errors import ResourceError
 from nst_lightning.images import read_size
 from nst_lightning.resources import (
+    activation_bytes,
     available_cpu_memory,
     estimate_for,
     estimate_memory,
     is_out_of_memory,
     largest_size,
+    target_pass_bytes,
 )
 
 LAYERS = [*DEFAULT_STYLE_LAYERS, "relu4_2"]
@@ -44,8 +46,7 @@ def test_estimate_grows_with_size_history_and_falls_with_bf16():
 
 def test_checkpointing_more_blocks_lowers_the_estimate_until_the_blocks_run_out():
     held = [
-        estimate_memory((2048, 2048), [(2048, 2048)], LAYERS, precision="bf16-mixed", checkpoint_blocks=n).activations
-        for n in range(5)
+        estimate_memory((2048, 2048), [(2048, 2048)], LAYERS, checkpoint_blocks=n).activations for n in range(5)
     ]
     assert all(a > b for a, b in zip(held, held[1:]))
     assert held[2] < 0.8 * held[0]
@@ -196,6 +197,14 @@ def test_a_fixed_checkpoint_setting_is_kept_and_judged_as_set(tiny_config, monke
     seen = _SeenBlocks()
     fit(pinned, progress=False, callbacks=[seen])
     assert seen.blocks == 3
+
+
+def test_the_target_pass_is_planned_in_fp32_whatever_the_run_precision():
+    # targets come from the fp32 extractor: under bf16 with blocks recomputed, that pass is the peak
+    target_pass = target_pass_bytes(2048, 2048, LAYERS)
+    bf16 = estimate_memory((2048, 2048), [(1024, 1024)], LAYERS, precision="bf16-mixed", checkpoint_blocks=4)
+    assert bf16.activations == target_pass > activation_bytes(2048, 2048, LAYERS, "bf16-mixed", "max", 4)
+    assert target_pass_bytes(2048, 2048, LAYERS) > 1.9 * target_pass_bytes(1448, 1448, LAYERS)
 
 
 # --- tiled evaluation (features.tile) -------------------------------------------------------------

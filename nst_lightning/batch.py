@@ -27,7 +27,7 @@ from .data import GroupStep, PairResult
 from .errors import ConfigError, NSTError
 from .groups import FOLDER_STRATEGIES, ShardedStrategy, check_folder_strategy, gather_results
 from .images import read_size
-from .resources import check_fits
+from .resources import check_fits, refuse_tiling
 
 SUMMARY_FILE = "batch-summary.json"
 UNSUPPORTED_KEYS = {
@@ -137,6 +137,7 @@ def check_folder_config(config: RunConfig) -> None:
 
 def plan_folder_memory(config: RunConfig, pairs: Sequence[Any], per_device: int) -> int:
     """The VGG blocks to checkpoint so the largest group fits; ResourceError when even that does not fit."""
+    refuse_tiling(config, "folder runs")
     largest = max(pairs, key=lambda p: _pixels(p.content))
     try:
         content = read_size(largest.content)

@@ -27,6 +27,9 @@ MAX_IMAGE_SIZE = 16384
 MAX_CHECKPOINT_BLOCKS = 4
 """VGG blocks that end in a pooling layer before relu5_1, the ones activation checkpointing can cover."""
 
+MIN_TILE = 16
+"""The smallest ``features.tile``: one position of relu5_1."""
+
 PositiveFloat = Field(gt=0)
 
 
@@ -98,6 +101,20 @@ class FeaturesConfig(_Section):
         "auto: the fewest that make the run fit, by the memory estimate, and one more whenever an image's "
         "first step runs out of memory",
     )
+
+    tile: Union[Literal["auto", "off"], int] = Field(
+        "off",
+        description="evaluate the loss exactly tile by tile, N px per tile side (rounded up to the pooling grid), so "
+        "memory is set by the tile, not the image; auto: tiles only when the memory estimate says the whole image "
+        "does not fit, the largest tile that does; off: never",
+    )
+
+    @field_validator("tile", mode="before")
+    @classmethod
+    def _tile(cls, value: object) -> object:
+        if value in ("auto", "off") or (isinstance(value, int) and not isinstance(value, bool) and value >= MIN_TILE):
+            return value
+        raise ValueError(f"must be auto, off or a tile side of at least {MIN_TILE} px, got {value!r}")
 
     @field_validator("checkpoint_blocks", mode="before")
     @classmethod
@@ -373,6 +390,16 @@ class RunConfig(_Section):
             raise ValueError(
                 "optim.cuda_graph=true cannot capture loss.style_loss=w2 (its eigenvalue solver checks its result on "
                 "the host every step); set optim.cuda_graph=auto, which runs w2 steps eagerly"
+            )
+        if isinstance(self.features.tile, int) and self.loss.style_loss == "w2":
+            raise ValueError(
+                f"features.tile={self.features.tile} cannot evaluate loss.style_loss=w2 by tiles (its covariance root "
+                "is not a sum over positions); set features.tile=off, or a Gram style loss such as relative"
+            )
+        if self.optim.cuda_graph is True and self.features.tile != "off":
+            raise ValueError(
+                f"optim.cuda_graph=true cannot capture a tiled evaluation (features.tile={self.features.tile}) yet; "
+                "set optim.cuda_graph=auto (tiled steps then run eagerly) or features.tile=off"
             )
         if self.optim.average is not None and self.optim.name != "adam":
             raise ValueError(

@@ -1,9 +1,12 @@
 """VGG19 layer names, their positions in ``torchvision.models.vgg19().features`` and aliases.
 
-Pure Python (no torch) so that the config schema can validate layer names instantly.
+Pure Python (no torch) so that the config schema can validate layer names instantly and the memory plan can
+size tiles: strides, receptive reach and output shapes of the layers are here too.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 _BLOCKS = (2, 2, 4, 4, 4)
 
@@ -61,3 +64,53 @@ def canonical_layer(name: str) -> str:
 def deepest(layers: list[str] | tuple[str, ...]) -> int:
     """Index of the deepest layer among canonical ``layers``: the network is cut after it."""
     return max(LAYER_INDEX[name] for name in layers)
+
+
+def stride(layer: str) -> int:
+    """Input pixels per position of ``layer``'s output: 2 to the number of poolings up to and including it."""
+    return 2 ** sum(1 for name in LAYER_NAMES[: LAYER_INDEX[layer] + 1] if name.startswith("pool"))
+
+
+def receptive_radius(layer: str) -> int:
+    """How far (input pixels) a tile's cut edge changes ``layer``'s output inward, for a tile aligned to its stride.
+
+    Each 3x3 convolution at stride ``s`` reaches ``s`` pixels further; a 2x2 pooling's output is changed where
+    either of its inputs is, so the reach rounds up to the pooling's output stride. To relu5_1: 80 px.
+    """
+    reach, step = 0, 1
+    for name in LAYER_NAMES[: LAYER_INDEX[layer] + 1]:
+        if name.startswith("conv"):
+            reach += step
+        elif name.startswith("pool"):
+            step *= 2
+            reach = -(-reach // step) * step
+    return reach
+
+
+def _deepest(layers: Sequence[str]) -> str:
+    return max(layers, key=LAYER_INDEX.__getitem__)
+
+
+def alignment(layers: Sequence[str]) -> int:
+    """The grid step tiles and halos are multiples of: the pooling stride of the deepest of ``layers``."""
+    return stride(_deepest(layers))
+
+
+def halo(layers: Sequence[str]) -> int:
+    """Input pixels a tile carries on each side: the deepest layer's receptive radius rounded up to the grid step."""
+    step = alignment(layers)
+    return -(-receptive_radius(_deepest(layers)) // step) * step
+
+
+def aligned_tile(tile: int, layers: Sequence[str]) -> int:
+    """``tile`` rounded up to the grid step (at least one step)."""
+    step = alignment(layers)
+    return max(step, -(-tile // step) * step)
+
+
+def layer_shape(height: int, width: int, layer: str) -> tuple[int, int]:
+    """The ``(h, w)`` of ``layer``'s output for a ``height x width`` input (each pooling floors)."""
+    for name in LAYER_NAMES[: LAYER_INDEX[layer] + 1]:
+        if name.startswith("pool"):
+            height, width = height // 2, width // 2
+    return height, width

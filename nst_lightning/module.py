@@ -37,6 +37,7 @@ from .losses import StyleTransferLoss, TemporalTarget
 from .resources import is_out_of_memory
 from .cudagraph import StepGraph
 from .optim import BatchedAdam, BatchedLBFGS
+from .tiling import TILED_STYLE_LOSSES, tiled_targets, tiled_terms
 
 log = logging.getLogger(__name__)
 ImageInput = Union[str, Path, torch.Tensor]
@@ -133,7 +134,7 @@ class StyleTransferModule(L.LightningModule):
         style_scale: long side of style images given as files, relative to the content's long side.
         loss, optim, features: settings (config sections or plain dicts); defaults follow the paper.
             ``features.checkpoint_blocks=auto`` is resolved from the memory estimate by ``nst_lightning.fit``;
-            a module built directly treats it as 0 (no checkpointing).
+            a module built directly treats it as 0 (no checkpointing), and ``features.tile=auto`` as off.
         init: ``content``, ``noise``, ``style``, an image tensor or an image file.
         style_blend: weight of each style image (default equal).
         style_masks: one mask per style (``(1, 1, H, W)`` or RGB tensor or an image file, any size, white = apply), or None for
@@ -205,6 +206,14 @@ class StyleTransferModule(L.LightningModule):
             raise ConfigError(f"the given extractor does not return layers {missing}; build it with all loss layers")
         blocks = self.features_config.checkpoint_blocks
         self.checkpoint_blocks = 0 if blocks == "auto" else blocks
+        tile = self.features_config.tile
+        self.tile = tile if isinstance(tile, int) else 0
+        """Evaluate the loss tile by tile with tiles of this side (``nst_lightning.tiling``); 0: the whole image at once."""
+        if self.tile and self.loss_config.style_loss not in TILED_STYLE_LOSSES:
+            raise ConfigError(
+                f"features.tile cannot evaluate style_loss {self.loss_config.style_loss} by tiles; use one of "
+                f"{', '.join(TILED_STYLE_LOSSES)} or features.tile=off"
+            )
         self.grow_checkpoint_blocks = blocks == "auto" if grow_checkpoint_blocks is None else grow_checkpoint_blocks
         self._stepped = False
         self.network: VGGFeatures = self.extractor
@@ -350,14 +359,23 @@ class StyleTransferModule(L.LightningModule):
         return {k: v.mean() for k, v in self.loss_terms(image).items()}
 
     def loss_terms(self, image: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Each image's loss terms ``content``, ``style``, ``tv``, ``loss`` as ``(B,)`` tensors: one VGG pass for the batch."""
+        """Each image's loss terms ``content``, ``style``, ``tv``, ``loss`` as ``(B,)`` tensors: one VGG pass for the batch.
+
+        With ``features.tile`` the terms are evaluated tile by tile and carry no autograd graph.
+        """
         self.prepare_targets()
         x = self.image / self.pixel_scale if image is None else image
+        if self.tile:
+            return self.tiled_terms(x, gradient=False)[0]
         feats = self.network(self.canvas(x), checkpoint_blocks=self.checkpoint_blocks)
         per_image = [
             criterion({k: v[i : i + 1] for k, v in feats.items()}, x[i : i + 1]) for i, criterion in enumerate(self.criteria)
         ]
         return {k: torch.stack([t[k] for t in per_image]) for k in LOSS_TERMS}
+
+    def tiled_terms(self, image: torch.Tensor, gradient: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The loss terms at ``image`` (``[0, 1]``) and, with ``gradient``, their summed gradient, tile by tile."""
+        return tiled_terms(self.network, self.criteria, image, self.tile, self.canvas, gradient=gradient)
 
     @torch.no_grad()
     def prepare_targets(self, features: Callable[[torch.Tensor], Mapping[str, torch.Tensor]] | None = None) -> None:
@@ -379,6 +397,13 @@ class StyleTransferModule(L.LightningModule):
                 key = self._targets_key(i) if cache is not None else ""
                 if cache is not None and key in cache:
                     criterion.load_targets(cache[key])
+                    continue
+                if self.tile and features is None:
+                    canvas = self.canvas(self.content_image[i : i + 1].to(device))
+                    styles = [s.to(device) for s in self.style_images[i]]
+                    criterion.load_targets(tiled_targets(extract, criterion, canvas, styles, self.tile, self.style_blend, masks))
+                    if cache is not None:
+                        cache[key] = criterion.targets()
                     continue
                 content_feats = extract(self.canvas(self.content_image[i : i + 1].to(device)))
                 style_feats = [extract(s.to(device)) for s in self.style_images[i]]
@@ -412,6 +437,10 @@ class StyleTransferModule(L.LightningModule):
         """``objective_scale = 1 / mean |d loss_i / d image_i|`` per image at the current images, without a host
         sync (the element count where that mean is 0 or not finite)."""
         (grad,) = torch.autograd.grad(losses.sum(), self.image, retain_graph=True)
+        self._scale_from_gradient(grad)
+
+    def _scale_from_gradient(self, grad: torch.Tensor) -> None:
+        """``objective_scale`` from each image's loss gradient with respect to the parameter."""
         mean = grad.float().abs().flatten(1).mean(1)
         usable = torch.isfinite(mean) & (mean > 0)
         fallback = torch.full_like(mean, float(self.image[0].numel()))
@@ -422,7 +451,11 @@ class StyleTransferModule(L.LightningModule):
     def starting_objective_scale(self) -> torch.Tensor:
         """The objective scale at the current images (one evaluation), as the first step would fix it."""
         with torch.enable_grad():
-            self._set_objective_scale(self.loss_terms()["loss"])
+            if self.tile:
+                self.prepare_targets()
+                self._scale_from_gradient(self.tiled_terms(self.image.detach() / self.pixel_scale)[1] / self.pixel_scale)
+            else:
+                self._set_objective_scale(self.loss_terms()["loss"])
         return self.objective_scale.detach().clone()
 
     def use_objective_scale(self, scale: torch.Tensor) -> None:
@@ -439,9 +472,12 @@ class StyleTransferModule(L.LightningModule):
         evaluation of a step records ``step_terms``.
         """
         self.image.grad = None
-        terms = self.loss_terms()
-        objective = self.objective(terms)
-        objective.backward()
+        if self.tile:
+            terms, objective = self.tiled_objective()
+        else:
+            terms = self.loss_terms()
+            objective = self.objective(terms)
+            objective.backward()
         self.project_gradient()
         with torch.no_grad():
             self.finite &= torch.isfinite(terms["loss"])
@@ -449,6 +485,16 @@ class StyleTransferModule(L.LightningModule):
                 self.step_terms = torch.stack([terms[k].detach().mean() for k in LOSS_TERMS])
                 self._first_evaluation = False
         return objective.detach()
+
+    def tiled_objective(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """``evaluate``'s loss terms and objective tile by tile, the objective's gradient left in ``image.grad``."""
+        self.prepare_targets()
+        terms, grad = self.tiled_terms(self.image.detach() / self.pixel_scale)
+        grad = grad / self.pixel_scale
+        if not self._scale_ready:
+            self._scale_from_gradient(grad)
+        self.image.grad = (grad * self.objective_scale.view(-1, 1, 1, 1)).to(self.image.dtype)
+        return terms, (terms["loss"] * self.objective_scale).sum()
 
     @torch.no_grad()
     def project_gradient(self) -> None:
@@ -664,10 +710,10 @@ class StyleTransferModule(L.LightningModule):
 
     def step_graph(self) -> StepGraph | None:
         """The CUDA graph of the step under ``optim.cuda_graph``: ``auto`` on CUDA (not for the ``w2`` style loss,
-        whose eigenvalue solver reads its status on the host), ``true`` anywhere (off CUDA its code path runs
-        eagerly, which is how CPU tests check it), ``false`` never."""
+        whose eigenvalue solver reads its status on the host, nor for a tiled evaluation), ``true`` anywhere (off
+        CUDA its code path runs eagerly, which is how CPU tests check it), ``false`` never."""
         setting = self.optim_config.cuda_graph
-        eager = self.image.device.type != "cuda" or self.loss_config.style_loss == "w2"
+        eager = self.image.device.type != "cuda" or self.loss_config.style_loss == "w2" or bool(self.tile)
         if setting is False or (setting == "auto" and eager):
             return None
         return StepGraph()

@@ -11,10 +11,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import MAX_CHECKPOINT_BLOCKS, MAX_IMAGE_SIZE, RunConfig, all_layers
-from .errors import ResourceError
+from .errors import ConfigError, ResourceError
 from .hardware import cuda_run, nvml_device, resolve_precision
 from .images import Loading, style_shape, target_shape
-from .layers import LAYER_NAMES, LAYER_INDEX
+from .layers import LAYER_NAMES, LAYER_INDEX, aligned_tile, halo
 
 Shape = tuple[int, int]
 """An image's ``(H, W)``."""
@@ -27,6 +27,11 @@ SLACK = 1.15
 """Allocator fragmentation and small temporaries not followed one by one."""
 LOAD_BYTES_PER_PIXEL = 27
 """Decoding a source image: Pillow's 8-bit RGB, then two float32 copies (array and NCHW tensor)."""
+TILE_CHOICES = (4096, 2048, 1024, 512, 256, 128, 64)
+"""Tile sides ``features.tile=auto`` tries, largest (least halo overhead) first."""
+TILED_IMAGE_COPIES = 10
+"""Whole-image fp32 copies a tiled evaluation holds besides the tile's pass: the input, what VGG sees, its
+gradient, the image's gradient and the pixel terms' autograd (total variation, chroma, border)."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,8 @@ class MemoryEstimate:
     """Content and style images, content features and style Grams."""
     loading: int = 0
     """Decoding the largest source image at full size, before the run (a separate, earlier peak)."""
+    tile: int = 0
+    """The tile side of a tiled evaluation (``features.tile``), 0 for the whole image at once."""
 
     @property
     def total(self) -> int:
@@ -52,9 +59,10 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         """One line: the total and its largest parts."""
+        tiled = f", tiled by {self.tile} px" if self.tile else ""
         return (
             f"about {self.total / GiB:.1f} GiB (activations {self.activations / GiB:.2f}, optimizer "
-            f"{self.optimizer / GiB:.2f}, targets {self.targets / GiB:.2f}, weights {self.weights / GiB:.2f} GiB)"
+            f"{self.optimizer / GiB:.2f}, targets {self.targets / GiB:.2f}, weights {self.weights / GiB:.2f} GiB{tiled})"
         )
 
 
@@ -137,27 +145,36 @@ def estimate_memory(
     pooling: str = "max",
     source_pixels: int = 0,
     checkpoint_blocks: int = 0,
+    tile: int = 0,
 ) -> MemoryEstimate:
     """Peak memory of a run producing an ``(H, W)`` image from styles of ``style_shapes``.
 
     ``layers``: every loss layer; ``content_layers``: those whose content features are kept as targets;
     ``source_pixels``: the largest input image's pixel count at full size; ``checkpoint_blocks``: VGG blocks
-    recomputed in the backward pass (``features.checkpoint_blocks``).
+    recomputed in the backward pass (``features.checkpoint_blocks``); ``tile``: the tile side of a tiled
+    evaluation (the network then sees one tile and its halo at a time, targets included; no checkpointing).
     """
     height, width = shape
     image = 3 * height * width * 4
     # image, gradient, last good copy; L-BFGS adds 2 * history_size flat copies and ~4 work vectors, Adam 2 moments
     copies = 3 + (2 * history_size + 4 if optimizer == "lbfgs" else 3)
-    target_pass = max(target_pass_bytes(h, w, layers) for h, w in [shape, *style_shapes])
+    if tile:
+        side = aligned_tile(tile, layers) + 2 * halo(layers)
+        network = activation_bytes(min(height, side), min(width, side), layers, precision, pooling) + TILED_IMAGE_COPIES * image
+        target_pass = max(target_pass_bytes(min(h, side), min(w, side), layers) for h, w in [shape, *style_shapes])
+    else:
+        network = activation_bytes(height, width, layers, precision, pooling, checkpoint_blocks)
+        target_pass = max(target_pass_bytes(h, w, layers) for h, w in [shape, *style_shapes])
     deepest = max(LAYER_INDEX[n] for n in layers)
     content_features = sum(c * p * 4 for name, c, p in _walk(height, width, deepest) if name in content_layers)
     grams = sum(CHANNELS[int(n[4])] ** 2 * 4 for n in layers)
     return MemoryEstimate(
         weights=VGG19_WEIGHT_BYTES * 2,
-        activations=max(activation_bytes(height, width, layers, precision, pooling, checkpoint_blocks), target_pass),
+        activations=max(network, target_pass),
         optimizer=copies * image,
         targets=image + sum(3 * h * w * 4 for h, w in style_shapes) + content_features + grams,
         loading=source_pixels * LOAD_BYTES_PER_PIXEL,
+        tile=tile,
     )
 
 
@@ -182,6 +199,18 @@ def checkpoint_choices(config: RunConfig) -> list[int]:
     return list(range(MAX_CHECKPOINT_BLOCKS + 1)) if value == "auto" else [value]
 
 
+def tile_choices(config: RunConfig, shape: Shape) -> list[int]:
+    """The tile sides a run of ``shape`` may use, untiled (0) first: 0 for ``off``, the set side, or for ``auto``
+    0 and then every ``TILE_CHOICES`` side shorter than the image's long side (untiled only for the ``w2`` style
+    loss, which a tiled evaluation cannot reproduce)."""
+    value = config.features.tile
+    if value == "off" or config.loss.style_loss == "w2":
+        return [0]
+    if value != "auto":
+        return [value]
+    return [0, *(t for t in TILE_CHOICES if t < max(shape))]
+
+
 def estimate_for(
     config: RunConfig,
     content_shape: Shape,
@@ -189,13 +218,18 @@ def estimate_for(
     size: int | None = None,
     checkpoint_blocks: int | None = None,
     batch: int = 1,
+    tile: int | None = None,
 ) -> MemoryEstimate:
     """The estimate for ``config`` and source images of these shapes (at ``size`` instead of ``image.size`` if given).
 
-    ``checkpoint_blocks`` defaults to the most memory-saving value the config allows (see ``checkpoint_choices``);
-    ``batch`` images optimised together multiply everything but the shared weights.
+    ``checkpoint_blocks`` and ``tile`` default to the most memory-saving values the config allows (see
+    ``checkpoint_choices`` and ``tile_choices``); a tiled evaluation checkpoints nothing. ``batch`` images
+    optimised together multiply everything but the shared weights.
     """
     shape, styles = run_shapes(config, content_shape, style_shapes, size or config.image.size)
+    tile = tile_choices(config, shape)[-1] if tile is None else tile
+    if tile:
+        checkpoint_blocks = 0
     one = estimate_memory(
         shape,
         styles,
@@ -207,6 +241,7 @@ def estimate_for(
         pooling=config.features.pooling,
         source_pixels=max(h * w for h, w in [content_shape, *style_shapes]),
         checkpoint_blocks=checkpoint_choices(config)[-1] if checkpoint_blocks is None else checkpoint_blocks,
+        tile=tile,
     )
     return replace(one, activations=one.activations * batch, optimizer=one.optimizer * batch, targets=one.targets * batch)
 
@@ -214,16 +249,20 @@ def estimate_for(
 def plan_memory(
     config: RunConfig, content_shape: Shape, style_shapes: Sequence[Shape], available: int | None, batch: int = 1
 ) -> tuple[int, MemoryEstimate]:
-    """The fewest checkpointed VGG blocks whose estimate fits in ``available`` bytes, and that estimate.
+    """The fewest checkpointed VGG blocks whose estimate fits in ``available`` bytes, and that estimate (whose
+    ``tile`` says whether, and by which tiles, the evaluation must be tiled).
 
-    Checkpointing costs a second forward of the blocks it covers, so it is used only as far as memory
-    requires. When nothing fits (or the free memory is unknown: then nothing is traded) the last choice is returned.
+    Checkpointing costs a second forward of the blocks it covers and tiling the halo and a second pass, so
+    they are used only as far as memory requires: untiled with the fewest blocks, then the largest tile. When
+    nothing fits (or the free memory is unknown: then nothing is traded) the last choice is returned.
     """
-    choices = checkpoint_choices(config)
+    shape, _ = run_shapes(config, content_shape, style_shapes, config.image.size)
+    choices = [(blocks, 0) for blocks in checkpoint_choices(config)] if tile_choices(config, shape)[0] == 0 else []
+    choices += [(0, tile) for tile in tile_choices(config, shape) if tile]
     if available is None:
         choices = choices[:1]
-    for blocks in choices:
-        estimate = estimate_for(config, content_shape, style_shapes, checkpoint_blocks=blocks, batch=batch)
+    for blocks, tile in choices:
+        estimate = estimate_for(config, content_shape, style_shapes, checkpoint_blocks=blocks, batch=batch, tile=tile)
         if available is None or estimate.total <= available:
             return blocks, estimate
     return blocks, estimate
@@ -329,6 +368,10 @@ def advice(config: RunConfig, content_shape: Shape, style_shapes: Sequence[Shape
         tips = [f"set image.size={size} or lower (the largest that fits by estimate)"]
     else:
         tips = ["lower image.size"]
+    if config.features.tile == "off" and config.loss.style_loss != "w2" and available is not None:
+        smallest = TILE_CHOICES[-1]
+        if estimate_for(config, content_shape, style_shapes, tile=smallest).total <= available:
+            tips.insert(0, "set features.tile=auto (exact tiled evaluation: memory set by the tile, not the image)")
     if max(config.style_scales()) > 1:
         tips.append(f"lower image.style_scale (now {config.image.style_scale})")
     if config.optim.name == "lbfgs" and config.optim.history_size > 10:
@@ -336,6 +379,15 @@ def advice(config: RunConfig, content_shape: Shape, style_shapes: Sequence[Shape
     if run_precision(config) == "32-true":
         tips.append("use trainer.precision=bf16-mixed")
     return "; ".join(tips)
+
+
+def refuse_tiling(config: RunConfig, runs: str) -> None:
+    """ConfigError for ``features.tile`` in a kind of run that does not tile (folder runs, clips)."""
+    if config.features.tile != "off":
+        raise ConfigError(
+            f"features.tile={config.features.tile} is for single and staged runs; {runs} evaluate whole images, "
+            "so set features.tile=off (or lower image.size)"
+        )
 
 
 def check_fits(
@@ -347,6 +399,7 @@ def check_fits(
     blocks, estimate = plan_memory(config, content_shape, style_shapes, available, batch)
     if available is not None and estimate.total > available:
         saving = f" with {blocks} VGG blocks checkpointed" if blocks else ""
+        saving += f" even with features.tile={estimate.tile}" if estimate.tile else ""
         images = f" ({batch} images together; lower batch.images_per_device)" if batch > 1 else ""
         raise ResourceError(
             f"image.size={config.image.size}{images} needs {estimate.describe()}{saving} but {device} has only "

@@ -31,7 +31,7 @@ from .groups import FolderGroups, GroupStop, check_folder_strategy, distributed_
 from .images import read_size, save_image
 from .inputs import build_module, init_input, input_warnings, load_images, load_masks, load_styles, loading
 from .pairs import Pair, expand_pairs, pending
-from .resources import out_of_memory_message
+from .resources import out_of_memory_message, refuse_tiling
 from .rundir import (
     RunOutputs,
     Stage,
@@ -96,7 +96,7 @@ def run_image(
         stages = plan_stages(config, outputs)
         start, ckpt_path = resume_point(config, resume, stages)
         shapes = (read_size(config.content), [read_size(p) for p in config.styles])
-        features = plan_features(config, *shapes)
+        plans = {stage.size: plan_features(config, *shapes, size=stage.size) for stage in stages[start:]}
         for line in input_warnings(config):  # once the run is known to go ahead
             log.warning("%s", line)
         masks = load_masks(config)
@@ -108,7 +108,7 @@ def run_image(
             trainer = build_trainer(config, outputs, progress, [stop, *(callbacks or [])], stage=stage, shown=(content, styles))
             module = build_module(
                 config, content, styles, masks=masks, init=init, extractor=extractor, target_cache=target_cache,
-                features=features,
+                features=plans[stage.size],
             )
             extractor = module.extractor
             first = stage.index == start
@@ -253,6 +253,7 @@ def run_clip(
             check_record(outputs, record)
         styles = load_styles(config, clip.shape)
         shapes = (clip.shape, [tuple(s.shape[-2:]) for s in styles])
+        refuse_tiling(config, "clips")
         features = plan_features(config, *shapes)
         masks = load_masks(config)
         require_opencv()

@@ -44,11 +44,16 @@ def session(output: Path, what: str, verbose: bool = False, lock: bool = False) 
         yield
 
 
-def plan_features(config: RunConfig, content: Shape, styles: Sequence[Shape], batch: int = 1) -> FeaturesConfig:
-    """The ``features`` section with ``checkpoint_blocks`` resolved so ``batch`` images of these shapes fit;
-    ResourceError when even the most recomputation does not."""
-    blocks, _ = check_fits(config, content, styles, batch=batch)
-    return config.features.model_copy(update={"checkpoint_blocks": blocks})
+def plan_features(
+    config: RunConfig, content: Shape, styles: Sequence[Shape], batch: int = 1, size: int | None = None
+) -> FeaturesConfig:
+    """The ``features`` section with ``checkpoint_blocks`` and ``tile`` resolved so ``batch`` images of these
+    shapes fit at ``size`` (a stage's; default ``image.size``: an earlier, smaller stage of a tiled run may fit
+    whole); ResourceError when even the most recomputation or the smallest tile does not."""
+    if size is not None:
+        config = config.model_copy(update={"image": config.image.model_copy(update={"size": size})})
+    blocks, estimate = check_fits(config, content, styles, batch=batch)
+    return config.features.model_copy(update={"checkpoint_blocks": blocks, "tile": estimate.tile or "off"})
 
 
 def seed(config: RunConfig) -> None:

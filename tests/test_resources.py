@@ -205,3 +205,85 @@ def test_the_target_pass_is_planned_in_fp32_whatever_the_run_precision():
     bf16 = estimate_memory((2048, 2048), [(1024, 1024)], LAYERS, precision="bf16-mixed", checkpoint_blocks=4)
     assert bf16.activations == target_pass > activation_bytes(2048, 2048, LAYERS, "bf16-mixed", "max", 4)
     assert target_pass_bytes(2048, 2048, LAYERS) > 1.9 * target_pass_bytes(1448, 1448, LAYERS)
+
+
+# --- tiled evaluation (features.tile) -------------------------------------------------------------
+
+
+def test_a_tiled_evaluation_needs_memory_set_by_the_tile_not_the_image():
+    image = lambda size: 3 * size * size * 4
+    tiled = {s: estimate_memory((s, s), [(256, 256)], LAYERS, tile=512) for s in (2048, 4096)}
+    whole = {s: estimate_memory((s, s), [(256, 256)], LAYERS) for s in (2048, 4096)}
+    network = {s: tiled[s].activations - resources.TILED_IMAGE_COPIES * image(s) for s in tiled}
+    assert network[2048] == network[4096]  # the tile's pass; only the image's own copies grow
+    assert whole[4096].activations > 3.5 * whole[2048].activations
+    assert tiled[4096].total < 0.6 * whole[4096].total and tiled[4096].tile == 512
+    assert "tiled by 512 px" in tiled[4096].describe()
+
+
+def test_auto_tiling_is_used_only_when_the_whole_image_does_not_fit_and_then_with_the_largest_tile_that_does(tiny_config):
+    cfg = tiny_config(**{"image.size": 1024, "trainer.precision": "32-true", "features.tile": "auto"})
+    sources = _sources(cfg)
+    untiled = estimate_for(cfg, *sources, tile=0).total
+    assert resources.plan_memory(cfg, *sources, available=untiled + 1)[1].tile == 0
+    tiles = [t for t in resources.tile_choices(cfg, (1024, 1024)) if t]
+    totals = {t: estimate_for(cfg, *sources, tile=t).total for t in tiles}
+    available = totals[256] + 1
+    blocks, plan = resources.plan_memory(cfg, *sources, available=available)
+    assert blocks == 0 and plan.tile == 256 and totals[512] > available  # the largest that fits
+
+
+def test_a_run_too_large_untiled_is_told_to_tile_when_tiles_would_fit(tiny_config, monkeypatch):
+    cfg = tiny_config(**{"image.size": 1024, "trainer.precision": "32-true"})
+    sources = _sources(cfg)
+    available = estimate_for(cfg, *sources, tile=256).total
+    monkeypatch.setattr(resources, "available_cpu_memory", lambda: available)
+    with pytest.raises(ResourceError, match=r"; set features.tile=auto \(exact tiled evaluation"):
+        resources.check_fits(cfg, *sources)
+
+
+def test_folder_runs_and_clips_refuse_features_tile_by_name(tiny_config):
+    from nst_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="features.tile=64 is for single and staged runs; folder runs evaluate"):
+        resources.refuse_tiling(tiny_config(**{"features.tile": 64}), "folder runs")
+    resources.refuse_tiling(tiny_config(), "clips")
+
+
+def test_fit_tiles_a_run_the_memory_plan_says_does_not_fit_whole(tiny_config, monkeypatch):
+    from dataclasses import replace
+
+    cfg = tiny_config(steps=1, **{"image.size": 96, "trainer.precision": "32-true", "features.tile": "auto"})
+    real = resources.estimate_for
+
+    def whole_images_are_huge(*args, tile=None, **kw):  # as if the image were too large to evaluate at once
+        estimate = real(*args, tile=tile, **kw)
+        return replace(estimate, activations=estimate.activations * 1000) if estimate.tile == 0 else estimate
+
+    monkeypatch.setattr(resources, "estimate_for", whole_images_are_huge)
+    monkeypatch.setattr(resources, "available_cpu_memory", lambda: real(cfg, *_sources(cfg), tile=64).total + 1)
+    seen = _SeenTile()
+    fit(cfg, progress=False, callbacks=[seen])
+    assert seen.tile == 64 and (Path(cfg.output) / "final.png").is_file()
+
+
+class _SeenTile(Callback):
+    """Records the tile side the running module evaluates with."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.tile = pl_module.tile
+
+
+def test_the_w2_style_loss_is_never_tiled_a_set_tile_is_refused_and_auto_stays_whole(tiny_config, monkeypatch):
+    from nst_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="features.tile=64 cannot evaluate loss.style_loss=w2 by tiles"):
+        tiny_config(**{"features.tile": 64, "loss.style_loss": "w2"})
+    cfg = tiny_config(**{"image.size": 1024, "trainer.precision": "32-true", "features.tile": "auto",
+                         "loss.style_loss": "w2"})
+    assert resources.tile_choices(cfg, (1024, 1024)) == [0]
+    sources = _sources(cfg)
+    monkeypatch.setattr(resources, "available_cpu_memory", lambda: estimate_for(cfg, *sources, tile=256).total)
+    with pytest.raises(ResourceError) as refused:  # tiles would fit a Gram loss, but w2 is not told to tile
+        resources.check_fits(cfg, *sources)
+    assert "features.tile" not in str(refused.value)

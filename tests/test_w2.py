@@ -9,8 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nst_lightning import fit, load_config
-from nst_lightning.batch import fit_batch
+from nst_lightning import fit, fit_batch, load_config
 from nst_lightning.config import DEFAULT_STYLE_LAYERS, EXAMPLE_STYLE_2
 from nst_lightning.images import load_image, read_image
 from nst_lightning.losses import (

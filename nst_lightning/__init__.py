@@ -15,7 +15,7 @@ _LAZY = {
     "VGGFeatures": ".features",
     "build_extractor": ".features",
     "StyleTransferLoss": ".losses",
-    "gram_matrix": ".losses",
+    "gram_matrix": ".gram",
     "load_image": ".images",
     "save_image": ".images",
     "run": ".api",

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from .features import VGGFeatures, build_extractor
 from .images import resize
-from .losses import CHROMA, gram_matrix
+from .gram import gram_matrix
+from .smoothness import CHROMA
 
 JUDGE_STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 JUDGE_CONTENT_LAYER = "relu4_2"

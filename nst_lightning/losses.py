@@ -1,126 +1,21 @@
 """The Gatys et al. loss: content, style (Gram matrices, or the W2 distance of Gaussian fits) and total
 variation, always computed in fp32.
 
-Functions hold the maths; ``StyleTransferLoss`` holds the fixed targets as buffers and returns the
-weighted terms by name. Plain PyTorch.
+Functions hold the maths (the statistics themselves live in ``gram``, ``wasserstein`` and ``smoothness``);
+``StyleTransferLoss`` holds the fixed targets as buffers and returns the weighted terms by name. Plain PyTorch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-Features = Mapping[str, torch.Tensor]
-
-
-def gram_matrix(features: torch.Tensor) -> torch.Tensor:
-    """``F F^T / M`` per image: ``(B, C, H, W) -> (B, C, C)`` in fp32 (fp64 stays fp64), M = H*W positions.
-
-    Dividing by M lets a style image of any size be compared with the output; for equal sizes the
-    style loss below equals the paper's ``1/(4 N^2 M^2) sum (G - A)^2`` on unnormalised Grams.
-    """
-    return _Gram.apply(features)
-
-
-def _at_least_fp32(features: torch.Tensor) -> torch.Tensor:
-    return features if features.dtype in (torch.float32, torch.float64) else features.float()
-
-
-def _matrix(features: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The features as a matrix without copying the layout: ``(B, M, C)`` for channels_last, else ``(B, C, M)``."""
-    b, c, h, w = features.shape
-    if features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous():
-        return features.permute(0, 2, 3, 1).reshape(b, h * w, c), True
-    return features.reshape(b, c, h * w), False
-
-
-GRAM_CHUNK = 4096
-"""Positions cast to fp32 at a time: a chunk stays in cache between the cast and the matmul."""
-FP32_OUTPUT_BMM_DEVICES = ("cuda",) if "dtype" in torch.ops.aten.bmm.overloads() else ()
-"""Devices whose ``torch.bmm(..., out_dtype=torch.float32)`` (``aten::bmm.dtype``) multiplies bf16 with fp32
-accumulation and output in one call; torch has it for CUDA only (none on the CPU)."""
-
-
-class _Gram(torch.autograd.Function):
-    """The Gram matrix in fp32 from features of any dtype and layout, with a backward of one matmul.
-
-    Forward: on CUDA, bf16 features are multiplied in one cuBLAS call accumulating and writing fp32 (chunks
-    would be ~1000 launches per Gram at 2048 px); elsewhere they are cast to fp32 a chunk of positions at a
-    time and accumulated, so no fp32 copy of a whole layer is made or kept. Backward:
-    ``dF = (dG + dG^T) F / M``, one matmul instead of autograd's two plus a transpose copy and a sum; for bf16 features it runs in bf16 (the gradient
-    enters the bf16 network anyway), about 10x faster than casting up on the CPU.
-    """
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, features: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(features)
-        with torch.autocast(features.device.type, enabled=False):
-            return _Gram._gram(features)
-
-    @staticmethod
-    def _gram(features: torch.Tensor) -> torch.Tensor:
-        x, positions_major = _matrix(features)
-        m = features.shape[-2] * features.shape[-1]
-        if x.dtype in (torch.float32, torch.float64):
-            gram = torch.bmm(x.transpose(1, 2), x) if positions_major else torch.bmm(x, x.transpose(1, 2))
-            return gram / m
-        if x.device.type in FP32_OUTPUT_BMM_DEVICES:
-            a, b = (x.transpose(1, 2), x) if positions_major else (x, x.transpose(1, 2))
-            return torch.bmm(a, b, out_dtype=torch.float32) / m
-        c = features.shape[1]
-        gram = x.new_zeros((x.shape[0], c, c), dtype=torch.float32)
-        for part in x.split(GRAM_CHUNK, dim=1 if positions_major else 2):
-            part = part.float()
-            if positions_major:
-                gram.baddbmm_(part.transpose(1, 2), part)
-            else:
-                gram.baddbmm_(part, part.transpose(1, 2))
-        return gram / m
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
-        (features,) = ctx.saved_tensors
-        with torch.autocast(features.device.type, enabled=False):
-            return _Gram._gradient(features, grad)
-
-    @staticmethod
-    def _gradient(features: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = features.shape
-        x, positions_major = _matrix(features)
-        sym = (grad + grad.transpose(1, 2)) / (h * w)
-        if x.dtype == torch.bfloat16:
-            sym = sym.to(torch.bfloat16)
-        else:
-            x = _at_least_fp32(x)
-        if positions_major:
-            dx = torch.bmm(x, sym).reshape(b, h, w, c).permute(0, 3, 1, 2)
-        else:
-            dx = torch.bmm(sym, x).reshape(b, c, h, w)
-        return dx.to(features.dtype)
-
-
-def guided_gram(features: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Gram matrix of the positions a ``(1, 1, H, W)`` mask selects (Gatys et al. 2017's guided Gram).
-
-    Features are weighted by the mask and the Gram divided by the mask's mass ``sum(m^2)``, so it is
-    the mean feature correlation over the region; without a mask it is ``gram_matrix``.
-    """
-    if mask is None:
-        return gram_matrix(features)
-    h, w = features.shape[-2:]
-    weighted = _at_least_fp32(features) * mask.float()
-    return gram_matrix(weighted) * (h * w) / mask.float().pow(2).sum().clamp_min(1e-8)
-
-
-def layer_mask(mask: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """A ``(1, 1, H, W)`` mask in ``[0, 1]`` averaged down to a layer's ``(h, w)`` grid."""
-    return F.interpolate(mask.float(), size=tuple(shape), mode="area").clamp(0.0, 1.0)
-
+from .gram import Features, blend_grams, guided_gram, layer_mask
+from .smoothness import border_tv_loss, chroma_matrix, chroma_tv_loss, tv_loss
+from .wasserstein import STYLE_STATISTICS, blend_moments, covariance, gaussian_moments, w2_layer_loss, w2_target
 
 def content_loss(features: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
     """``mse``: mean squared error; ``paper``: 1/2 sum of squares (Gatys et al.); ``sum``: sum of squares;
@@ -161,187 +56,6 @@ def style_layer_loss(
     raise ValueError(f"unknown style loss {kind!r}")
 
 
-STYLE_STATISTICS = {"w2": ("mean", "cov", "root")}
-"""Target tensors per style layer of the loss kinds that are not Gram distances; every other kind keeps ``gram``."""
-SQRT_FLOOR = 1e-6
-"""Eigenvalues below this fraction of the largest count as zero in ``trace_sqrt``'s slope (the cross term is formed in fp32, which resolves about 1e-7)."""
-
-
-def gaussian_moments(features: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean ``(B, C)`` and second raw moment ``E[f f^T]`` ``(B, C, C)`` of a layer over the positions, fp32 or fp64.
-
-    With a ``(1, 1, H, W)`` mask, positions are weighted by ``m^2`` as ``guided_gram`` does. Raw moments, unlike
-    covariances, mix linearly, so blended styles combine them (the Gaussian fit of the mixture, as the peer does).
-    """
-    srm = guided_gram(features, mask)
-    if mask is None:
-        dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
-        return features.mean(dim=(-2, -1), dtype=dtype), srm
-    w = mask.float().pow(2)
-    return (_at_least_fp32(features) * w).sum(dim=(-2, -1)) / w.sum().clamp_min(1e-8), srm
-
-
-def covariance(mean: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
-    """``E[f f^T] - mu mu^T``: the covariance from the moments ``gaussian_moments`` returns."""
-    return second_moment - mean.unsqueeze(-1) * mean.unsqueeze(-2)
-
-
-@contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run LAPACK's eigenvalue solvers on one CPU thread: on a shared 2-core machine a 512-channel float64 solve took
-    11.6 s with 2 OpenMP threads (each of its many small parallel regions waits for a descheduled thread) and 0.28 s
-    with one."""
-    if device.type != "cpu" or torch.get_num_threads() == 1:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
-    """The symmetric square root of symmetric PSD matrices by a float64 eigendecomposition (negative roundoff to 0).
-
-    Not differentiated: it serves the fixed targets, computed once, so exactness costs nothing per step.
-    """
-    with _one_cpu_thread(matrix.device):
-        vals, vecs = torch.linalg.eigh(matrix.double())
-    return ((vecs * vals.clamp_min(0).sqrt().unsqueeze(-2)) @ vecs.transpose(-1, -2)).to(matrix.dtype)
-
-
-class _FlooredSqrt(torch.autograd.Function):
-    """``sqrt(max(x, 0))`` whose slope stops growing below ``floor``: finite gradients for zero eigenvalues."""
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, floor)
-        return x.clamp_min(0).sqrt()
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        x, floor = ctx.saved_tensors
-        return grad / (2 * torch.maximum(x, floor).sqrt()), None
-
-
-def trace_sqrt(matrix: torch.Tensor, scale: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """``tr(A^1/2)`` of symmetric PSD matrices ``(..., C, C)``: the sum of the square roots of their eigenvalues.
-
-    Stable at any rank (a covariance of fewer positions than channels, a small mask): the gradient of eigenvalues,
-    ``V diag(g) V^T``, needs no gap between them, unlike that of eigenvectors or an iterative root, and the root's
-    slope is capped at ``SQRT_FLOOR`` times the largest eigenvalue (or ``scale``, when larger: a zero matrix has
-    no largest one) so zero ones do not blow it up. The eigenvalues are found in float64: LAPACK's fp32 solver returned NaN for a rank-4 512-channel covariance
-    inside a run (not reproducibly outside it), and the float64 one costs about 15 ms more per 512-channel layer.
-    """
-    with _one_cpu_thread(matrix.device):
-        vals = torch.linalg.eigvalsh(((matrix + matrix.transpose(-1, -2)) / 2).double())
-    top = torch.maximum(vals.detach().amax(-1, keepdim=True), torch.as_tensor(scale, dtype=vals.dtype, device=vals.device))
-    floor = (top * SQRT_FLOOR).clamp_min(torch.finfo(torch.float32).tiny)
-    return _FlooredSqrt.apply(vals, floor.expand_as(vals)).sum(-1).to(matrix.dtype)
-
-
-def w2_target(mean: torch.Tensor, second_moment: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A style layer's fixed W2 target: its ``mean``, ``cov`` and the covariance's square root ``root``, once."""
-    cov = covariance(mean, second_moment)
-    return {"mean": mean, "cov": cov, "root": psd_sqrt(cov)}
-
-
-def w2_layer_loss(mean: torch.Tensor, cov: torch.Tensor, target: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Squared Wasserstein-2 distance of ``N(mean, cov)`` to the target Gaussian, over the channel count C.
-
-    ``|mu - mu_s|^2 + tr(S + S_s - 2 (S_s^1/2 S S_s^1/2)^1/2)``, divided by C as crowsonkb/style-transfer-pytorch
-    does (its mean over channels); summed over the batch.
-    """
-    root = target["root"]
-    gap = (mean - target["mean"]).pow(2).sum(-1)
-    target_trace = target["cov"].diagonal(dim1=-2, dim2=-1).sum(-1)
-    traces = cov.diagonal(dim1=-2, dim2=-1).sum(-1) + target_trace
-    scale = (target_trace.detach() / cov.shape[-1]).pow(2).unsqueeze(-1)  # the cross term's size near the target
-    return (gap + traces - 2 * trace_sqrt(root @ cov @ root, scale)).sum() / cov.shape[-1]
-
-
-def blend_moments(
-    style_features: Sequence[Features], layers: Sequence[str], blend: Sequence[float]
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer mean and second raw moment mixing several style images with ``blend`` weights (normalised to sum 1)."""
-    total = _blend_total(blend, len(style_features))
-    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for layer in layers:
-        moments = [gaussian_moments(f[layer]) for f in style_features]
-        out[layer] = (
-            sum(m * (b / total) for (m, _), b in zip(moments, blend)),
-            sum(s * (b / total) for (_, s), b in zip(moments, blend)),
-        )
-    return out
-
-
-def tv_loss(image: torch.Tensor, kind: str = "keras") -> torch.Tensor:
-    """Total variation of an RGB ``[0, 1]`` image measured in 8-bit pixel units (0..255).
-
-    ``keras``: ``sum((dx^2 + dy^2)^1.25)`` as in the Keras example; ``squared``: ``sum(dx^2) + sum(dy^2)``;
-    ``nine_point``: crowsonkb's L2 total variation on the ``[0, 1]`` image, means of squared differences to the
-    right and below (1/3 each) and along both diagonals (1/12 each), edges replicated, times 2; a mean, so its
-    weight holds at every scale.
-    """
-    if kind == "nine_point":
-        x = F.pad(image.float(), (1, 1, 1, 1), mode="replicate")
-        mid, after, head, tail = slice(1, -1), slice(2, None), slice(None, -1), slice(1, None)
-        right = (x[..., mid, after] - x[..., mid, mid]).pow(2).mean() / 3
-        below = (x[..., after, mid] - x[..., mid, mid]).pow(2).mean() / 3
-        diagonal = (x[..., tail, tail] - x[..., head, head]).pow(2).mean() / 12
-        antidiagonal = (x[..., tail, head] - x[..., head, tail]).pow(2).mean() / 12
-        return 2 * (right + below + diagonal + antidiagonal)
-    x = image.float() * 255.0
-    if kind == "keras":
-        dy = (x[..., :-1, :-1] - x[..., 1:, :-1]).pow(2)
-        dx = (x[..., :-1, :-1] - x[..., :-1, 1:]).pow(2)
-        return (dx + dy).pow(1.25).sum()
-    if kind == "squared":
-        return (x[..., 1:, :] - x[..., :-1, :]).pow(2).sum() + (x[..., :, 1:] - x[..., :, :-1]).pow(2).sum()
-    raise ValueError(f"unknown total variation {kind!r}")
-
-
-CHROMA = ((-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
-"""Rows of the JPEG (full-range BT.601) RGB -> Cb, Cr matrix, as Pillow's ``YCbCr`` mode; offsets drop out of differences."""
-
-
-def chroma_matrix(device: torch.device | str | None = None) -> torch.Tensor:
-    """``CHROMA`` as a ``(2, 3)`` fp32 tensor: built once, before any step (a tensor made from Python data inside
-    a step is a host-to-device copy, which CUDA graph capture refuses)."""
-    return torch.tensor(CHROMA, dtype=torch.float32, device=device)
-
-
-def chroma_tv_loss(image: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared difference of Cb and Cr between neighbouring pixels, in 8-bit units, per image ``(B,)``.
-
-    Smooths colour noise only: luminance, which carries the brush strokes and the content's detail, is free.
-    A mean, so the same weight suits every image size as the relative losses do. ``matrix``: ``chroma_matrix()``
-    on the image's device (made here when not given).
-    """
-    x = image.float() * 255.0
-    cbcr = torch.einsum("kc,bchw->bkhw", chroma_matrix(x.device) if matrix is None else matrix, x)
-    dy = (cbcr[..., 1:, :] - cbcr[..., :-1, :]).pow(2).sum(1).flatten(1)
-    dx = (cbcr[..., :, 1:] - cbcr[..., :, :-1]).pow(2).sum(1).flatten(1)
-    return (dy.sum(1) + dx.sum(1)) / (dy.shape[1] + dx.shape[1])
-
-
-def border_tv_loss(image: torch.Tensor, lines: int = 8) -> torch.Tensor:
-    """Squared difference between neighbouring pixel lines across each border, weighted from 1 at the edge down
-    to ``1/lines`` at the ``lines``-th pair, 8-bit units, averaged over pixels and the four sides, per image ``(B,)``.
-
-    VGG's zero padding makes the outermost lines the cheapest place for the optimiser to produce responses the
-    style Grams ask for, and they grow into 1-2 px strips and a line-by-line ripple. Only differences across
-    the edge count, so texture running along it is free; the taper leaves no step where the term ends.
-    """
-    x = image.float() * 255.0
-    bands = [x[..., : lines + 1, :], x[..., -lines - 1 :, :].flip(-2)]
-    bands += [b.transpose(-1, -2) for b in (x[..., :, : lines + 1], x[..., :, -lines - 1 :].flip(-1))]
-    taper = torch.arange(lines, 0, -1, dtype=x.dtype, device=x.device).view(-1, 1) / lines
-    return torch.stack([((b[..., 1:, :] - b[..., :-1, :]).pow(2) * taper).flatten(1).mean(1) for b in bands]).mean(0)
-
-
 def temporal_loss(image: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Ruder et al.'s short-term temporal loss: ``sum c (x - w)^2 / D`` over the image's D values.
 
@@ -357,28 +71,6 @@ class TemporalTarget(NamedTuple):
     image: torch.Tensor
     weights: torch.Tensor
     weight: float
-
-
-def _blend_total(blend: Sequence[float], styles: int) -> float:
-    if len(blend) != styles:
-        raise ValueError(f"{len(blend)} blend weights for {styles} style images")
-    total = float(sum(blend))
-    if total <= 0:
-        raise ValueError("style blend weights must sum to more than 0")
-    return total
-
-
-def blend_grams(style_features: Sequence[Features], layers: Sequence[str], blend: Sequence[float]) -> dict[str, torch.Tensor]:
-    """Per-layer Gram target mixing several style images with ``blend`` weights (normalised to sum 1).
-
-    ``sum_s b_s |G - A_s|^2`` and ``|G - sum_s b_s A_s|^2`` differ by a constant, so one blended target
-    gives the same gradients at a fraction of the cost.
-    """
-    total = _blend_total(blend, len(style_features))
-    out: dict[str, torch.Tensor] = {}
-    for layer in layers:
-        out[layer] = sum(gram_matrix(f[layer]) * (b / total) for f, b in zip(style_features, blend))
-    return out
 
 
 class StyleTransferLoss(nn.Module):

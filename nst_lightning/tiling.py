@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import aligned_tile, alignment, halo, layer_shape, stride
-from .losses import StyleTransferLoss, gram_matrix, layer_mask, style_layer_loss, temporal_loss
+from .layers import aligned_tile, halo, layer_shape, stride
+from .gram import gram_matrix, layer_mask
+from .losses import StyleTransferLoss, style_layer_loss, temporal_loss
 
 TILED_STYLE_LOSSES = ("relative", "paper", "keras", "mean_chw")
 """Style loss kinds that are functions of the Gram alone, the ones a tiled evaluation reproduces exactly."""

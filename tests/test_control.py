@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from nst_lightning.callbacks import FinalImage
 from nst_lightning.config import DEFAULT_STYLE_LAYERS, EXAMPLE_CONTENT, EXAMPLE_STYLE_2
 from nst_lightning.images import load_image, read_image
-from nst_lightning.losses import gram_matrix, guided_gram, layer_mask
+from nst_lightning.gram import gram_matrix, guided_gram, layer_mask
 from nst_lightning.module import StyleTransferModule
 
 SIZE = 64

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nst_lightning.color import matched_colors
-from nst_lightning.losses import gram_matrix
+from nst_lightning.gram import gram_matrix
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

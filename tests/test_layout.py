@@ -18,7 +18,7 @@ LAYERS = [
     ("ground", {"errors", "allocator", "kinds", "layers", "atomic"}),
     ("config", {"config"}),
     ("images", {"images"}),
-    ("core", {"features", "losses", "tiling", "optim", "cudagraph", "color", "flow", "judge", "hardware", "onnx_graph"}),
+    ("core", {"features", "gram", "wasserstein", "smoothness", "losses", "tiling", "optim", "cudagraph", "color", "flow", "judge", "hardware", "onnx_graph"}),
     ("pieces", {"resources", "pairs", "data", "videoio", "lock", "quiet", "history", "plots", "callbacks", "faults", "image_logging", "groups"}),
     ("module", {"module"}),
     ("session", {"session", "rundir", "inputs", "export", "batch", "video"}),

@@ -5,16 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nst_lightning.losses import (
-    StyleTransferLoss,
-    blend_grams,
-    content_loss,
-    gram_matrix,
-    style_layer_loss,
-    border_tv_loss,
-    chroma_tv_loss,
-    tv_loss,
-)
+from nst_lightning.gram import blend_grams, gram_matrix
+from nst_lightning.losses import StyleTransferLoss, content_loss, style_layer_loss
+from nst_lightning.smoothness import border_tv_loss, chroma_tv_loss, tv_loss
 
 
 def test_gram_is_feature_correlation_over_positions():
@@ -41,7 +34,7 @@ def test_gram_of_bf16_features_is_the_fp32_gram_of_their_values(layout):
 def test_on_cuda_a_bf16_gram_is_one_fp32_accumulating_bmm(monkeypatch, layout):
     # no CUDA here: the meta device has the same op (aten::bmm.dtype) and checks the call's shapes and dtypes;
     # the values on CUDA are checked in test_cuda.py, the CPU keeps the chunked path tested above
-    from nst_lightning import losses
+    from nst_lightning import gram as losses
 
     assert losses.FP32_OUTPUT_BMM_DEVICES == ("cuda",)
     calls = []

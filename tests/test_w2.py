@@ -12,15 +12,8 @@ import torch
 from nst_lightning import fit, fit_batch, load_config
 from nst_lightning.config import DEFAULT_STYLE_LAYERS, EXAMPLE_STYLE_2
 from nst_lightning.images import load_image, read_image
-from nst_lightning.losses import (
-    StyleTransferLoss,
-    covariance,
-    gaussian_moments,
-    psd_sqrt,
-    trace_sqrt,
-    w2_layer_loss,
-    w2_target,
-)
+from nst_lightning.losses import StyleTransferLoss
+from nst_lightning.wasserstein import covariance, gaussian_moments, psd_sqrt, trace_sqrt, w2_layer_loss, w2_target
 
 from .test_batch import make_frames
 

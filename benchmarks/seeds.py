@@ -16,7 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nst_lightning import load_config  # noqa: E402
-from tests import seed_reference as ref  # noqa: E402
 from tests.test_seeds import SEEDS, package_step0_loss  # noqa: E402
 
 SEED_OF = {"keras_example.yaml": "000 Keras notebook", "tf_tutorial.yaml": "002 TF eager tutorial",

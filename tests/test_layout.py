@@ -16,7 +16,7 @@ LONG_FILE = 450
 
 LAYERS = [
     ("ground", {"errors", "allocator", "kinds", "layers", "atomic"}),
-    ("config", {"config"}),
+    ("config", {"sections", "config"}),
     ("images", {"images"}),
     ("core", {"features", "gram", "wasserstein", "smoothness", "losses", "tiling", "optim", "cudagraph", "color", "flow", "judge", "hardware", "onnx_graph"}),
     ("pieces", {"resources", "pairs", "data", "videoio", "lock", "quiet", "history", "plots", "callbacks", "faults", "image_logging", "groups"}),

@@ -55,7 +55,6 @@ def test_paper_loss_under_bf16_keeps_descending_from_noise(tmp_path):
 
 
 def test_a_default_bf16_run_on_a_small_photo_stays_near_it_instead_of_saturating(tmp_path):
-    import torch
     from PIL import Image
 
     from nst_lightning.images import read_image

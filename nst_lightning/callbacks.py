@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -83,6 +84,13 @@ class FinalImage(Callback):
 
 class StepCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that also refreshes ``last.ckpt`` at the final step, whatever ``every_n_train_steps``."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Lightning's save, without its warning that a checkpoint of manual optimisation holds the state after the
+        step: that is where a resume continues, on purpose (the filter holds only during this call)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from dataclasses import dataclass
@@ -41,10 +40,6 @@ class PairResult:
     error: str | None = None
     loss: float | None = None
     seconds: float = 0.0
-
-
-# The group steps are produced in the main process (no workers), so their length is exact.
-warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 
 class PairItem(NamedTuple):

@@ -143,7 +143,10 @@ class VGGFeatures(nn.Module):
     """Frozen VGG19 ``features`` cut after the deepest requested layer; returns ``{layer: activation}``.
 
     Input is RGB in ``[0, 1]``; ``Normalize`` applies the weights' preprocessing first. ReLUs are
-    out-of-place so every returned activation is intact. No state is cached between calls.
+    out-of-place so every returned activation is intact. No state is cached between calls. Frozen means no
+    gradients for its weights; it has no layer that behaves differently in train and eval mode (VGG19's dropout
+    is in the classifier, cut away), so it is left in the mode its owner sets and Lightning finds no module in
+    eval mode to warn about.
     """
 
     def __init__(
@@ -172,13 +175,8 @@ class VGGFeatures(nn.Module):
             first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
             raise WeightsError(f"weights do not fit the VGG19 architecture ({first}); give a VGG19 state dict") from None
         self.requires_grad_(False)
-        self.eval()
         self._indices = {LAYER_INDEX[n]: n for n in self.layers}
         self.channels_last = False
-
-    def train(self, mode: bool = True) -> VGGFeatures:
-        """Stay in eval mode: the extractor is frozen whatever the surrounding module does."""
-        return super().train(False)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -9,97 +9,38 @@ step is ``training_step``: ``optimizer.step(self.evaluate)``, the package's only
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
-import logging
-import warnings
-from pathlib import Path
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
-from typing import Any, Literal, Optional, Union
+from pathlib import Path
+from typing import Any, Literal, Optional
 
 import lightning as L
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from . import color as colour
-from .config import INIT_KEYWORDS, MAX_CHECKPOINT_BLOCKS, FeaturesConfig, LossConfig, OptimConfig
 from .callbacks import CudnnBenchmark
+from .checkpointing import CheckpointHooks
+from .config import INIT_KEYWORDS, FeaturesConfig, LossConfig, OptimConfig
+from .cudagraph import StepGraph
 from .data import GroupStep
-from .errors import CheckpointError, ConfigError, NumericalError
+from .errors import ConfigError
 from .features import VGGFeatures, extractor_for, min_side
-from .groups import FINGERPRINT_KEY, FolderGroups
+from .groups import FolderGroups
+from .guards import StepGuards
 from .history import LOSS_TERMS
-from .images import check_image_tensor, load_image, load_style, read_image, resize
+from .images import load_image, read_image
 from .layers import LAYER_NAMES, deepest
 from .losses import StyleTransferLoss, TemporalTarget
+from .objective import ScaledObjective
+from .optim import build_optimizer
+from .problem import ImageInput, as_mask, describe, digest, initial_image, load_inputs, styles_per_image
 from .resources import is_out_of_memory
-from .cudagraph import StepGraph
-from .optim import BatchedAdam, BatchedLBFGS
 from .tiling import TILED_STYLE_LOSSES, tiled_targets, tiled_terms
 
-log = logging.getLogger(__name__)
-ImageInput = Union[str, Path, torch.Tensor]
-"""An image given to the module: a ``(1, 3, H, W)`` tensor in ``[0, 1]`` or the path of an image file."""
-CHECKPOINT_STATE = ("image", "objective_scale", "image_average", "average_accum")
-"""The module state a checkpoint keeps: the image, the objective's scale and, with iterate averaging, its
-running average."""
 
-# The frozen VGG stays in eval mode on purpose; Lightning >= 2.5.5 would warn about it on every fit.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-# Checkpoints hold the state after the step on purpose (that is where a resume continues).
-warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
-
-
-def _digest(t: torch.Tensor) -> str:
-    return hashlib.sha1(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
-def _describe(value: Any) -> Any:
-    """An input as the saved hyperparameters record it: paths as strings, tensors by their shape (never their values)."""
-    if isinstance(value, torch.Tensor):
-        return f"tensor{list(value.shape)}"
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return [_describe(v) for v in value]
-    return value
-
-
-def _load_inputs(
-    content: ImageInput | None, style: Any, size: int, style_scale: float
-) -> tuple[torch.Tensor | None, Any]:
-    """Content and style as checked tensors: files are read, the content at ``size``, styles at ``style_scale`` of
-    its long side; given tensors must be RGB in ``[0, 1]`` (``images.check_image_tensor``)."""
-    if isinstance(content, (str, Path)):
-        content = load_image(content, size)
-    elif content is not None:
-        content = check_image_tensor("content", content, batch=True)
-    if isinstance(style, (str, Path, torch.Tensor)):
-        style = [style]
-    if isinstance(style, (list, tuple)) and all(isinstance(s, (str, Path, torch.Tensor)) for s in style):
-        if content is None and any(isinstance(s, (str, Path)) for s in style):
-            raise ConfigError("style images given as files need a content image; give content=")
-        shape = tuple(content.shape[-2:]) if content is not None else None
-        style = [load_style(s, shape, style_scale) if isinstance(s, (str, Path)) else check_image_tensor(f"style {i + 1}", s)
-                 for i, s in enumerate(style)]
-    return content, style
-
-
-def initial_image(init: str | torch.Tensor, content: torch.Tensor, styles: Sequence[torch.Tensor], seed: int) -> torch.Tensor:
-    """The starting image: a copy of the content, seeded noise, the first style resized, or a given tensor."""
-    shape = tuple(content.shape[-2:])
-    if isinstance(init, torch.Tensor):
-        return resize(check_image_tensor("init", init).detach().float(), shape).clone()
-    if init == "content":
-        return content.detach().clone()
-    if init == "noise":
-        gen = torch.Generator().manual_seed(seed)
-        return torch.rand(content.shape, generator=gen, dtype=torch.float32)
-    if init == "style":
-        return resize(styles[0].detach().float(), shape).clone()
-    raise ConfigError(f"init {init!r} is not content, noise, style or an image; load the image and pass a tensor")
 
 
 def network_dtype(precision: str) -> torch.dtype:
@@ -107,16 +48,7 @@ def network_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision.startswith("bf16") else torch.float32
 
 
-def _as_mask(mask: torch.Tensor | None, shape: Sequence[int]) -> torch.Tensor | None:
-    """A mask as ``(1, 1, H, W)`` in ``[0, 1]`` at the output's ``shape`` (an RGB mask is averaged to grey)."""
-    if mask is None:
-        return None
-    if mask.dim() != 4 or mask.shape[0] != 1 or mask.shape[1] not in (1, 3):
-        raise ConfigError(f"a style mask must be (1, 1, H, W) or (1, 3, H, W), got {tuple(mask.shape)}")
-    return resize(mask.detach().float().mean(1, keepdim=True), tuple(shape))
-
-
-class StyleTransferModule(L.LightningModule):
+class StyleTransferModule(CheckpointHooks, ScaledObjective, StepGuards, L.LightningModule):
     """Neural style transfer (Gatys et al. 2015) as a LightningModule: the engine of every run.
 
     The trainable parameter is a batch of output images ``(B, 3, H, W)``, each with its own targets; a
@@ -180,22 +112,22 @@ class StyleTransferModule(L.LightningModule):
         self.layers = [*self.loss_config.content_layers, *self.loss_config.style_layers]
         self.save_hyperparameters(
             {
-                "content": _describe(content),
-                "style": _describe(style),
+                "content": describe(content),
+                "style": describe(style),
                 "size": size,
                 "style_scale": style_scale,
                 "loss": self.loss_config.model_dump(),
                 "optim": self.optim_config.model_dump(),
                 "features": self.features_config.model_dump(),
-                "init": _describe(init),
+                "init": describe(init),
                 "style_blend": list(style_blend) if style_blend is not None else None,
                 "color": color,
-                "style_masks": None if style_masks is None else [_describe(m) for m in style_masks],
+                "style_masks": None if style_masks is None else [describe(m) for m in style_masks],
                 "seed": seed,
                 "image_shape": None,
             }
         )
-        content, style = _load_inputs(content, style, size, style_scale)
+        content, style = load_inputs(content, style, size, style_scale)
         if isinstance(init, (str, Path)) and str(init) not in INIT_KEYWORDS:
             init = load_image(init)
         if style_masks is not None:
@@ -248,7 +180,7 @@ class StyleTransferModule(L.LightningModule):
         """Make ``content`` (``(B, 3, H, W)``) and its styles the problem: targets, starting image, fresh state."""
         if content.dim() != 4 or content.shape[1] != 3:
             raise ValueError(f"content must be (B, 3, H, W), got {tuple(content.shape)}")
-        per_image = _styles_per_image(style, content.shape[0])
+        per_image = styles_per_image(style, content.shape[0])
         self.check_sizes(content, [s for styles in per_image for s in styles])
         masks = self.raw_style_masks
         if masks is not None and any(len(masks) != len(styles) for styles in per_image):
@@ -256,7 +188,7 @@ class StyleTransferModule(L.LightningModule):
         device = self.image.device
         content = content.detach().float()
         self.style_masks = None if masks is None else [
-            None if m is None else self.canvas(_as_mask(m, content.shape[-2:])) for m in masks
+            None if m is None else self.canvas(as_mask(m, content.shape[-2:])) for m in masks
         ]
         seen = [colour.prepare(self.color, content[i : i + 1], [s.detach().float() for s in per_image[i]]) for i in range(len(per_image))]
         self.register_buffer("content_image", torch.cat([c for c, _ in seen]).to(device), persistent=False)
@@ -284,10 +216,10 @@ class StyleTransferModule(L.LightningModule):
             self.register_buffer("average_accum", torch.ones((), device=device))
             self.update_average()
         self.fingerprint = {
-            "content": _digest(content),
-            "styles": [_digest(s) for s in per_image[0]] if len(per_image) == 1 else [[_digest(s) for s in st] for st in per_image],
+            "content": digest(content),
+            "styles": [digest(s) for s in per_image[0]] if len(per_image) == 1 else [[digest(s) for s in st] for st in per_image],
             "style_blend": self.style_blend,
-            "style_masks": None if self.style_masks is None else [m if m is None else _digest(m) for m in self.style_masks],
+            "style_masks": None if self.style_masks is None else [m if m is None else digest(m) for m in self.style_masks],
             "color": self.color,
             "image_shape": list(content.shape),
             "layers": {"content": self.loss_config.content_layers, "style": self.loss_config.style_layers},
@@ -301,7 +233,7 @@ class StyleTransferModule(L.LightningModule):
         }
         if self.temporal is not None:
             t = self.temporal
-            self.fingerprint["temporal"] = [_digest(t.image), _digest(t.weights), float(t.weight)]
+            self.fingerprint["temporal"] = [digest(t.image), digest(t.weights), float(t.weight)]
         self.hparams["image_shape"] = list(content.shape)
         self.step_terms = None
         self._stepped = False
@@ -398,73 +330,22 @@ class StyleTransferModule(L.LightningModule):
                 if cache is not None and key in cache:
                     criterion.load_targets(cache[key])
                     continue
+                canvas = self.canvas(self.content_image[i : i + 1].to(device))
+                styles = [s.to(device) for s in self.style_images[i]]
                 if self.tile and features is None:
-                    canvas = self.canvas(self.content_image[i : i + 1].to(device))
-                    styles = [s.to(device) for s in self.style_images[i]]
                     criterion.load_targets(tiled_targets(extract, criterion, canvas, styles, self.tile, self.style_blend, masks))
-                    if cache is not None:
-                        cache[key] = criterion.targets()
-                    continue
-                content_feats = extract(self.canvas(self.content_image[i : i + 1].to(device)))
-                style_feats = [extract(s.to(device)) for s in self.style_images[i]]
-                criterion.set_targets(content_feats, style_feats, self.style_blend, masks)
+                else:
+                    criterion.set_targets(extract(canvas), [extract(s) for s in styles], self.style_blend, masks)
                 if cache is not None:
                     cache[key] = criterion.targets()
 
     def _targets_key(self, index: int) -> str:
         """What image ``index``'s targets depend on: its images, masks, colour mode, layers, weights and device."""
         parts = {k: v for k, v in self.fingerprint.items() if k not in ("optimizer", "average", "content", "styles", "image_shape", "temporal")}
-        images = [_digest(self.content_image[index]), [_digest(s) for s in self.style_images[index]]]
+        images = [digest(self.content_image[index]), [digest(s) for s in self.style_images[index]]]
         return json.dumps([parts, images, str(self.image.device)], sort_keys=True)
 
     # ----------------------------------------------------------------------------------- the step
-    def objective(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """What the optimiser minimises: each image's total loss times its ``objective_scale``, summed.
-
-        The scale, fixed at the first evaluation, makes each image's gradient at its starting point one pixel
-        unit per element on average, whatever the loss kind (the paper's and Keras' losses reach 1e13 per
-        pixel, the relative ones 1e-6). L-BFGS takes a plain gradient step of that size whenever it has no
-        curvature pair and skips pairs with y.s < 1e-10: unscaled, a 1e13 gradient threw every pixel to 0 or
-        255 under bf16 (whose input resolution swallowed the tiny first step), and the relative losses stood
-        still at 256 px and above. Directions are otherwise invariant to the factor. The sum keeps the images
-        independent: each one's gradient is its own loss's.
-        """
-        if not self._scale_ready:
-            self._set_objective_scale(terms["loss"])
-        return (terms["loss"] * self.objective_scale).sum()
-
-    def _set_objective_scale(self, losses: torch.Tensor) -> None:
-        """``objective_scale = 1 / mean |d loss_i / d image_i|`` per image at the current images, without a host
-        sync (the element count where that mean is 0 or not finite)."""
-        (grad,) = torch.autograd.grad(losses.sum(), self.image, retain_graph=True)
-        self._scale_from_gradient(grad)
-
-    def _scale_from_gradient(self, grad: torch.Tensor) -> None:
-        """``objective_scale`` from each image's loss gradient with respect to the parameter."""
-        mean = grad.float().abs().flatten(1).mean(1)
-        usable = torch.isfinite(mean) & (mean > 0)
-        fallback = torch.full_like(mean, float(self.image[0].numel()))
-        with torch.no_grad():
-            self.objective_scale.copy_(torch.where(usable, 1.0 / torch.where(usable, mean, 1.0), fallback))
-        self._scale_ready = True
-
-    def starting_objective_scale(self) -> torch.Tensor:
-        """The objective scale at the current images (one evaluation), as the first step would fix it."""
-        with torch.enable_grad():
-            if self.tile:
-                self.prepare_targets()
-                self._scale_from_gradient(self.tiled_terms(self.image.detach() / self.pixel_scale)[1] / self.pixel_scale)
-            else:
-                self._set_objective_scale(self.loss_terms()["loss"])
-        return self.objective_scale.detach().clone()
-
-    def use_objective_scale(self, scale: torch.Tensor) -> None:
-        """Fix the objective scale instead of measuring it at the start: a warm start (a clip's frame begun from
-        the previous result) sits near a minimum, and a scale measured there would make its steps far too big."""
-        with torch.no_grad():
-            self.objective_scale.copy_(scale.to(self.objective_scale.device).expand_as(self.objective_scale))
-        self._scale_ready = True
-
     def evaluate(self) -> torch.Tensor:
         """One evaluation: loss terms, gradient of the objective, projected; the closure every optimiser calls.
 
@@ -546,15 +427,6 @@ class StyleTransferModule(L.LightningModule):
         return step % max(1, trainer.log_every_n_steps) == 0 or step == trainer.max_steps
 
     @torch.no_grad()
-    def check_finite(self) -> None:
-        """Read the NaN guard (a host sync): after a NaN or infinity, put back the last good images and raise."""
-        if bool(self.finite.all()):
-            return
-        self.image.copy_(self.last_good)
-        self.finite.fill_(True)
-        raise NumericalError(self._numerical_advice())
-
-    @torch.no_grad()
     def update_average(self) -> None:
         """One step of the bias-corrected exponential moving average of the image (crowsonkb's ``EMA``)."""
         decay = self.average_decay
@@ -602,107 +474,17 @@ class StyleTransferModule(L.LightningModule):
         """The image is the only data: an endless stream of placeholders, stopped by ``max_steps``."""
         return itertools.repeat(0)
 
-    def _numerical_advice(self) -> str:
-        loss = self.loss_config
-        return (
-            f"the loss or the image became NaN or infinite by step {self.global_step}; lower optim.lr "
-            f"(now {self.optim_config.learning_rate:g}) or the loss weights (content_weight {loss.content_weight:g}, "
-            f"style_weight {loss.style_weight:g}, tv_weight {loss.tv_weight:g})"
-        )
-
-    # ----------------------------------------------------------------------------------- memory
-    def recompute_more_blocks(self, err: BaseException) -> bool:
-        """Memory planned by measurement: when the first step of an image runs out of memory and
-        ``features.checkpoint_blocks`` is auto, recompute one more VGG block in the backward pass and say
-        it will retry (the estimate that chose the blocks is calibrated on CPU; a GPU adds its context, cuDNN
-        workspaces and fragmentation). Nothing of the failed step is kept: the image had not been updated."""
-        if self._stepped or not self.grow_checkpoint_blocks or self.checkpoint_blocks >= MAX_CHECKPOINT_BLOCKS:
-            return False
-        if not is_out_of_memory(err):
-            return False
-        self.image.grad = None
-        self.optimizers().optimizer.state.clear()
-        if self.image.device.type == "cuda":
-            torch.cuda.empty_cache()
-        self.checkpoint_blocks += 1
-        log.warning(
-            "out of memory in the first step on %s: recomputing %d VGG block(s) in the backward pass "
-            "(features.checkpoint_blocks) and trying again", self.image.device.type, self.checkpoint_blocks
-        )
-        return True
-
     def clear_images(self) -> None:
         """No images: the module waits for the next group of a folder run (its step does nothing meanwhile)."""
         self.image = nn.Parameter(self.image.new_zeros((0, 3, 1, 1)))
         if self.image.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    # ----------------------------------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep checkpoints small (the image, its average and optimiser state, not the frozen VGG) and good:
-        the NaN guard is read first, so a non-finite state is never saved."""
-        self.check_finite()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in CHECKPOINT_STATE}
-        checkpoint[FINGERPRINT_KEY] = self.fingerprint
-
-    def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        """The state a checkpoint keeps (``CHECKPOINT_STATE``), read after the NaN guard so it is never non-finite."""
-        self.check_finite()
-        return {k: v for k, v in self.state_dict().items() if k in CHECKPOINT_STATE}
-
-    def restore_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Put back what ``checkpoint_state`` returned (a folder group's checkpoint), the last good image with it."""
-        self.load_state_dict(dict(state), strict=False)
-        self._scale_ready = "objective_scale" in state
-        self.last_good.copy_(self.image.detach())
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint written by a run with other images, size, layers or weights.
-
-        The configured learning rate replaces the saved one, so a run resumed after a NaN with a lower
-        ``optim.lr`` really uses it.
-        """
-        self.check_checkpoint(checkpoint)
-        self._scale_ready = "objective_scale" in checkpoint.get("state_dict", {})
-        for state in checkpoint.get("optimizer_states", []):
-            for group in state.get("param_groups", []):
-                group["lr"] = self.optim_config.learning_rate
-
-    def check_checkpoint(self, checkpoint: Mapping[str, Any]) -> None:
-        """Raise CheckpointError unless ``checkpoint`` was written by a run of this module's images and settings."""
-        theirs = checkpoint.get(FINGERPRINT_KEY)
-        if not isinstance(theirs, Mapping) or "image" not in checkpoint.get("state_dict", {}):
-            raise CheckpointError("checkpoint was not written by nst-lightning; resume from a checkpoint of this run")
-        diffs = [k for k in self.fingerprint if theirs.get(k) != self.fingerprint[k]]
-        if diffs:
-            # settings first: a new size also changes the images' digests, which say nothing readable
-            images = {"content": "another content image", "styles": "other style images"}
-            settings = [f"{k} {theirs.get(k)} vs {self.fingerprint[k]}" for k in diffs if k not in images]
-            detail = ", ".join(settings[:3]) if settings else ", ".join(images[k] for k in diffs)
-            raise CheckpointError(
-                f"checkpoint belongs to another run ({detail}); resume with the same images and settings, "
-                "or start a fresh run in a new output directory"
-            )
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Batched L-BFGS or Adam over the stacked images (``optim.max_iter`` updates per step, clamped after
-        each, the step captured in a CUDA graph per ``optim.cuda_graph``); torch's L-BFGS for ``line_search:
-        strong_wolfe`` (one image, clamped after the step, always eager)."""
-        cfg = self.optim_config
-        if cfg.line_search == "strong_wolfe":
-            return torch.optim.LBFGS(
-                [self.image],
-                lr=cfg.learning_rate,
-                max_iter=cfg.max_iter,
-                history_size=cfg.history_size,
-                line_search_fn=cfg.line_search,
-                tolerance_grad=0.0,
-                tolerance_change=0.0,
-            )
-        common = {"lr": cfg.learning_rate, "max_iter": cfg.max_iter, "after_update": self.clamp, "graph": self.step_graph()}
-        if cfg.name == "adam":
-            return BatchedAdam([self.image], **common)
-        return BatchedLBFGS([self.image], history_size=cfg.history_size, skip_first_pair=self._network_dtype() != torch.float32, **common)
+        """The optimiser ``optim`` names over the stacked images (``optim.build_optimizer``), clamped after each
+        update, the step captured in a CUDA graph per ``optim.cuda_graph``."""
+        skip = self._network_dtype() != torch.float32
+        return build_optimizer(self.optim_config, self.image, self.clamp, self.step_graph(), skip_first_pair=skip)
 
     def _network_dtype(self) -> torch.dtype:
         """The dtype the attached Trainer's precision runs the network in (fp32 without a Trainer)."""
@@ -717,21 +499,3 @@ class StyleTransferModule(L.LightningModule):
         if setting is False or (setting == "auto" and eager):
             return None
         return StepGraph()
-
-
-
-
-def _styles_per_image(
-    style: torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]] | None, count: int
-) -> list[list[torch.Tensor]]:
-    """The style images of each of ``count`` content images: one shared list, or one list per image."""
-    if style is None:
-        raise ValueError("give the style image(s)")
-    if isinstance(style, torch.Tensor):
-        return [[style]] * count
-    items = list(style)
-    if items and all(isinstance(s, torch.Tensor) for s in items):
-        return [items] * count
-    if len(items) != count:
-        raise ValueError(f"{len(items)} style lists for {count} content images; give one list per image or one shared")
-    return [[s] if isinstance(s, torch.Tensor) else list(s) for s in items]

@@ -12,11 +12,14 @@ its history in the static layout, whose kernels do not depend on a Python counte
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .cudagraph import StepGraph, graph_key
+
+if TYPE_CHECKING:
+    from .sections import OptimConfig
 
 CURVATURE_EPS = 1e-10
 """A curvature pair with ``y.s`` at or below this is skipped, as ``torch.optim.LBFGS`` does."""
@@ -267,3 +270,25 @@ class BatchedAdam(_BatchedOptimizer):
         correction2 = 1 - torch.pow(beta2, state["step"])
         denom = (state["exp_avg_sq"] / correction2).sqrt_().add_(group["eps"])
         p.addcdiv_(state["exp_avg"], denom * (correction1 / self._learning_rate()), value=-1.0)
+
+
+def build_optimizer(
+    cfg: OptimConfig, image: torch.Tensor, clamp: Callable[[], None], graph: StepGraph | None, skip_first_pair: bool
+) -> torch.optim.Optimizer:
+    """Batched L-BFGS or Adam over ``image`` (``max_iter`` updates per step, ``clamp`` after each, the step
+    captured in ``graph`` if given; ``skip_first_pair`` for a bf16 network, see ``BatchedLBFGS``); torch's L-BFGS
+    for ``line_search: strong_wolfe`` (one image, clamped after the step by the caller, always eager)."""
+    if cfg.line_search == "strong_wolfe":
+        return torch.optim.LBFGS(
+            [image],
+            lr=cfg.learning_rate,
+            max_iter=cfg.max_iter,
+            history_size=cfg.history_size,
+            line_search_fn=cfg.line_search,
+            tolerance_grad=0.0,
+            tolerance_change=0.0,
+        )
+    common = {"lr": cfg.learning_rate, "max_iter": cfg.max_iter, "after_update": clamp, "graph": graph}
+    if cfg.name == "adam":
+        return BatchedAdam([image], **common)
+    return BatchedLBFGS([image], history_size=cfg.history_size, skip_first_pair=skip_first_pair, **common)

@@ -15,6 +15,7 @@ LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 KNOWN_WARNINGS = (
     r".*treespec, LeafSpec.*",  # torch's pytree deprecation, raised inside Lightning
     r"Checkpoint directory .* exists and is not empty",  # a resumed run reuses its checkpoints/ on purpose
+    r"Your `IterableDataset` has `__len__` defined",  # folder runs' group steps come from the main process: exact
 )
 
 

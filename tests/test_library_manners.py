@@ -78,3 +78,38 @@ def test_cudnn_benchmark_is_on_for_a_cuda_fit_only_and_restored_after_it_even_wh
         assert torch.backends.cudnn.benchmark is False
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+def test_importing_the_package_sets_no_warning_filter():
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, torch, lightning.pytorch, torchvision\n"  # they set filters of their own
+        "before = list(warnings.filters)\n"
+        "import nst_lightning.module, nst_lightning.data, nst_lightning.runs, nst_lightning.callbacks\n"
+        "added = [f for f in warnings.filters if f not in before]\n"
+        "print(len(added), added)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("0 "), out
+
+
+def test_a_users_trainer_fitting_the_module_hears_no_warning_about_what_the_package_does_on_purpose(tmp_path):
+    import lightning as L
+    import torch
+
+    from nst_lightning.callbacks import StepCheckpoint
+    from nst_lightning.module import StyleTransferModule
+
+    content, style = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
+    module = StyleTransferModule(content, style, loss={"style_layers": ["relu1_1", "relu2_1"]})
+    checkpoints = StepCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[checkpoints], default_root_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module)
+    said = [str(w.message) for w in caught]
+    assert not [m for m in said if "eval mode" in m or "ModelCheckpoint with manual optimization" in m], said
+    assert (tmp_path / "ckpt" / "last.ckpt").is_file()

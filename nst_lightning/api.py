@@ -22,7 +22,7 @@ from .sweep import grid_cells, parse_grid, sweep
 if TYPE_CHECKING:
     from lightning.pytorch.callbacks import Callback
 
-    from .batch import BatchReport
+    from .folder import BatchReport
     from .export import ExportInfo, ValidationReport
     from .rundir import RunOutputs
     from .sweep import Cell

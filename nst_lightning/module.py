@@ -188,7 +188,7 @@ class StyleTransferModule(CheckpointHooks, ScaledObjective, StepGuards, L.Lightn
         device = self.image.device
         content = content.detach().float()
         self.style_masks = None if masks is None else [
-            None if m is None else self.canvas(as_mask(m, content.shape[-2:])) for m in masks
+            None if m is None else self.with_margin(as_mask(m, content.shape[-2:])) for m in masks
         ]
         seen = [colour.prepare(self.color, content[i : i + 1], [s.detach().float() for s in per_image[i]]) for i in range(len(per_image))]
         self.register_buffer("content_image", torch.cat([c for c, _ in seen]).to(device), persistent=False)
@@ -238,7 +238,7 @@ class StyleTransferModule(CheckpointHooks, ScaledObjective, StepGuards, L.Lightn
         self.step_terms = None
         self._stepped = False
 
-    def canvas(self, image: torch.Tensor) -> torch.Tensor:
+    def with_margin(self, image: torch.Tensor) -> torch.Tensor:
         """``image`` with ``features.margin`` mirrored pixels on every side: what VGG sees of the output and content.
 
         VGG's zero padding shows the network a frame around the image, and the output learns 1-2 px bright or dark
@@ -299,7 +299,7 @@ class StyleTransferModule(CheckpointHooks, ScaledObjective, StepGuards, L.Lightn
         x = self.image / self.pixel_scale if image is None else image
         if self.tile:
             return self.tiled_terms(x, gradient=False)[0]
-        feats = self.network(self.canvas(x), checkpoint_blocks=self.checkpoint_blocks)
+        feats = self.network(self.with_margin(x), checkpoint_blocks=self.checkpoint_blocks)
         per_image = [
             criterion({k: v[i : i + 1] for k, v in feats.items()}, x[i : i + 1]) for i, criterion in enumerate(self.criteria)
         ]
@@ -307,7 +307,7 @@ class StyleTransferModule(CheckpointHooks, ScaledObjective, StepGuards, L.Lightn
 
     def tiled_terms(self, image: torch.Tensor, gradient: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """The loss terms at ``image`` (``[0, 1]``) and, with ``gradient``, their summed gradient, tile by tile."""
-        return tiled_terms(self.network, self.criteria, image, self.tile, self.canvas, gradient=gradient)
+        return tiled_terms(self.network, self.criteria, image, self.tile, self.with_margin, gradient=gradient)
 
     @torch.no_grad()
     def prepare_targets(self, features: Callable[[torch.Tensor], Mapping[str, torch.Tensor]] | None = None) -> None:
@@ -330,12 +330,12 @@ class StyleTransferModule(CheckpointHooks, ScaledObjective, StepGuards, L.Lightn
                 if cache is not None and key in cache:
                     criterion.load_targets(cache[key])
                     continue
-                canvas = self.canvas(self.content_image[i : i + 1].to(device))
+                framed = self.with_margin(self.content_image[i : i + 1].to(device))
                 styles = [s.to(device) for s in self.style_images[i]]
                 if self.tile and features is None:
-                    criterion.load_targets(tiled_targets(extract, criterion, canvas, styles, self.tile, self.style_blend, masks))
+                    criterion.load_targets(tiled_targets(extract, criterion, framed, styles, self.tile, self.style_blend, masks))
                 else:
-                    criterion.set_targets(extract(canvas), [extract(s) for s in styles], self.style_blend, masks)
+                    criterion.set_targets(extract(framed), [extract(s) for s in styles], self.style_blend, masks)
                 if cache is not None:
                     cache[key] = criterion.targets()
 

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
 from .atomic import check_writable, remove_stale_temps, reporting_write_failures, write_text_atomic
-from .batch import BatchReport, ImagesProgressBar, check_folder_config, plan_folder_memory
+from .folder import BatchReport, ImagesProgressBar, check_folder_config, plan_folder_memory
 from .config import RunConfig, dump_config
 from .data import PairResult, StylePairsDataModule
 from .errors import ConfigError, NSTError, RunInterrupted

@@ -113,15 +113,15 @@ def tiled_terms(
     criteria: Sequence[StyleTransferLoss],
     image: torch.Tensor,
     tile: int,
-    canvas: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+    with_margin: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
     gradient: bool = True,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Each image's loss terms (``(B,)`` tensors, as ``StyleTransferLoss`` names them) and, with ``gradient``,
     the gradient of their summed ``loss`` with respect to ``image``, evaluated tile by tile.
 
-    ``image``: ``(B, 3, H, W)`` in ``[0, 1]``, one criterion per image (targets set); ``canvas`` maps it to what
+    ``image``: ``(B, 3, H, W)`` in ``[0, 1]``, one criterion per image (targets set); ``with_margin`` maps it to what
     the network sees (e.g. a mirrored margin; the pixel terms use ``image`` itself); ``tile``: interior side
-    in canvas pixels, rounded up to the grid step.
+    in pixels of what the network sees, rounded up to the grid step.
     """
     first = criteria[0]
     for criterion in criteria:
@@ -130,7 +130,7 @@ def tiled_terms(
     layers = [*content_layers, *style_layers]
     x = image.detach().float().requires_grad_(gradient)
     with torch.enable_grad() if gradient else torch.no_grad():
-        seen = canvas(x)
+        seen = with_margin(x)
     flat = seen.detach()
     height, width = flat.shape[-2:]
     pixels = image.shape[-2] * image.shape[-1]
@@ -218,7 +218,7 @@ def tiled_terms(
             t.input_of(seen_grad).add_(piece_grad)
             del feats, surrogate, piece_grad
 
-    # the pixel terms on the whole image, and the image's gradient through the canvas
+    # the pixel terms on the whole image, and the image's gradient through the margin
     with torch.autocast(device, enabled=False), torch.enable_grad() if gradient else torch.no_grad():
         local = x.new_zeros((), dtype=torch.float32)
         temporal = []

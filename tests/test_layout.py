@@ -21,7 +21,7 @@ LAYERS = [
     ("core", {"features", "objective", "gram", "wasserstein", "smoothness", "losses", "tiling", "optim", "cudagraph", "color", "flow", "judge", "hardware", "onnx_graph"}),
     ("pieces", {"problem", "checkpointing", "guards", "resources", "pairs", "data", "videoio", "lock", "quiet", "history", "plots", "callbacks", "faults", "image_logging", "groups"}),
     ("module", {"module"}),
-    ("session", {"session", "rundir", "inputs", "export", "batch", "video"}),
+    ("session", {"session", "rundir", "inputs", "export", "folder", "video"}),
     ("runs", {"runs", "sweep"}),
     ("api", {"api"}),
     ("cli", {"cli", "lightning_cli", "__main__"}),

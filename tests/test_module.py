@@ -207,11 +207,11 @@ def test_lbfgs_moves_even_when_the_scale_free_gradients_are_tiny(extractor):
 def test_margin_mirrors_the_image_for_vgg_and_keeps_the_output_and_content_aligned(content_small, style_small, extractor):
     module = StyleTransferModule(content_small, style_small, extractor=extractor, features={"margin": 6})
     assert module.image.shape == content_small.shape  # the margin is never part of the result
-    canvas = module.canvas(content_small)
-    assert canvas.shape[-2:] == (content_small.shape[-2] + 12, content_small.shape[-1] + 12)
-    torch.testing.assert_close(canvas[..., 6:-6, 6:-6], content_small)
-    torch.testing.assert_close(canvas[..., 5, 6:-6], content_small[..., 1, :])  # mirrored about the edge line
-    # content targets come from the content on the same canvas: the starting image (the content) is on target
+    framed = module.with_margin(content_small)
+    assert framed.shape[-2:] == (content_small.shape[-2] + 12, content_small.shape[-1] + 12)
+    torch.testing.assert_close(framed[..., 6:-6, 6:-6], content_small)
+    torch.testing.assert_close(framed[..., 5, 6:-6], content_small[..., 1, :])  # mirrored about the edge line
+    # content targets come from the content with the same margin: the starting image (the content) is on target
     assert module.loss_terms()["content"].item() == 0
     shifted = torch.roll(content_small, 3, dims=-1)
     assert module.loss_terms(shifted)["content"].item() > 0
@@ -228,7 +228,7 @@ def test_masks_follow_the_output_onto_the_margin_canvas(content_small, style_sma
     module = StyleTransferModule(
         content_small, [style_small, style_small], extractor=extractor, style_masks=[mask, 1 - mask], features={"margin": 4}
     )
-    assert module.style_masks[0].shape[-2:] == module.canvas(content_small).shape[-2:]
+    assert module.style_masks[0].shape[-2:] == module.with_margin(content_small).shape[-2:]
     torch.testing.assert_close(module.style_masks[0][..., 4:-4, 4:-4], mask)
     assert torch.isfinite(module.loss_terms()["loss"]).all()
 

@@ -38,7 +38,7 @@ def _agreement(module: StyleTransferModule, tile: int) -> tuple[float, float]:
     x = (module.image.detach() / module.pixel_scale).requires_grad_(True)
     whole = module.loss_terms(x)
     whole["loss"].sum().backward()
-    terms, grad = tiling.tiled_terms(module.network, module.criteria, x.detach(), tile, module.canvas)
+    terms, grad = tiling.tiled_terms(module.network, module.criteria, x.detach(), tile, module.with_margin)
     for name in ("content", "style", "tv"):
         assert torch.allclose(terms[name], whole[name].detach(), rtol=1e-5, atol=0), name
     loss_error = ((terms["loss"] - whole["loss"].detach()).abs() / whole["loss"].detach().abs()).max().item()

@@ -164,6 +164,22 @@ class LossHistory(Callback):
         write_text_atomic(self.path, buf.getvalue())
 
 
+class RunResult(Callback):
+    """Keep what a run ends with in memory: its result image (``result()``, on the CPU) and the loss terms of
+    the final row of its ``LossHistory`` (which must come before this callback), for a caller that collects many
+    runs (a sweep) without reading their files back."""
+
+    def __init__(self) -> None:
+        self.image: torch.Tensor | None = None
+        self.terms: dict[str, float] = {}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.image = pl_module.result()
+        history = next((c for c in trainer.callbacks if isinstance(c, LossHistory)), None)
+        last = history.rows[-1] if history is not None and history.rows else {}
+        self.terms = {k: float(last[k]) for k in LOSS_TERMS if k in last}
+
+
 class RunPlots(Callback):
     """At the end of training draw the loss curve (from the ``losses`` CSV) and the side-by-side picture.
 

@@ -151,8 +151,8 @@ def sweep(
     if root.is_file():
         raise ConfigError(f"output {root} is a file; give a directory for the sweep")
     with FolderLock(root, "sweep"):
-        _run_cells(config, grid, cells, overwrite, resume, progress, on_cell)
-        return _summarise(config, grid, cells, cell_px)
+        results = _run_cells(config, grid, cells, overwrite, resume, progress, on_cell)
+        return _summarise(config, grid, cells, cell_px, results)
 
 
 def _run_cells(
@@ -163,9 +163,11 @@ def _run_cells(
     resume: bool,
     progress: bool,
     on_cell: Callable[[Cell, int], None] | None,
-) -> None:
-    """Run each cell not yet finished, sharing one extractor per features setting and the computed targets."""
+) -> dict[int, Any]:
+    """Run each cell not yet finished, sharing one extractor per features setting and the computed targets;
+    returns what each cell run now ended with (``RunResult`` by cell index), kept in memory for the summary."""
     from .atomic import reporting_write_failures
+    from .callbacks import RunResult
     from .features import extractor_for
     from .runs import run_image
 
@@ -186,6 +188,7 @@ def _run_cells(
             check_same_cells(cells)
     extractors: dict[str, Any] = {}
     targets: dict[str, Any] = {}
+    results: dict[int, Any] = {}
     for cell in cells:
         if on_cell is not None:
             on_cell(cell, len(cells))
@@ -197,14 +200,19 @@ def _run_cells(
         if key not in extractors:
             layers = sorted({n for c in cells if c.config.features == feats for n in all_layers(c.config)})
             extractors[key] = extractor_for(feats, layers)
+        result = RunResult()
         run_image(
             cell.config,
             resume="last" if state == "resumable" else None,
             overwrite=state != "resumable",
             progress=progress,
+            callbacks=[result],
             extractor=extractors[key],
             target_cache=targets,
         )
+        if result.image is not None:
+            results[cell.index] = result
+    return results
 
 
 def cell_state(cell: Cell) -> str:
@@ -232,8 +240,11 @@ def check_same_cells(cells: list[Cell]) -> None:
             )
 
 
-def _summarise(config: RunConfig, grid: Mapping[str, Sequence[Any]], cells: list[Cell], cell_px: int) -> SweepOutputs:
-    """Draw the contact sheet and write ``sweep.csv`` from the finished cells."""
+def _summarise(
+    config: RunConfig, grid: Mapping[str, Sequence[Any]], cells: list[Cell], cell_px: int, ran: Mapping[int, Any]
+) -> SweepOutputs:
+    """Draw the contact sheet and write ``sweep.csv`` from the finished cells: those run now from memory
+    (``ran``), those a resumed sweep had finished before from their ``final.png`` and ``losses.csv``."""
     from .inputs import load_images
     from .atomic import reporting_write_failures, write_text_atomic
     from .images import read_image
@@ -242,7 +253,7 @@ def _summarise(config: RunConfig, grid: Mapping[str, Sequence[Any]], cells: list
     root = Path(config.output)
     keys = list(grid)
     columns = len(grid[keys[-1]])
-    results = [read_image(Path(c.config.output) / "final.png") for c in cells]
+    results = [ran[c.index].image if c.index in ran else read_image(Path(c.config.output) / "final.png") for c in cells]
     rows = [results[i : i + columns] for i in range(0, len(results), columns)]
     row_labels = [cells[i].title(keys[:-1]) for i in range(0, len(cells), columns)]
     col_labels = [f"{keys[-1]} = {label(v)}" for v in grid[keys[-1]]]
@@ -255,7 +266,7 @@ def _summarise(config: RunConfig, grid: Mapping[str, Sequence[Any]], cells: list
     writer.writerow(["cell", *keys, "content", "style", "tv", "loss", "final"])
     for cell in cells:
         out = Path(cell.config.output)
-        last = {k: v[-1] for k, v in read_losses(out / "losses.csv").items() if v}
+        last = ran[cell.index].terms if cell.index in ran else {k: v[-1] for k, v in read_losses(out / "losses.csv").items() if v}
         writer.writerow(
             [cell.index, *(label(cell.values[k]) for k in keys)]
             + [f"{last.get(k, float('nan')):.6g}" for k in ("content", "style", "tv", "loss")]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from nst_lightning import features, losses
@@ -76,3 +79,32 @@ def test_a_sweep_runs_every_cell_on_one_network_and_one_set_of_targets(tmp_path,
 
     with pytest.raises(ConfigError, match="holds a previous sweep"):
         sweep(base, parse_grid(["loss.style_weight=0"]), progress=False)
+
+
+def test_a_sweep_summarises_the_cells_it_ran_from_memory_and_reads_only_cells_finished_before(tmp_path, monkeypatch):
+    from nst_lightning import images, plots
+
+    read = {"images": [], "losses": []}  # what the sweep's summary reads (the cells' own plots read their CSVs)
+    real_read_image, real_read_losses = images.read_image, plots.read_losses
+
+    def by_summary(kind, real):
+        def reading(path, *args, **kwargs):
+            if "_summarise" in (sys._getframe(1).f_code.co_name, sys._getframe(2).f_code.co_name):  # or its listcomp
+                read[kind].append(Path(path))
+            return real(path, *args, **kwargs)
+        return reading
+
+    monkeypatch.setattr(images, "read_image", by_summary("images", real_read_image))
+    monkeypatch.setattr(plots, "read_losses", by_summary("losses", real_read_losses))
+    base = load_config(None, tiny_overrides(tmp_path / "sweep", steps=2, **{"image.size": 32}))
+    out = sweep(base, parse_grid(["loss.style_weight=0,1e3"]), progress=False)
+    assert read == {"images": [], "losses": []}
+    rows = [r.split(",") for r in out.summary.read_text().splitlines()[1:]]
+    for row, cell in zip(rows, out.cells):  # the figures in memory are the ones the cell's files hold
+        last = {k: v[-1] for k, v in real_read_losses(cell / "losses.csv").items()}
+        assert float(row[3]) == pytest.approx(last["style"], rel=1e-4) and float(row[4]) == pytest.approx(last["tv"], abs=1e-9)
+
+    read["images"].clear()
+    again = sweep(base, parse_grid(["loss.style_weight=0,1e3"]), resume=True, progress=False)  # both finished before
+    assert sorted(p.parent.name for p in read["images"]) == sorted(p.parent.name for p in read["losses"]) == ["00", "01"]
+    assert again.summary.read_text() == out.summary.read_text()

@@ -146,11 +146,6 @@ class RunConfig(Section):
                 f"features.tile={self.features.tile} cannot evaluate loss.style_loss=w2 by tiles (its covariance root "
                 "is not a sum over positions); set features.tile=off, or a Gram style loss such as relative"
             )
-        if self.optim.cuda_graph is True and self.features.tile != "off":
-            raise ValueError(
-                f"optim.cuda_graph=true cannot capture a tiled evaluation (features.tile={self.features.tile}) yet; "
-                "set optim.cuda_graph=auto (tiled steps then run eagerly) or features.tile=off"
-            )
         if self.optim.average is not None and self.optim.name != "adam":
             raise ValueError(
                 "optim.average (iterate averaging) needs optim.name=adam; L-BFGS converges without it, "

@@ -492,10 +492,11 @@ class StyleTransferModule(CheckpointHooks, ScaledObjective, StepGuards, L.Lightn
 
     def step_graph(self) -> StepGraph | None:
         """The CUDA graph of the step under ``optim.cuda_graph``: ``auto`` on CUDA (not for the ``w2`` style loss,
-        whose eigenvalue solver reads its status on the host, nor for a tiled evaluation), ``true`` anywhere (off
-        CUDA its code path runs eagerly, which is how CPU tests check it), ``false`` never."""
+        whose eigenvalue solver reads its status on the host; a tiled step is a fixed sequence of tile passes and
+        is captured like a whole one), ``true`` anywhere (off CUDA its code path runs eagerly, which is how CPU
+        tests check it), ``false`` never."""
         setting = self.optim_config.cuda_graph
-        eager = self.image.device.type != "cuda" or self.loss_config.style_loss == "w2" or bool(self.tile)
+        eager = self.image.device.type != "cuda" or self.loss_config.style_loss == "w2"
         if setting is False or (setting == "auto" and eager):
             return None
         return StepGraph()

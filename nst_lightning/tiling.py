@@ -68,6 +68,17 @@ class Tile:
         return full_grid[..., a:b, c:d]
 
 
+def gram_sum(features: torch.Tensor) -> torch.Tensor:
+    """``F F^T`` summed over a tile interior's positions (the unnormalised Gram, fp32 or fp64); zeros for an
+    interior with no positions at the layer, as the last rows of an image whose side is not a multiple of the
+    layer's stride have (floor pooling drops them), where ``gram_matrix`` would divide 0 by 0."""
+    positions = features.shape[-2] * features.shape[-1]
+    if positions == 0:
+        b, c = features.shape[:2]
+        return features.new_zeros((b, c, c), dtype=torch.float64 if features.dtype == torch.float64 else torch.float32)
+    return gram_matrix(features) * positions
+
+
 def _spans(size: int, tile: int, margin: int) -> list[tuple[int, int, int, int]]:
     return [(a, min(size, a + tile), max(0, a - margin), min(size, a + tile + margin)) for a in range(0, size, tile)]
 
@@ -157,7 +168,7 @@ def tiled_terms(
                             mask = _mask(criterion, g, l)
                             if mask is not None:
                                 f = f.float() * t.crop(mask, l).float()
-                            part = gram_matrix(f) * (f.shape[-2] * f.shape[-1])
+                            part = gram_sum(f)
                             sums[i, g, l] = part if sums[i, g, l] is None else sums[i, g, l] + part
             del feats
 
@@ -212,8 +223,7 @@ def tiled_terms(
                             mask = _mask(criterion, g, l)
                             if mask is not None:
                                 f = f.float() * t.crop(mask, l).float()
-                            m = f.shape[-2] * f.shape[-1]
-                            surrogate = surrogate + (slopes[i, g, l] * gram_matrix(f)).sum() * (m / norms[i, g, l])
+                            surrogate = surrogate + (slopes[i, g, l] * gram_sum(f)).sum() / norms[i, g, l]
             (piece_grad,) = torch.autograd.grad(surrogate, piece)
             t.input_of(seen_grad).add_(piece_grad)
             del feats, surrogate, piece_grad
@@ -269,7 +279,7 @@ def tiled_grams(network: Features, image: torch.Tensor, layers: Sequence[str], t
         with torch.autocast(image.device.type, enabled=False):
             for layer in layers:
                 f = t.interior(feats[layer], layer, full[layer])
-                part = gram_matrix(f) * (f.shape[-2] * f.shape[-1])
+                part = gram_sum(f)
                 sums[layer] = part if layer not in sums else sums[layer] + part
     return {layer: sums[layer] / (full[layer][0] * full[layer][1]) for layer in layers}
 

@@ -281,3 +281,15 @@ def test_the_learning_rate_reaches_the_step_as_a_tensor_not_as_a_number_frozen_a
             opt._steps(closure)
     frozen = [n for n in audit.numbers if any(abs(abs(n) - v) < 1e-9 for v in (lr, 1 / lr))]
     assert not frozen, f"lr passed to ops as a Python number {frozen[:3]}"
+
+
+@pytest.mark.parametrize("optimiser", ["lbfgs-static", "adam"])
+def test_a_tiled_step_is_a_fixed_sequence_of_tile_passes_as_capture_safe_as_a_whole_one(
+    content_32, style_small, extractor, monkeypatch, optimiser
+):
+    module = StyleTransferModule(content_32, style_small, extractor=extractor, features={"tile": 16},
+                                 loss={"tv_weight": 1e-6}, optim={**OPTIMISERS[optimiser], "max_iter": 2})
+    assert module.tile == 16
+    with audited_steps(monkeypatch) as audits:
+        _fit(module, "32-true")
+    _assert_capturable(audits)

@@ -146,3 +146,24 @@ def test_layer_shapes_follow_the_poolings():
     assert layer_shape(157, 211, "relu1_1") == (157, 211)
     assert layer_shape(157, 211, "pool2") == (157 // 2 // 2, 211 // 2 // 2)
     assert all(stride(n) == 2 ** n.startswith("pool") for n in LAYER_NAMES[:5])
+
+
+def test_tiles_past_the_deepest_layers_last_position_add_nothing_instead_of_nan(extractor):
+    # 40x56 content and a 48x30 style with 16 px tiles: relu5_1 has 2x3 and 3x1 positions, so the last row or
+    # column of tiles has an empty interior there (floor pooling drops those pixels), whose Gram is 0, not 0/0
+    content = load_image(EXAMPLE_CONTENT, 56)[..., :40, :].contiguous()
+    style = load_image(EXAMPLE_STYLE, 48)
+    assert style.shape[-2:] == (30, 48)
+    module = StyleTransferModule(content, style, extractor=extractor, features={"tile": 16})
+    whole = StyleTransferModule(content, style, extractor=extractor)
+    module.prepare_targets()
+    whole.prepare_targets()
+    for name, value in whole.criteria[0].targets().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.allclose(module.criteria[0].targets()[name], value, rtol=1e-5, atol=1e-6 * value.abs().max()), name
+    x = (whole.image.detach() / whole.pixel_scale).requires_grad_(True)
+    expected = whole.loss_terms(x)
+    expected["loss"].sum().backward()
+    terms, grad = module.tiled_terms(x.detach())
+    assert torch.allclose(terms["loss"], expected["loss"].detach(), rtol=1e-5, atol=0)
+    assert ((grad - x.grad).norm() / x.grad.norm()).item() < 1e-4

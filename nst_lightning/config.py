@@ -6,6 +6,7 @@ Imports neither torch nor lightning, so ``--help``, ``print-config`` and config 
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -84,6 +85,17 @@ class RunConfig(Section):
         if isinstance(images, list) and not images:
             raise ValueError(f"give at least one {info.field_name} image")
         return images
+
+    @field_validator("content", "style", "style_masks", "init", "output")
+    @classmethod
+    def _no_symlink_loop(cls, value: Any, info: ValidationInfo) -> Any:
+        for path in value if isinstance(value, list) else [value]:
+            if path is not None and symlink_loop(path):
+                raise ValueError(
+                    f"{path} runs into a loop of symbolic links; point the link at a real file or folder, or give "
+                    f"the {info.field_name} path itself"
+                )
+        return value
 
     @field_validator("style_blend")
     @classmethod
@@ -206,6 +218,15 @@ class RunConfig(Section):
 
 
 _INPUT_PATH_KEYS = ("content", "style", "init", "style_masks")
+
+
+def symlink_loop(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` (or a folder on the way to it) is a loop of symbolic links, which no read or write survives."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        return err.errno == errno.ELOOP
+    return False
 
 
 def _relative_to(base: Path, value: Any) -> Any:

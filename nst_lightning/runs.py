@@ -91,7 +91,7 @@ def run_image(
         name = {"folder": "fit_batch", "clip": "fit_clip", "clips": "fit_clips"}[kind]
         raise ConfigError(f"the config names {KIND_TEXT[kind]}; run it with nst_lightning.{name}(config) or nst_lightning.run(config)")
     outputs = RunOutputs(Path(config.output))
-    with session(outputs.root, "the run's outputs", verbose, lock=True):
+    with session(outputs.root, "the run's outputs", verbose):
         check_output(config, outputs, resuming=resume is not None, overwrite=overwrite)
         stages = plan_stages(config, outputs)
         start, ckpt_path = resume_point(config, resume, stages)

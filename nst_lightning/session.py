@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
 
 from .atomic import is_write_failure, write_failure
 from .callbacks import FinalImage, ImageSnapshots, LossHistory, RunPlots, StepCheckpoint, StepProgressBar
@@ -31,15 +32,17 @@ from .rundir import RunOutputs, Stage, checkpoint_step, plan_stages
 
 
 @contextmanager
-def session(output: Path, what: str, verbose: bool = False, lock: bool = False) -> Iterator[None]:
+def session(output: Path, what: str, verbose: bool = False) -> Iterator[None]:
     """A run's frame: Lightning's start-up lines and known notices held back unless ``verbose`` (levels and
-    filters restored on exit), an ``output`` that is a file refused (``what`` names what goes there) and, with
-    ``lock``, the folder's lock held so the checks made inside still hold when files are written."""
+    filters restored on exit), an ``output`` that is a file refused (``what`` names what goes there) and the
+    folder's lock held, so a second run on the same folder is refused and the checks made inside still hold
+    when files are written. Under DDP rank zero holds it: Lightning's launcher starts the other ranks from
+    inside rank zero's ``fit``, after its checks, and they write only what their groups or clips produce."""
     with lightning_quiet(verbose), ExitStack() as held:
         if output.is_file():
             hint = " (an input image?)" if what == "the run's outputs" else ""
             raise ConfigError(f"output {output} is a file{hint}; give a directory for {what}")
-        if lock:
+        if rank_zero_only.rank == 0:
             held.enter_context(FolderLock(output))
         yield
 

@@ -36,7 +36,11 @@ RECIPES: dict[str, list[str]] = {
     "short-110": ["trainer.max_steps=110"],
     "c2f-160": ["scales=[160, 320]", "scale_steps=[200, 70]"],
     "c2f-128-224": ["scales=[128, 224, 320]", "scale_steps=[200, 60, 50]"],
-    "c2f-160-h50": ["scales=[160, 320]", "scale_steps=[200, 70]", "optim.history_size=50"],
+    "h100-110": ["optim.history_size=100", "trainer.max_steps=110"],
+    "c2f-160-90": ["scales=[160, 320]", "scale_steps=[90, 80]"],
+    "c2f-160-90-h100": ["scales=[160, 320]", "scale_steps=[90, 80]", "optim.history_size=100"],
+    "c2f-160-detail": ["scales=[160, 320]", "scale_steps=[200, 70]", "scale_init=detail"],
+    "c2f-128-224-detail": ["scales=[128, 224, 320]", "scale_steps=[200, 60, 50]", "scale_init=detail"],
     "baseline-rerun": [],
 }
 """Recipe name -> ``--set`` items over configs/example.yaml (320 px, 300 L-BFGS steps, history 20)."""

@@ -69,6 +69,10 @@ class RunConfig(Section):
     )
     scales: list[int] | None = Field(None, description="coarse-to-fine output sizes; the last is image.size")
     scale_steps: list[int] | None = Field(None, description="steps at each scale; default trainer.max_steps each")
+    scale_init: Literal["upsample", "detail"] = Field(
+        "upsample", description="how each later scale starts: the previous result upsampled, or that plus the content's "
+        "detail finer than the previous scale (detail)"
+    )
     image: ImageConfig = Field(default_factory=ImageConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     loss: LossConfig = Field(default_factory=LossConfig)

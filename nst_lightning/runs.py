@@ -14,6 +14,7 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric import Fabric
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
@@ -28,7 +29,7 @@ from .faults import GracefulStop
 from .features import VGGFeatures
 from .flow import require_opencv
 from .groups import FolderGroups, GroupStop, check_folder_strategy, distributed_before, gather_results
-from .images import read_size, save_image
+from .images import read_size, resize, save_image
 from .inputs import build_module, init_input, input_warnings, load_images, load_masks, load_styles, loading
 from .pairs import Pair, expand_pairs, pending
 from .resources import out_of_memory_message, refuse_tiling
@@ -102,8 +103,12 @@ def run_image(
         masks = load_masks(config)
         seed(config)
         init: Any = None
+        coarse: Any = None  # the previous stage's content
         for stage in stages[start:]:
             content, styles = load_images(config, stage.size)
+            if init is not None and config.scale_init == "detail":
+                init = with_content_detail(init, content, coarse)
+            coarse = content
             stop = GracefulStop(stage.last_checkpoint, outputs.interrupted)
             trainer = build_trainer(config, outputs, progress, [stop, *(callbacks or [])], stage=stage, shown=(content, styles))
             module = build_module(
@@ -126,6 +131,16 @@ def run_image(
             init = module.optimised_image()
         outputs.interrupted.unlink(missing_ok=True)  # finished: an image of an earlier stop would only mislead
         return outputs
+
+
+def with_content_detail(result: torch.Tensor, content: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    """A later scale's start for ``scale_init=detail``: the previous ``result`` upsampled to ``content``'s size plus
+    the content's detail that its previous-scale copy ``coarse`` could not hold, clamped to ``[0, 1]``.
+
+    Plain upsampling leaves the new scale blurred, so its steps go to winning back edges the content already has.
+    """
+    shape = tuple(content.shape[-2:])
+    return (resize(result, shape) + content - resize(coarse, shape)).clamp_(0.0, 1.0)
 
 
 KIND_TEXT = {

@@ -1,4 +1,5 @@
-"""Coarse-to-fine scales: each stage starts from the previous result upsampled, and resume works mid-stage."""
+"""Coarse-to-fine scales: each stage starts from the previous result upsampled (with ``scale_init=detail`` plus the
+content's finer detail), and resume works mid-stage."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from lightning.pytorch.callbacks import Callback
 from nst_lightning.api import fit
 from nst_lightning.config import load_config
 from nst_lightning.errors import CheckpointError
-from nst_lightning.images import read_image, resize
+from nst_lightning.images import load_image, read_image, resize
+from nst_lightning.runs import with_content_detail
 
-from .conftest import tiny_overrides
+from .conftest import EXAMPLE_CONTENT, tiny_overrides
 
 SCALES = {"scales": "[32,48]", "scale_steps": "[3,3]", "snapshot.every_n_steps": 0}
 
@@ -59,6 +61,22 @@ def test_each_stage_starts_from_the_previous_result_upsampled(unbroken):
     steps = [int(r.split(",")[0]) for r in out.losses.read_text().splitlines()[1:]]
     assert steps == list(range(0, 7))
     assert all((out.checkpoints / f"stage{k}" / "last.ckpt").is_file() for k in (1, 2))
+
+
+def test_a_detail_start_is_the_upsampled_result_plus_what_the_coarse_content_lacked(unbroken, tmp_path):
+    _, seen = unbroken
+    coarse, content = load_image(EXAMPLE_CONTENT, 32), load_image(EXAMPLE_CONTENT, 48)
+    start = with_content_detail(seen.ends[0], content, coarse)
+    upsampled = resize(seen.ends[0], (48, 48))
+    torch.testing.assert_close(start, (upsampled + content - resize(coarse, (48, 48))).clamp(0, 1))
+    assert (start - upsampled).abs().mean() > 0.01  # the content's edges are back
+    torch.testing.assert_close(with_content_detail(seen.ends[0], coarse, coarse), resize(seen.ends[0], (32, 32)))
+
+    detailed = StageStarts()
+    fit(load_config(None, tiny_overrides(tmp_path / "detail", **SCALES, scale_init="detail")), progress=False,
+        callbacks=[detailed])
+    torch.testing.assert_close(detailed.starts[0], seen.starts[0])
+    torch.testing.assert_close(detailed.starts[1], with_content_detail(detailed.ends[0], content, coarse), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(

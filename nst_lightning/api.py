@@ -112,11 +112,44 @@ def validate(
 
 
 def estimate(config: RunConfig) -> str:
-    """A run's peak memory estimate from the image headers (nothing decoded) and the largest size that fits."""
+    """A run's peak memory estimate from the image or video headers (nothing decoded) and the largest size that fits;
+    for a folder of images or clips, that of its largest content (with a group of images as large as a device takes)."""
     from .images import read_size
-    from .resources import summary
+    from .resources import refuse_tiling, summary
 
-    return summary(config, read_size(config.content), [read_size(s) for s in config.styles])
+    kind = config.kind
+    if kind == "image":
+        return summary(config, read_size(config.content), [read_size(s) for s in config.styles])
+    from .folder import images_per_device, largest_pair
+    from .pairs import expand_pairs
+    from .videoio import frame_size
+
+    refuse_tiling(config, "clips" if kind in ("clip", "clips") else "folder runs")
+    if kind == "clip":
+        shape = frame_size(config.contents)
+        return f"clip {config.contents[0]}: frames {shape[1]}x{shape[0]}\n" + summary(
+            config, shape, [read_size(s) for s in config.styles]
+        )
+    pairs = expand_pairs(config, clips=kind == "clips")
+    largest = largest_pair(pairs) if kind == "folder" else max(pairs, key=lambda p: _frame_pixels(p.content))
+    shape = read_size(largest.content) if kind == "folder" else frame_size([largest.content])
+    batch = min(images_per_device(config), len(pairs)) if kind == "folder" else 1
+    unit = "images" if kind == "folder" else "clips"
+    together = f", optimised {batch} at a time" if batch > 1 else ""
+    return f"{len(pairs)} {unit}; the largest is {largest.content} ({shape[1]}x{shape[0]}){together}\n" + summary(
+        config, shape, [read_size(s) for s in largest.styles], batch=batch
+    )
+
+
+def _frame_pixels(path: str) -> int:
+    """A clip's frame area by its header, none when unreadable (that clip is reported when its turn comes)."""
+    from .videoio import frame_size
+
+    try:
+        height, width = frame_size([path])
+    except NSTError:
+        return 0
+    return height * width
 
 
 def sidecar(graph: Path) -> Path:

@@ -165,12 +165,16 @@ def validate_graph(
     return validate_onnx(graph, extractor, validation_inputs(config, sizes), DEFAULT_RTOL if rtol is None else rtol)
 
 
-def onnx_targets(config: RunConfig, module: StyleTransferModule) -> None:
-    """Compute the module's fixed targets with the graph at ``features.onnx``, validating it first if asked.
+def onnx_targets(config: RunConfig, module: StyleTransferModule, graph: OnnxFeatures | None = None) -> OnnxFeatures:
+    """Compute the module's fixed targets with the graph at ``features.onnx``, validating it first if asked; returns
+    the graph, which a clip passes back for its later frames (opened, validated and reported once).
 
     A graph that does not match the config, or (with ``features.validate_onnx``) disagrees with the torch
     extractor on this run's own images, is refused before anything is written.
     """
+    if graph is not None:
+        module.prepare_targets(graph)
+        return graph
     graph = open_graph(config, config.features.onnx, module.extractor)
     report = None
     if config.features.validate_onnx:
@@ -186,3 +190,4 @@ def onnx_targets(config: RunConfig, module: StyleTransferModule) -> None:
     for line in report.lines() if report else []:
         log.info("%s", line)
     log.info("content features and style Grams computed with onnxruntime")
+    return graph

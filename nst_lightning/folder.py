@@ -27,9 +27,10 @@ from .data import GroupStep, PairResult
 from .errors import ConfigError, NSTError
 from .groups import FOLDER_STRATEGIES, ShardedStrategy, check_folder_strategy, gather_results
 from .images import read_size
+from .kinds import FOLDER_SUMMARY
 from .resources import check_fits, refuse_tiling
 
-SUMMARY_FILE = "batch-summary.json"
+SUMMARY_FILE = FOLDER_SUMMARY
 UNSUPPORTED_KEYS = {
     "scales": lambda c: c.scales is not None,
     "features.onnx": lambda c: c.features.onnx is not None,
@@ -120,6 +121,7 @@ class BatchReport:
         """Save the full record (every pair, its rank and status) as JSON beside the outputs."""
         record = {
             "total": self.total,
+            "unit": self.unit,
             "world_size": self.world_size,
             "skipped": self.skipped,
             "results": [asdict(r) for r in self.results],
@@ -135,10 +137,21 @@ def check_folder_config(config: RunConfig) -> None:
     check_folder_strategy(config, "folder runs (each rank optimises its own images)")
 
 
+def images_per_device(config: RunConfig) -> int:
+    """The largest group of images optimised together on one device: ``batch.images_per_device``, or one when a line
+    search (a per-image decision) runs."""
+    return config.batch.images_per_device if config.optim.line_search == "none" else 1
+
+
+def largest_pair(pairs: Sequence[Any]) -> Any:
+    """The pair whose content has the most pixels (by its header; unreadable ones count as none): it sets the memory."""
+    return max(pairs, key=lambda p: _pixels(p.content))
+
+
 def plan_folder_memory(config: RunConfig, pairs: Sequence[Any], per_device: int) -> int:
     """The VGG blocks to checkpoint so the largest group fits; ResourceError when even that does not fit."""
     refuse_tiling(config, "folder runs")
-    largest = max(pairs, key=lambda p: _pixels(p.content))
+    largest = largest_pair(pairs)
     try:
         content = read_size(largest.content)
         styles = [read_size(s) for s in largest.styles]

@@ -7,15 +7,30 @@ config can derive its kind (``RunConfig.kind``) and the CLI answer at once.
 from __future__ import annotations
 
 import glob
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+PAIR_SEPARATOR = "__"
+"""Between the content and the style in a folder run's output names: ``<content>__<style>.png``, ``<clip>__<style>/``."""
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg")
 RunKind = Literal["image", "folder", "clip", "clips"]
 """One image (with its stages), a folder of images, one clip, a folder of clips."""
+HeldKind = Literal["image", "folder", "clip", "clips", "sweep"]
+"""The kind of run whose files an output folder holds: a run kind, or a sweep (a grid of image runs)."""
+
+CLIP_RECORD = "clip.json"
+"""A clip run's record of its clip and settings, written before its first frame."""
+FOLDER_SUMMARY = "batch-summary.json"
+"""A folder run's (of images or of clips) record of every pair, written when it ends."""
+SWEEP_SUMMARY = "sweep.csv"
+SWEEP_CELLS = "cells"
+"""A sweep's table and the folder of its cells' runs."""
+IMAGE_RUN_MARKS = ("final.png", "interrupted.png", "losses.csv", "loss_curve.png", "side_by_side.png", "snapshots")
+"""Files only a single-image run writes (``config.yaml`` and ``checkpoints/`` every kind may have)."""
 
 
 def is_glob(entry: str) -> bool:
@@ -59,3 +74,36 @@ def run_kind(contents: Sequence[str], styles: Sequence[str], listed: bool, video
     if listed or any(names_many(e) for e in [*contents, *styles]):
         return "folder"
     return "image"
+
+
+def held_kind(root: Path) -> HeldKind | None:
+    """The kind of run whose files ``root`` holds, told by the files only that kind writes; None when no run's
+    files are there (an empty or unrelated folder, or a run that wrote nothing but its ``config.yaml``)."""
+    if not root.is_dir():
+        return None
+    if (root / SWEEP_SUMMARY).is_file() or (root / SWEEP_CELLS).is_dir():
+        return "sweep"
+    if (root / CLIP_RECORD).is_file():
+        return "clip"
+    unit = _summary_unit(root / FOLDER_SUMMARY)
+    if unit is not None:
+        return "clips" if unit == "clips" else "folder"
+    children = [c for c in root.iterdir() if c.is_dir() and PAIR_SEPARATOR in c.name]
+    if any((c / CLIP_RECORD).is_file() for c in children):
+        return "clips"
+    checkpoints = root / "checkpoints"
+    if (root / FOLDER_SUMMARY).is_file() or any(checkpoints.glob("group-*.ckpt")):
+        return "folder"
+    if any((root / name).exists() for name in IMAGE_RUN_MARKS) or any(checkpoints.rglob("*.ckpt")):
+        return "image"
+    return None
+
+
+def _summary_unit(path: Path) -> str | None:
+    """What a folder run's summary counts (``images`` or ``clips``); None when there is none, it is unreadable, or
+    it was written before summaries said (then the clips' own records tell)."""
+    try:
+        unit = json.loads(path.read_text(encoding="utf-8")).get("unit")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return unit if unit in ("images", "clips") else None

@@ -15,9 +15,8 @@ from typing import NamedTuple
 
 from .config import RunConfig
 from .errors import ConfigError
-from .kinds import IMAGE_SUFFIXES, VIDEO_SUFFIXES, found, is_glob, is_video_file, matches, names_many
+from .kinds import IMAGE_SUFFIXES, PAIR_SEPARATOR, VIDEO_SUFFIXES, found, is_glob, is_video_file, matches, names_many
 
-PAIR_SEPARATOR = "__"
 OUTPUT_SUFFIX = ".png"
 
 

@@ -274,14 +274,16 @@ def largest_size(
     style_shapes: Sequence[Shape],
     available: int,
     upper: int | None = None,
+    batch: int = 1,
 ) -> int | None:
-    """The largest ``image.size`` up to ``upper`` (default the configured one) whose estimate fits in ``available`` bytes."""
+    """The largest ``image.size`` up to ``upper`` (default the configured one) whose estimate for ``batch`` images
+    fits in ``available`` bytes."""
     low, high = 16, upper or config.image.size
-    if estimate_for(config, content_shape, style_shapes, low).total > available:
+    if estimate_for(config, content_shape, style_shapes, low, batch=batch).total > available:
         return None
     while low < high:
         mid = (low + high + 1) // 2
-        if estimate_for(config, content_shape, style_shapes, mid).total <= available:
+        if estimate_for(config, content_shape, style_shapes, mid, batch=batch).total <= available:
             low = mid
         else:
             high = mid - 1
@@ -425,11 +427,12 @@ def out_of_memory_message(config: RunConfig, content_shape: Shape, style_shapes:
     )
 
 
-def summary(config: RunConfig, content_shape: Shape, style_shapes: Sequence[Shape]) -> str:
-    """A few lines for people planning a run: the shapes, the estimate, the free memory and the largest size that fits."""
+def summary(config: RunConfig, content_shape: Shape, style_shapes: Sequence[Shape], batch: int = 1) -> str:
+    """A few lines for people planning a run of ``batch`` images optimised together: the shapes, the estimate, the
+    free memory and the largest size that fits."""
     (h, w), styles = run_shapes(config, content_shape, style_shapes, config.image.size)
     device, available = target_device(config)
-    blocks, estimate = plan_memory(config, content_shape, style_shapes, available)
+    blocks, estimate = plan_memory(config, content_shape, style_shapes, available, batch=batch)
     optimizer = config.optim.name + (f" (history {config.optim.history_size})" if config.optim.name == "lbfgs" else "")
     lines = [
         f"image {w}x{h}, styles {', '.join(f'{sw}x{sh}' for sh, sw in styles)}; {run_precision(config)}, {optimizer}",
@@ -438,6 +441,6 @@ def summary(config: RunConfig, content_shape: Shape, style_shapes: Sequence[Shap
     if available is None:
         lines.append(f"free memory on {device} is unknown")
     else:
-        size = largest_size(config, content_shape, style_shapes, available, upper=MAX_IMAGE_SIZE)
+        size = largest_size(config, content_shape, style_shapes, available, upper=MAX_IMAGE_SIZE, batch=batch)
         lines.append(f"{device} has {available / GiB:.1f} GiB free; largest image.size that fits: {size or 'none'}")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from .atomic import remove_stale_temps, reporting_write_failures
 from .config import INIT_KEYWORDS, RunConfig
 from .errors import CheckpointError, ConfigError
 from .images import read_size, target_shape
+from .kinds import HeldKind, held_kind
 from .groups import FINGERPRINT_KEY
 
 RUN_FILES = ("config.yaml", "final.png", "interrupted.png", "losses.csv", "loss_curve.png", "side_by_side.png")
@@ -113,6 +114,34 @@ def resolve_resume(resume: str | None, outputs: RunOutputs) -> Path | None:
         hint = "run without resume= to start it" if resume == "last" else 'give an existing .ckpt file or resume="last"'
         raise CheckpointError(f"no checkpoint at {path}; {hint}")
     return path
+
+
+KIND_NAMES: dict[str, str] = {
+    "image": "a single-image run",
+    "folder": "a run over a folder of images",
+    "clip": "a clip run",
+    "clips": "a run over a folder of clips",
+    "sweep": "a sweep",
+}
+CONTINUE_HELD: dict[str, str] = {
+    "image": 'continue it with the command that started it and resume="last"',
+    "clip": 'continue it with the command that started it and resume="last"',
+    "folder": "continue it by running the command that started it again (finished images are skipped)",
+    "clips": "continue it by running the command that started it again (finished clips are skipped)",
+    "sweep": "continue it with the nst-lightning sweep command that started it and resume=True",
+}
+
+
+def check_run_kind(root: Path, kind: HeldKind) -> None:
+    """Refuse an output folder holding another kind of run, whatever resume= or overwrite=True say: resuming
+    finds nothing of this kind there, and replacing would remove only this kind's files and mix the rest in."""
+    held = held_kind(root)
+    if held is None or held == kind:
+        return
+    raise ConfigError(
+        f"output {root} holds {KIND_NAMES[held]}, not {KIND_NAMES[kind]}; {CONTINUE_HELD[held]}, or choose another "
+        "output= directory (overwrite=True replaces only a run of the same kind)"
+    )
 
 
 def holds_run(outputs: RunOutputs) -> bool:

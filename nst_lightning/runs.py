@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
 from .atomic import check_writable, remove_stale_temps, reporting_write_failures, write_text_atomic
-from .folder import BatchReport, ImagesProgressBar, check_folder_config, plan_folder_memory
+from .folder import BatchReport, ImagesProgressBar, check_folder_config, images_per_device, plan_folder_memory
 from .config import RunConfig, dump_config
 from .data import PairResult, StylePairsDataModule
 from .errors import ConfigError, NSTError, RunInterrupted
@@ -92,7 +92,7 @@ def run_image(
         name = {"folder": "fit_batch", "clip": "fit_clip", "clips": "fit_clips"}[kind]
         raise ConfigError(f"the config names {KIND_TEXT[kind]}; run it with nst_lightning.{name}(config) or nst_lightning.run(config)")
     outputs = RunOutputs(Path(config.output))
-    with session(outputs.root, "the run's outputs", verbose):
+    with session(outputs.root, "image", "the run's outputs", verbose):
         check_output(config, outputs, resuming=resume is not None, overwrite=overwrite)
         stages = plan_stages(config, outputs)
         start, ckpt_path = resume_point(config, resume, stages)
@@ -187,7 +187,7 @@ def run_folder(
     ``verbose``; logger levels and warning filters are as before once it returns.
     """
     output = Path(config.output)
-    with session(output, "the batch's images", verbose):
+    with session(output, "folder", "the batch's images", verbose):
         check_folder_config(config)
         pairs = expand_pairs(config)
         todo, complete = pending(pairs, overwrite)
@@ -197,7 +197,7 @@ def run_folder(
             report = BatchReport(output, len(pairs), skipped, [], is_global_zero=rank_zero_only.rank == 0)
             report.save(config)
             return report
-        per_device = config.batch.images_per_device if config.optim.line_search == "none" else 1
+        per_device = images_per_device(config)
         blocks = plan_folder_memory(config, todo, per_device)
         check_writable(output)  # after every refusal, before any work: a read-only or full disk is said at once
         features = config.features.model_copy(update={"checkpoint_blocks": blocks})
@@ -257,7 +257,7 @@ def run_clip(
     the progress line (a folder run of clips passes the clip's output name).
     """
     outputs = ClipOutputs(Path(config.output))
-    with session(outputs.root, "the clip's outputs", verbose):
+    with session(outputs.root, "clip", "the clip's outputs", verbose):
         check_clip_config(config, resume)
         resuming = resume is not None
         check_clip_output(config, outputs, resuming, overwrite)
@@ -272,12 +272,17 @@ def run_clip(
         features = plan_features(config, *shapes)
         masks = load_masks(config)
         require_opencv()
+        seed(config)
+        # the first frame's cold-start scale serves every frame (also when resuming mid-clip); a features.onnx graph
+        # is opened and validated on that frame, before anything is written, then computes every frame's targets
+        first = build_module(config, clip.frame(0), styles, masks=masks, extractor=extractor, features=features)
+        extractor = first.extractor
+        graph = onnx_targets(config, first) if config.features.onnx else None
+        scale = first.starting_objective_scale()
         prepare_clip(outputs, config, record, resuming, overwrite)
         log.info("clip %s: %d frames of %dx%d at %s fps", clip.source, len(clip), clip.shape[1], clip.shape[0], fps_text(clip))
-        seed(config)
         flows = Flows(clip, video.flow, keep=video.passes > 1)
         redo = False
-        scale = None
         for p, i, neighbour in frame_order(len(clip), video.passes):
             target = outputs.frame(i, p, video.passes)
             if target.is_file() and not redo:
@@ -287,10 +292,8 @@ def run_clip(
             module = build_module(
                 config, clip.frame(i), styles, masks=masks, init=init, extractor=extractor, features=features, temporal=temporal
             )
-            extractor = module.extractor
-            if scale is None:  # the first frame's cold-start scale, for every frame (also when resuming mid-clip)
-                first = build_module(config, clip.frame(0), styles, masks=masks, extractor=extractor, features=features)
-                scale = first.starting_objective_scale()
+            if graph is not None:
+                onnx_targets(config, module, graph)
             module.use_objective_scale(scale)
             where = frame_label(p, i, len(clip), video.passes, label)
             if not _run_frame(config, outputs, module, shapes, where, progress, callbacks):
@@ -349,7 +352,7 @@ def run_clips(
     and ``OUTPUT/config.yaml``. Lightning's start-up messages are held back unless ``verbose``.
     """
     output = Path(config.output)
-    with session(output, "the clips' outputs", verbose):
+    with session(output, "clips", "the clips' outputs", verbose):
         check_clip_config(config, None)
         pairs = expand_pairs(config, clips=True)
         skipped = [] if overwrite else [p.name for p in pairs if clip_finished(p)]

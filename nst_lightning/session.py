@@ -28,20 +28,22 @@ from .hardware import cuda_run, resolve_precision
 from .lock import FolderLock
 from .quiet import lightning_quiet
 from .resources import Shape, check_fits, is_out_of_memory
-from .rundir import RunOutputs, Stage, checkpoint_step, plan_stages
+from .kinds import RunKind
+from .rundir import RunOutputs, Stage, check_run_kind, checkpoint_step, plan_stages
 
 
 @contextmanager
-def session(output: Path, what: str, verbose: bool = False) -> Iterator[None]:
+def session(output: Path, kind: RunKind, what: str, verbose: bool = False) -> Iterator[None]:
     """A run's frame: Lightning's start-up lines and known notices held back unless ``verbose`` (levels and
-    filters restored on exit), an ``output`` that is a file refused (``what`` names what goes there) and the
-    folder's lock held, so a second run on the same folder is refused and the checks made inside still hold
+    filters restored on exit), an ``output`` that is a file (``what`` names what goes there) or holds another
+    ``kind`` of run refused, and the folder's lock held, so a second run on the same folder is refused and the checks made inside still hold
     when files are written. Under DDP rank zero holds it: Lightning's launcher starts the other ranks from
     inside rank zero's ``fit``, after its checks, and they write only what their groups or clips produce."""
     with lightning_quiet(verbose), ExitStack() as held:
         if output.is_file():
             hint = " (an input image?)" if what == "the run's outputs" else ""
             raise ConfigError(f"output {output} is a file{hint}; give a directory for {what}")
+        check_run_kind(output, kind)
         if rank_zero_only.rank == 0:
             held.enter_context(FolderLock(output))
         yield

@@ -23,10 +23,11 @@ import yaml
 from .allocator import request_huge_pages
 from .config import RunConfig, all_layers, build_config, set_value
 from .errors import ConfigError
+from .kinds import SWEEP_CELLS, SWEEP_SUMMARY
 
 SHEET = "contact_sheet.png"
-SUMMARY = "sweep.csv"
-CELLS = "cells"
+SUMMARY = SWEEP_SUMMARY
+CELLS = SWEEP_CELLS
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -150,6 +151,9 @@ def sweep(
         raise ConfigError("resume=True continues the sweep and overwrite=True replaces it; give one of them, not both")
     if root.is_file():
         raise ConfigError(f"output {root} is a file; give a directory for the sweep")
+    from .rundir import check_run_kind  # torch: after the huge-pages switch
+
+    check_run_kind(root, "sweep")
     with FolderLock(root, "sweep"):
         results = _run_cells(config, grid, cells, overwrite, resume, progress, on_cell)
         return _summarise(config, grid, cells, cell_px, results)

@@ -24,6 +24,7 @@ from .config import RunConfig, dump_config
 from .errors import CheckpointError, ConfigError
 from .flow import flow_and_weights, warp
 from .images import read_image
+from .kinds import CLIP_RECORD
 from .losses import TemporalTarget
 from .pairs import Pair
 from .rundir import check_inputs_outside
@@ -67,7 +68,7 @@ class ClipOutputs:
     @property
     def record(self) -> Path:
         """What the frames were made from (settings and clip), so a resume with other ones is refused."""
-        return self.root / "clip.json"
+        return self.root / CLIP_RECORD
 
     def frame(self, index: int, pass_index: int = 0, passes: int = 1) -> Path:
         """The result of frame ``index`` (0-based) in pass ``pass_index``: ``frames/000001.png`` for the last pass."""

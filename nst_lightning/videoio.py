@@ -132,22 +132,47 @@ def _read_frames(entries: Sequence[str], size: int, fit: str, every_nth: int, fp
     return Clip(frames, _rate(fps, DEFAULT_FPS) / every_nth, str(entries[0]))
 
 
-def _read_video(path: Path, size: int, fit: str, every_nth: int, fps: float | None, loading: Loading) -> Clip:
+def frame_size(entries: Sequence[str]) -> tuple[int, int]:
+    """The ``(H, W)`` of the clip's frames as ``read_clip`` finds them, from the video's header or the first frame's
+    (nothing decoded), so a clip's memory can be estimated before it is read."""
+    videos = [e for e in entries if is_video_file(e)]
+    if not videos:
+        first = image_files(entries[0], "frame")[0]
+        height, width = read_size(first)
+        _check_frame_size(height, width, f"frame {first}")
+        return height, width
+    path = Path(videos[0]).expanduser()
+    with _open_video(path) as container:
+        return _stated_size(container, path)
+
+
+def _open_video(path: Path) -> Any:
+    """The open container of a video file, or a VideoError naming what is wrong with it."""
     av = _av()
     if not path.is_file():
         raise VideoError(f"video {path} does not exist; check the path")
     try:
-        container = av.open(str(path))
+        return av.open(str(path))
     except av.FFmpegError as err:
         raise VideoError(f"cannot read video {path} ({_reason(err)}); it is corrupt or not a video, re-export it") from None
-    with container:
-        if not container.streams.video:
-            raise VideoError(f"video {path} has no frames (no picture stream); give a clip with at least one picture")
+
+
+def _stated_size(container: Any, path: Path) -> tuple[int, int]:
+    """The ``(H, W)`` a video's picture stream states, checked as a frame size."""
+    if not container.streams.video:
+        raise VideoError(f"video {path} has no frames (no picture stream); give a clip with at least one picture")
+    context = container.streams.video[0].codec_context
+    if not (context.width and context.height):
+        raise VideoError(f"video {path} states no frame size; it is corrupt, re-export it")
+    _check_frame_size(context.height, context.width, f"video {path}")
+    return context.height, context.width
+
+
+def _read_video(path: Path, size: int, fit: str, every_nth: int, fps: float | None, loading: Loading) -> Clip:
+    av = _av()
+    with _open_video(path) as container:
+        height, width = _stated_size(container, path)
         stream = container.streams.video[0]
-        width, height = stream.codec_context.width, stream.codec_context.height
-        if not (width and height):
-            raise VideoError(f"video {path} states no frame size; it is corrupt, re-export it")
-        _check_frame_size(height, width, f"video {path}")
         shape = target_shape(height, width, size, fit, loading.rounding)
         times: list[float] = []
         frames: list[torch.Tensor] = []

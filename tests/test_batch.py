@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -352,3 +353,21 @@ def test_sigterm_stops_every_ddp_rank_of_an_unequal_folder_run_with_its_group_sa
     assert f"5 images: {5 - len(written)} written, {len(written)} already complete (skipped), 0 failed" in rerun.stdout
     assert sorted(p.name for p in out.glob("*.png")) == names
     assert not list((out / "checkpoints").glob("group-*.ckpt")), "finished groups leave no checkpoint"
+
+
+def test_estimate_on_a_folder_of_images_plans_its_largest_image_in_a_group_as_large_as_a_device_takes(tmp_path):
+    from PIL import Image
+
+    from .test_cli import invoke, sets
+
+    make_frames(tmp_path / "photos", 2)
+    Image.new("RGB", (96, 40), (90, 120, 30)).save(tmp_path / "photos" / "wide.png")
+    items = ["image.size=480", "trainer.accelerator=cpu", "trainer.precision=32-true", "optim.name=adam"]
+    one = invoke("estimate", *sets([f"content={tmp_path / 'photos'}", *items, "batch.images_per_device=1"]))
+    three = invoke("estimate", *sets([f"content={tmp_path / 'photos'}", *items, "batch.images_per_device=3"]))
+    assert one.exit_code == 0 and three.exit_code == 0, one.output + three.output
+    assert one.stdout.splitlines()[0] == f"3 images; the largest is {tmp_path / 'photos' / 'wide.png'} (96x40)"
+    assert three.stdout.splitlines()[0].endswith("(96x40), optimised 3 at a time")
+    assert one.stdout.splitlines()[1].startswith("image 480x200, ")
+    activations = [float(re.search(r"activations (\d+\.\d+)", r.stdout)[1]) for r in (one, three)]
+    assert activations[1] == pytest.approx(3 * activations[0], abs=0.02) and activations[0] > 0.05

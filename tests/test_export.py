@@ -263,3 +263,33 @@ def test_a_bf16_multiscale_run_uses_the_graph_in_every_stage(exported, tiny_conf
                                      "scales": "[32,48]", "scale_steps": "[2,2]", "snapshot.every_n_steps": 0})
     outputs = api.fit(config, progress=False)
     assert outputs.final.is_file() and (outputs.checkpoints / "stage2" / "last.ckpt").is_file()
+
+
+def test_a_clip_computes_every_frames_targets_with_the_graph_opened_once_and_refuses_a_bad_one_before_writing(
+    exported, tiny_config, tmp_path, monkeypatch, caplog
+):
+    from .test_video import pan, write_clip
+
+    clip = write_clip(tmp_path / "a.mp4", pan(3))
+    seen: list[tuple[int, ...]] = []
+    run_graph = OnnxFeatures.__call__
+
+    def spy(self, image):
+        seen.append(tuple(image.shape))
+        return run_graph(self, image)
+
+    monkeypatch.setattr(OnnxFeatures, "__call__", spy)
+    config = tiny_config(steps=1, content=clip, **{"features.onnx": exported[0], "features.validate_onnx": "true"})
+    with caplog.at_level("INFO", logger="nst_lightning"):
+        outputs = api.run(config, progress=False)
+    assert len(list(outputs.frames.glob("*.png"))) == 3
+    assert sum("onnxruntime providers" in r.getMessage() for r in caplog.records) == 1
+    frames = [s for s in seen if s[-2:] == (36, 48)]
+    assert len(frames) == 1 + 1 + 3  # validation and the scale on frame 1, then each frame's targets
+    bad = tiny_config(
+        steps=1, content=clip, output=tmp_path / "bad",
+        **{"features.onnx": tamper(exported[0], tmp_path / "tampered.onnx", factor=1.5), "features.validate_onnx": "true"},
+    )
+    with pytest.raises(OnnxError, match="disagrees with the torch extractor on this run's images"):
+        api.run(bad, progress=False)
+    assert not (tmp_path / "bad").exists()

@@ -294,3 +294,20 @@ def test_a_missing_video_extra_is_named_in_one_line(tmp_path, monkeypatch, modul
     assert r.exit_code == 2
     assert r.stderr.count("\n") == 1 and "nst-lightning[video]" in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()  # refused before anything is written
+
+
+def test_estimate_reads_a_clips_frame_size_from_the_video_header_and_a_folder_of_clips_by_its_largest(tmp_path):
+    from .test_cli import invoke, sets
+
+    (tmp_path / "clips").mkdir()
+    small, large = write_clip(tmp_path / "small.mp4", pan(2)), write_clip(tmp_path / "clips" / "large.mp4", pan(2, 96, 64))
+    write_clip(tmp_path / "clips" / "other.mp4", pan(2))
+    common = ["image.size=48", "trainer.accelerator=cpu", "trainer.precision=32-true"]
+    r = invoke("estimate", *sets([f"content={small}", *common]))
+    assert r.exit_code == 0, r.output
+    clip, shape, need, _ = r.stdout.strip().splitlines()
+    assert clip == f"clip {small}: frames 64x48" and shape.startswith("image 48x36, styles ") and need.startswith("needs about")
+    r = invoke("estimate", *sets([f"content={tmp_path / 'clips'}", *common]))
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines()[0] == f"2 clips; the largest is {large} (96x64)"
+    assert r.stdout.splitlines()[1].startswith("image 48x32, ")

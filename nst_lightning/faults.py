@@ -44,6 +44,37 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(path, lambda fh: torch.save(checkpoint, fh), fsync=True)
 
 
+class StopSignal(KeyboardInterrupt):
+    """SIGINT or SIGTERM outside an optimisation step (loading, saving a frame, between frames, stages or cells): the
+    run stops where it is, which loses nothing since every file is written whole or not at all."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def stopping_on_signals() -> Iterator[None]:
+    """While the block runs, SIGINT and SIGTERM raise ``StopSignal`` wherever the run is (main thread only); a fit
+    routes them to its ``GracefulStop`` instead, and puts this back after. Without it SIGTERM outside a fit would end
+    the process with no word and no clean-up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise StopSignal(signum)
+
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s in STOP_SIGNALS:
+        signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 class _StopRequested(Exception):
     """Raised at the end of a step after a stop signal, so Lightning unwinds through ``on_exception``."""
 

@@ -43,7 +43,7 @@ from .rundir import (
     read_checkpoint,
     resume_point,
 )
-from .session import Failure, build_trainer, fit, interrupted, plan_features, seed, session
+from .session import RERUN_CLIPS, RERUN_FOLDER, Failure, build_trainer, fit, interrupted, plan_features, seed, session
 from .video import (
     ClipOutputs,
     Flows,
@@ -229,10 +229,6 @@ def run_folder(
         report = BatchReport(output, len(pairs), skipped, results, trainer.world_size, trainer.is_global_zero)
         report.save(config)
         return report
-
-
-RERUN_FOLDER = "rerun the same command to continue: finished images are skipped, the interrupted group resumes"
-RERUN_CLIPS = "rerun the same command to continue: finished clips are skipped, this one resumes at its frame"
 
 
 def run_clip(

@@ -22,14 +22,14 @@ from .atomic import is_write_failure, write_failure
 from .callbacks import FinalImage, ImageSnapshots, LossHistory, RunPlots, StepCheckpoint, StepProgressBar
 from .config import FeaturesConfig, RunConfig
 from .errors import ConfigError, NSTError, NumericalError, ResourceError, RunInterrupted
-from .faults import AtomicCheckpointIO, GracefulStop
+from .faults import AtomicCheckpointIO, GracefulStop, StopSignal, stopping_on_signals
 from .groups import folder_strategy
 from .hardware import cuda_run, resolve_precision
 from .lock import FolderLock
 from .quiet import lightning_quiet
 from .resources import Shape, check_fits, is_out_of_memory
-from .kinds import RunKind
-from .rundir import RunOutputs, Stage, check_run_kind, checkpoint_step, plan_stages
+from .kinds import CLIP_RECORD, RunKind, held_kind
+from .rundir import RunOutputs, Stage, check_run_kind, checkpoint_step, has_checkpoint, plan_stages
 
 
 @contextmanager
@@ -46,7 +46,35 @@ def session(output: Path, kind: RunKind, what: str, verbose: bool = False) -> It
         check_run_kind(output, kind)
         if rank_zero_only.rank == 0:
             held.enter_context(FolderLock(output))
-        yield
+        try:
+            with stopping_on_signals():
+                yield
+        except StopSignal as err:
+            raise stopped_between_steps(output, kind, err.signum) from None
+
+
+RERUN_FOLDER = "rerun the same command to continue: finished images are skipped, the interrupted group resumes"
+RERUN_CLIPS = "rerun the same command to continue: finished clips are skipped, this one resumes at its frame"
+NOTHING_WRITTEN = "nothing was written yet; run the same command again"
+
+
+def stopped_between_steps(output: Path, kind: RunKind, signum: int) -> RunInterrupted:
+    """The error of a run of ``kind`` stopped by a signal outside a step (loading, between frames or stages): every
+    file on disk is whole, and how to go on depends on what the folder holds by then."""
+    name = signal.Signals(signum).name
+    if kind in ("folder", "clips"):
+        err = RunInterrupted(f"interrupted by {name} between steps; files already written are kept", signum, resumable=False)
+        err.hint = RERUN_FOLDER if kind == "folder" else RERUN_CLIPS
+        return err
+    if kind == "clip":
+        where, resumable = f"between frames; the frames finished before it are kept in {output}", (output / CLIP_RECORD).is_file()
+    else:
+        outputs = RunOutputs(output)
+        where, resumable = "between steps; the files written so far are intact", has_checkpoint(outputs)
+    err = RunInterrupted(f"interrupted by {name} {where}", signum, resumable=resumable)
+    if not resumable and held_kind(output) is None:
+        err.hint = NOTHING_WRITTEN
+    return err
 
 
 def plan_features(

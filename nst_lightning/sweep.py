@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import yaml
 
 from .allocator import request_huge_pages
 from .config import RunConfig, all_layers, build_config, set_value
-from .errors import ConfigError
+from .errors import ConfigError, RunInterrupted
 from .kinds import SWEEP_CELLS, SWEEP_SUMMARY
 
 SHEET = "contact_sheet.png"
@@ -151,12 +152,18 @@ def sweep(
         raise ConfigError("resume=True continues the sweep and overwrite=True replaces it; give one of them, not both")
     if root.is_file():
         raise ConfigError(f"output {root} is a file; give a directory for the sweep")
-    from .rundir import check_run_kind  # torch: after the huge-pages switch
+    from .faults import StopSignal, stopping_on_signals  # torch: after the huge-pages switch
+    from .rundir import check_run_kind
 
     check_run_kind(root, "sweep")
     with FolderLock(root, "sweep"):
-        results = _run_cells(config, grid, cells, overwrite, resume, progress, on_cell)
-        return _summarise(config, grid, cells, cell_px, results)
+        try:
+            with stopping_on_signals():
+                results = _run_cells(config, grid, cells, overwrite, resume, progress, on_cell)
+                return _summarise(config, grid, cells, cell_px, results)
+        except StopSignal as err:
+            name = signal.Signals(err.signum).name
+            raise RunInterrupted(f"interrupted by {name} between cells; finished cells are kept", err.signum, False) from None
 
 
 def _run_cells(

@@ -8,6 +8,7 @@ every finished frame byte for byte and ends with all of them.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,7 +68,7 @@ def test_a_signal_at_a_clips_middle_frame_exits_as_shells_say_and_continuing_kee
     assert proc.returncode == code, stderr
     last = stderr.strip().splitlines()[-1]
     assert "Traceback" not in stderr and f"interrupted by {signal.Signals(signum).name}" in last
-    assert "frame 2/3" in last, stderr
+    assert re.search(r"frame 2/3|between frames", last), stderr  # in frame 2's steps, or as it was set up
     assert "--resume last" in last if kind == "clip" else "rerun the same command" in last
     kept = _frames(frames)
     assert sorted(kept) == ["000001.png"]
@@ -109,3 +110,58 @@ def test_a_run_killed_as_it_changes_stage_resumes_into_the_next_stage_and_ends_w
     assert final.shape[-2:] == (48, 48) and final.std() > 0.05
     assert torch.load(out / "checkpoints" / "stage2" / "last.ckpt", weights_only=True)["global_step"] == 40
     assert _steps(out / "losses.csv") == list(range(0, 45))
+
+
+OUTSIDE_A_STEP = """
+import os, signal, sys
+from pathlib import Path
+from nst_lightning import api, runs
+from nst_lightning.config import load_config
+
+signum, where = getattr(signal, sys.argv[1]), sys.argv[2]
+config = load_config(None, sys.argv[3:])
+real = getattr(runs, where)
+calls = []
+
+def then_signal(*args, **kwargs):  # the signal arrives right after the first frame is saved / as stage 2 loads
+    calls.append(1)
+    if where == "load_images" and len(calls) == 2:
+        os.kill(os.getpid(), signum)
+    out = real(*args, **kwargs)
+    if where == "save_image" and len(calls) == 1:
+        os.kill(os.getpid(), signum)
+    return out
+
+setattr(runs, where, then_signal)
+try:
+    api.run(config, progress=False)
+except api.RunInterrupted as err:
+    print(f"stopped {err.signum} {err.resumable}: {err}")
+setattr(runs, where, real)
+print("resumed", api.run(config, resume="last", progress=False).root)
+"""
+
+
+@pytest.mark.parametrize(
+    "signame, where, extra",
+    [
+        ("SIGTERM", "save_image", {"content": "clip"}),
+        ("SIGINT", "load_images", {"scales": "[32,40]", "scale_steps": "[2,2]", "image.size": 40}),
+    ],
+    ids=["sigterm-as-a-frame-is-saved", "sigint-as-a-stage-loads"],
+)
+def test_a_signal_outside_any_step_stops_the_run_in_one_line_that_a_resume_continues(tmp_path, signame, where, extra):
+    if extra.get("content") == "clip":
+        extra = {"content": write_clip(tmp_path / "a.mp4", pan(2))}
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    run = subprocess.run(
+        [sys.executable, "-c", OUTSIDE_A_STEP, signame, where, *tiny_overrides(out, 2, **{"image.size": 32, **extra})],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    stopped, resumed = run.stdout.strip().splitlines()[-2:]
+    between = "between frames" if where == "save_image" else "between steps"
+    assert stopped.startswith(f"stopped {int(getattr(signal, signame))} True: interrupted by {signame} {between}"), stopped
+    assert resumed == f"resumed {out}"
+    assert (out / "stylised.mp4").is_file() if where == "save_image" else read_image(out / "final.png").shape[-1] == 40

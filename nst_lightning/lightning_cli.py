@@ -16,6 +16,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from pydantic import BaseModel, ValidationError
@@ -91,8 +92,12 @@ class StyleTransferCLI(LightningCLI):
         refused. Here the module built from the given config checks the checkpoint (``check_checkpoint``)."""
 
     def before_instantiate_classes(self) -> None:
-        """Give the shipped logger and checkpoint callback, where their folder is unset, one under the root dir."""
-        root_run_paths(self.config.get(str(self.subcommand), self.config).trainer)
+        """Give the shipped logger and checkpoint callback, where their folder is unset, one under the root dir; with
+        ``--trainer.enable_progress_bar false`` leave the shipped progress bar out (Lightning refuses both at once)."""
+        trainer = self.config.get(str(self.subcommand), self.config).trainer
+        root_run_paths(trainer)
+        if trainer.get("enable_progress_bar") is False and isinstance(trainer.get("callbacks"), list):
+            trainer.callbacks = [c for c in trainer.callbacks if not any(_class_specs(c, ProgressBar))]
 
     def after_instantiate_classes(self) -> None:
         """Refuse a ``--ckpt_path`` file of another run before the Trainer writes anything."""

@@ -221,3 +221,10 @@ def test_default_root_dir_moves_everything_the_run_writes(clone, monkeypatch):
 
     _fit("--trainer.max_steps", "3", "--trainer.default_root_dir", "elsewhere/run1", "--ckpt_path", "last")
     assert _global_step(root / "checkpoints" / "last.ckpt") == 3  # "last" is looked up under the root dir too
+
+
+def test_no_progress_bar_leaves_the_shipped_one_out_instead_of_failing(clone, monkeypatch, capsys):
+    monkeypatch.chdir(clone)
+    _fit("--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false")
+    assert _global_step(clone / "runs" / "lightning_cli" / "checkpoints" / "last.ckpt") == 2
+    assert "it/s" not in capsys.readouterr().err

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .allocator import request_huge_pages
 from .config import RunConfig, dump_config, load_config
-from .errors import NSTError, RunInterrupted, for_cli
+from .errors import CheckpointError, ConfigError, NSTError, RunInterrupted, for_cli
 from .sweep import grid_cells, parse_grid, sweep
 
 if TYPE_CHECKING:
@@ -69,13 +69,13 @@ def run(
 ) -> RunOutputs | ClipOutputs | BatchReport:
     """Run what ``config`` describes (``config.kind``): one image, a folder of images, a clip or a folder of clips.
 
-    ``resume`` continues a single image (``"last"`` or a checkpoint) or a clip (``"last"``); folders continue by
-    running them again. Returns the image's or clip's outputs, or the report of a folder.
+    ``resume="last"`` continues the run in ``output`` whatever its kind (and is refused where there is none to
+    continue); a single image also takes a checkpoint path. Folders continue without it too: running one again
+    skips what is finished. Returns the image's or clip's outputs, or the report of a folder.
     """
     kind = config.kind
     if resume is not None and kind in ("folder", "clips"):
-        unfinished = "finished clips are skipped, an unfinished one continues" if kind == "clips" else "finished images are skipped"
-        raise NSTError(f"resume= is for single runs; rerun a batch as it was to continue it ({unfinished})")
+        check_folder_resume(config, resume, overwrite)
     request_huge_pages(config.image.size)  # before torch allocates (it reads the switch once)
     from . import runs
 
@@ -87,6 +87,26 @@ def run(
     if kind == "folder":
         return runs.run_folder(config, **common)
     return runs.run_clips(config, **common)
+
+
+def check_folder_resume(config: RunConfig, resume: str, overwrite: bool) -> None:
+    """Refuse a ``resume`` a folder run cannot honour: a checkpoint path (its groups have their own), together with
+    ``overwrite``, or on a folder holding no run of its kind to continue."""
+    from .kinds import held_kind
+
+    unit = "clips" if config.kind == "clips" else "images"
+    if resume != "last":
+        raise ConfigError(
+            f'resume="{resume}" names a checkpoint, which only a single-image run resumes from; a folder of {unit} '
+            'continues with resume="last" (or by running it again: finished ones are skipped)'
+        )
+    if overwrite:
+        raise ConfigError(
+            'resume= continues the run and overwrite=True replaces it; give resume="last" to continue it or '
+            "overwrite=True to start again, not both"
+        )
+    if held_kind(Path(config.output)) != config.kind:
+        raise CheckpointError(f"no folder of {unit} to resume in {config.output}; run without resume= to start it")
 
 
 def grid(config: RunConfig, items: Sequence[str]) -> tuple[dict[str, list[Any]], list[Cell]]:

@@ -131,7 +131,7 @@ def sweep(
     grid: Mapping[str, Sequence[Any]],
     *,
     overwrite: bool = False,
-    resume: bool = False,
+    resume: bool | str = False,
     progress: bool = True,
     on_cell: Callable[[Cell, int], None] | None = None,
     cell_px: int = 160,
@@ -140,9 +140,13 @@ def sweep(
 
     Rows of the sheet are the combinations of all keys but the last, columns the last key's values.
     ``on_cell(cell, total)`` is called before each cell runs (the CLI prints progress with it). ``resume``
-    continues a stopped sweep: finished cells are kept, a stopped cell resumes from its last checkpoint;
-    ``overwrite`` replaces a previous sweep. The folder is locked while the sweep runs.
+    continues a stopped sweep (``True`` or ``"last"``, as other runs say it): finished cells are kept, a stopped
+    cell resumes from its last checkpoint; ``overwrite`` replaces a previous sweep. The folder is locked while the
+    sweep runs.
     """
+    if resume not in (True, False, "last"):
+        raise ConfigError(f'resume={resume!r} is not for sweeps; give resume=True (or "last") to continue one')
+    resume = bool(resume)
     from .lock import FolderLock
 
     request_huge_pages(config.image.size)  # before torch allocates (it reads the switch once)

@@ -371,3 +371,20 @@ def test_estimate_on_a_folder_of_images_plans_its_largest_image_in_a_group_as_la
     assert one.stdout.splitlines()[1].startswith("image 480x200, ")
     activations = [float(re.search(r"activations (\d+\.\d+)", r.stdout)[1]) for r in (one, three)]
     assert activations[1] == pytest.approx(3 * activations[0], abs=0.02) and activations[0] > 0.05
+
+
+def test_resume_last_continues_a_folder_run_as_a_rerun_does_and_is_refused_where_there_is_none(tmp_path):
+    from .conftest import tiny_overrides
+    from .test_cli import assert_one_line_error, invoke, sets
+
+    make_frames(tmp_path / "photos", 2)
+    out = tmp_path / "out"
+    items = sets(tiny_overrides(out, steps=2, content=tmp_path / "photos"))
+    assert_one_line_error(invoke("fit", *items, "--resume", "last"), f"no folder of images to resume in {out}")
+    assert_one_line_error(invoke("fit", *items, "--resume", "x.ckpt"), 'names a checkpoint, which only a single-image run')
+    assert_one_line_error(invoke("fit", *items, "--resume", "last", "--overwrite"), "not both")
+    assert invoke("fit", *items).exit_code == 0
+    written = {p.name: p.stat().st_mtime_ns for p in out.glob("*__*.png")}
+    again = invoke("fit", *items, "--resume", "last")
+    assert again.exit_code == 0 and "2 already complete (skipped)" in again.stdout, again.output
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*__*.png")} == written

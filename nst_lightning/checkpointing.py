@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .groups import FINGERPRINT_KEY
-from .problem import check_fingerprint
+from .problem import check_fingerprint, digest
 
 CHECKPOINT_STATE = ("image", "objective_scale", "image_average", "average_accum")
 """The module state a checkpoint keeps: the image, the objective's scale and, with iterate averaging, its
@@ -51,6 +51,30 @@ class CheckpointHooks:
         for state in checkpoint.get("optimizer_states", []):
             for group in state.get("param_groups", []):
                 group["lr"] = self.optim_config.learning_rate
+
+    def make_fingerprint(self, content: torch.Tensor, per_image: list[list[torch.Tensor]]) -> dict[str, Any]:
+        """What a checkpoint of this problem must match to resume it: the images (as digests), masks, colour mode,
+        shape, layers, network and optimiser."""
+        fingerprint = {
+            "content": digest(content),
+            "styles": [digest(s) for s in per_image[0]] if len(per_image) == 1 else [[digest(s) for s in st] for st in per_image],
+            "style_blend": self.style_blend,
+            "style_masks": None if self.style_masks is None else [m if m is None else digest(m) for m in self.style_masks],
+            "color": self.color,
+            "image_shape": list(content.shape),
+            "layers": {"content": self.loss_config.content_layers, "style": self.loss_config.style_layers},
+            "weights": self.features_config.weights,
+            "preprocessing": self.extractor.preprocessing.name,
+            "pooling": self.extractor.pooling,
+            "padding": self.extractor.padding,
+            "margin": self.margin,
+            "optimizer": self.optim_config.name,
+            "average": self.average_decay,
+        }
+        if self.temporal is not None:
+            t = self.temporal
+            fingerprint["temporal"] = [digest(t.image), digest(t.weights), float(t.weight)]
+        return fingerprint
 
     def check_checkpoint(self, checkpoint: Mapping[str, Any]) -> None:
         """Raise CheckpointError unless ``checkpoint`` was written by a run of this module's images and settings."""

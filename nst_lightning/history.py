@@ -14,9 +14,13 @@ from pathlib import Path
 
 from .atomic import atomic_write
 
-LOSS_TERMS = ("content", "style", "tv", "loss")
-"""The loss terms every run logs, in order: ``tv`` holds every smoothness term (total variation, chroma, border)."""
+LOSS_TERMS = ("content", "style", "smoothness", "loss")
+"""The loss terms every run logs, in order: ``smoothness`` is the sum of the smoothness terms (total variation,
+chroma, border)."""
 LOSS_COLUMNS = ("step", *LOSS_TERMS)
+OLD_COLUMNS = ("step", "content", "style", "tv", "loss")
+"""The columns of histories written before the smoothness term had its name: read as ``LOSS_COLUMNS``, and
+rewritten with them when a run resumes."""
 
 
 @dataclass
@@ -48,7 +52,7 @@ def read_history(path: str | os.PathLike[str]) -> History:
         header = next(csv.reader([lines[0]]))
     except csv.Error:
         header = []
-    if [h.strip() for h in header] != list(LOSS_COLUMNS):
+    if tuple(h.strip() for h in header) not in (LOSS_COLUMNS, OLD_COLUMNS):
         history.dropped = list(range(1, len(lines) + 1))
         return history
     last = -1

@@ -241,9 +241,9 @@ class StyleTransferLoss(nn.Module):
             terms = {
                 "content": self.content_weight * content,
                 "style": self.style_weight * style,
-                "tv": self.smoothness(image),
+                "smoothness": self.smoothness(image),
             }
-            terms["loss"] = terms["content"] + terms["style"] + terms["tv"]
+            terms["loss"] = terms["content"] + terms["style"] + terms["smoothness"]
             if self.temporal_image is not None:
                 terms["temporal"] = self.temporal_weight * temporal_loss(image, self.temporal_image, self.temporal_weights)
                 terms["loss"] = terms["loss"] + terms["temporal"]

@@ -10,8 +10,7 @@ step is ``training_step``: ``optimizer.step(self.evaluate)``, the package's only
 from __future__ import annotations
 
 import itertools
-import json
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -36,11 +35,10 @@ from .layers import LAYER_NAMES, deepest
 from .losses import StyleTransferLoss, TemporalTarget
 from .objective import ScaledObjective
 from .optim import build_optimizer
-from .problem import ImageInput, as_mask, describe, digest, initial_image, load_inputs, styles_per_image
+from .problem import ImageInput, as_mask, describe, initial_image, load_inputs, styles_per_image
 from .resources import is_out_of_memory
-from .tiling import TILED_STYLE_LOSSES, tiled_targets, tiled_terms
-
-
+from .targets import TargetHooks
+from .tiling import TILED_STYLE_LOSSES, tiled_terms
 
 
 def network_dtype(precision: str) -> torch.dtype:
@@ -48,7 +46,7 @@ def network_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision.startswith("bf16") else torch.float32
 
 
-class StyleTransferModule(CheckpointHooks, ScaledObjective, StepGuards, L.LightningModule):
+class StyleTransferModule(CheckpointHooks, TargetHooks, ScaledObjective, StepGuards, L.LightningModule):
     """Neural style transfer (Gatys et al. 2015) as a LightningModule: the engine of every run.
 
     The trainable parameter is a batch of output images ``(B, 3, H, W)``, each with its own targets; a
@@ -215,25 +213,7 @@ class StyleTransferModule(CheckpointHooks, ScaledObjective, StepGuards, L.Lightn
             self.register_buffer("image_average", torch.zeros_like(self.image.detach()))
             self.register_buffer("average_accum", torch.ones((), device=device))
             self.update_average()
-        self.fingerprint = {
-            "content": digest(content),
-            "styles": [digest(s) for s in per_image[0]] if len(per_image) == 1 else [[digest(s) for s in st] for st in per_image],
-            "style_blend": self.style_blend,
-            "style_masks": None if self.style_masks is None else [m if m is None else digest(m) for m in self.style_masks],
-            "color": self.color,
-            "image_shape": list(content.shape),
-            "layers": {"content": self.loss_config.content_layers, "style": self.loss_config.style_layers},
-            "weights": self.features_config.weights,
-            "preprocessing": self.extractor.preprocessing.name,
-            "pooling": self.extractor.pooling,
-            "padding": self.extractor.padding,
-            "margin": self.margin,
-            "optimizer": self.optim_config.name,
-            "average": self.average_decay,
-        }
-        if self.temporal is not None:
-            t = self.temporal
-            self.fingerprint["temporal"] = [digest(t.image), digest(t.weights), float(t.weight)]
+        self.fingerprint = self.make_fingerprint(content, per_image)
         self.hparams["image_shape"] = list(content.shape)
         self.step_terms = None
         self._stepped = False
@@ -309,42 +289,6 @@ class StyleTransferModule(CheckpointHooks, ScaledObjective, StepGuards, L.Lightn
         """The loss terms at ``image`` (``[0, 1]``) and, with ``gradient``, their summed gradient, tile by tile."""
         return tiled_terms(self.network, self.criteria, image, self.tile, self.with_margin, gradient=gradient)
 
-    @torch.no_grad()
-    def prepare_targets(self, features: Callable[[torch.Tensor], Mapping[str, torch.Tensor]] | None = None) -> None:
-        """Compute each image's content features and style Grams once, on the module's current device, in fp32.
-
-        ``features`` computes the activations instead of the module's extractor, e.g. an exported ONNX
-        graph run by onnxruntime; the optimisation itself always uses the torch extractor (it needs gradients).
-        Without it, targets may come from ``target_cache``, filled by an earlier module of the same images
-        and layers.
-        """
-        if all(c.has_targets for c in self.criteria):
-            return
-        cache = self.target_cache if features is None else None
-        extract = features if features is not None else self.extractor
-        device = self.image.device
-        masks = None if self.style_masks is None else [m if m is None else m.to(device) for m in self.style_masks]
-        with torch.autocast(device.type, enabled=False):
-            for i, criterion in enumerate(self.criteria):
-                key = self._targets_key(i) if cache is not None else ""
-                if cache is not None and key in cache:
-                    criterion.load_targets(cache[key])
-                    continue
-                framed = self.with_margin(self.content_image[i : i + 1].to(device))
-                styles = [s.to(device) for s in self.style_images[i]]
-                if self.tile and features is None:
-                    criterion.load_targets(tiled_targets(extract, criterion, framed, styles, self.tile, self.style_blend, masks))
-                else:
-                    criterion.set_targets(extract(framed), [extract(s) for s in styles], self.style_blend, masks)
-                if cache is not None:
-                    cache[key] = criterion.targets()
-
-    def _targets_key(self, index: int) -> str:
-        """What image ``index``'s targets depend on: its images, masks, colour mode, layers, weights and device."""
-        parts = {k: v for k, v in self.fingerprint.items() if k not in ("optimizer", "average", "content", "styles", "image_shape", "temporal")}
-        images = [digest(self.content_image[index]), [digest(s) for s in self.style_images[index]]]
-        return json.dumps([parts, images, str(self.image.device)], sort_keys=True)
-
     # ----------------------------------------------------------------------------------- the step
     def evaluate(self) -> torch.Tensor:
         """One evaluation: loss terms, gradient of the objective, projected; the closure every optimiser calls.
@@ -416,8 +360,8 @@ class StyleTransferModule(CheckpointHooks, ScaledObjective, StepGuards, L.Lightn
             self.update_average()
         if self.is_logging_step():
             self.check_finite()
-            content, style, tv, total = self.step_terms
-            self.log_dict({"content": content, "style": style, "tv": tv, "loss": total}, prog_bar=True,
+            content, style, smoothness, total = self.step_terms
+            self.log_dict({"content": content, "style": style, "smoothness": smoothness, "loss": total}, prog_bar=True,
                           on_step=True, on_epoch=False, batch_size=self.batch_size)
 
     def is_logging_step(self) -> bool:

@@ -58,7 +58,7 @@ def _show(ax: Axes, image: torch.Tensor, title: str | None = None) -> None:
 
 
 def read_losses(path: str | os.PathLike[str]) -> dict[str, list[float]]:
-    """The columns of a run's ``losses.csv`` (``step``, ``content``, ``style``, ``tv``, ``loss``) as lists."""
+    """The columns of a run's ``losses.csv`` (``step``, ``content``, ``style``, ``smoothness``, ``loss``) as lists."""
     rows = read_history(path).rows
     return {key: [float(r[key]) for r in rows] for key in ("step", *LOSS_TERMS)}
 
@@ -69,10 +69,10 @@ def loss_curve(losses: str | os.PathLike[str], path: str | os.PathLike[str], sta
 
 
 def loss_curve_picture(data: Mapping[str, Sequence[float]], stage_starts: Sequence[int] = ()) -> Image.Image:
-    """Content, style, TV and total loss (``data``: lists per column, as ``read_losses`` gives) against step on
+    """Content, style, smoothness and total loss (``data``: lists per column, as ``read_losses`` gives) against step on
     a log scale, 640x400 px; dashed lines where stages begin.
 
-    Terms that stay at zero (TV with ``tv_weight=0``) are left out, as a log axis cannot show them; the
+    Terms that stay at zero (smoothness with every smoothness weight 0) are left out, as a log axis cannot show them; the
     axis spans at most four decades below the largest value.
     """
     fig = _figure(640, 400)

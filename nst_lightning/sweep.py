@@ -278,13 +278,13 @@ def _summarise(
 
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["cell", *keys, "content", "style", "tv", "loss", "final"])
+    writer.writerow(["cell", *keys, "content", "style", "smoothness", "loss", "final"])
     for cell in cells:
         out = Path(cell.config.output)
         last = ran[cell.index].terms if cell.index in ran else {k: v[-1] for k, v in read_losses(out / "losses.csv").items() if v}
         writer.writerow(
             [cell.index, *(label(cell.values[k]) for k in keys)]
-            + [f"{last.get(k, float('nan')):.6g}" for k in ("content", "style", "tv", "loss")]
+            + [f"{last.get(k, float('nan')):.6g}" for k in ("content", "style", "smoothness", "loss")]
             + [str(out / "final.png")]
         )
     with reporting_write_failures():

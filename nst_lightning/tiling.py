@@ -173,7 +173,7 @@ def tiled_terms(
             del feats
 
     # the loss from the global sums, and K = dL/dG for every Gram
-    terms: dict[str, list[torch.Tensor]] = {"content": [], "style": [], "tv": []}
+    terms: dict[str, list[torch.Tensor]] = {"content": [], "style": [], "smoothness": []}
     slopes: dict[tuple[int, int, str], torch.Tensor] = {}
     norms: dict[tuple[int, int, str], torch.Tensor | float] = {}
     coefficients: dict[tuple[int, str], torch.Tensor | float] = {}
@@ -235,7 +235,7 @@ def tiled_terms(
         for i, criterion in enumerate(criteria):
             xi = x[i : i + 1]
             tv = criterion.smoothness(xi)
-            terms["tv"].append(tv.detach())
+            terms["smoothness"].append(tv.detach())
             local = local + tv
             if criterion.temporal_image is not None:
                 term = criterion.temporal_weight * temporal_loss(xi, criterion.temporal_image, criterion.temporal_weights)
@@ -245,7 +245,7 @@ def tiled_terms(
         if gradient:
             (grad,) = torch.autograd.grad((seen * seen_grad).sum() + local, x)
     out = {k: torch.stack(v) for k, v in terms.items()}
-    out["loss"] = out["content"] + out["style"] + out["tv"]
+    out["loss"] = out["content"] + out["style"] + out["smoothness"]
     if temporal:
         out["temporal"] = torch.stack(temporal)
         out["loss"] = out["loss"] + out["temporal"]

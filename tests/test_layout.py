@@ -19,7 +19,7 @@ LAYERS = [
     ("config", {"sections", "config"}),
     ("images", {"images"}),
     ("core", {"features", "objective", "gram", "wasserstein", "smoothness", "losses", "tiling", "optim", "cudagraph", "color", "flow", "judge", "hardware", "onnx_graph"}),
-    ("pieces", {"problem", "checkpointing", "guards", "resources", "pairs", "data", "videoio", "lock", "quiet", "history", "plots", "callbacks", "faults", "image_logging", "groups"}),
+    ("pieces", {"problem", "checkpointing", "targets", "guards", "resources", "pairs", "data", "videoio", "lock", "quiet", "history", "plots", "callbacks", "faults", "image_logging", "groups"}),
     ("module", {"module"}),
     ("session", {"session", "rundir", "inputs", "export", "folder", "video"}),
     ("runs", {"runs", "sweep"}),

@@ -91,7 +91,7 @@ def test_fit_writes_the_run_directory(tiny_config):
     assert out.config.is_file() and out.last_checkpoint.is_file()
     assert sorted(p.name for p in out.snapshots.iterdir()) == ["step_000003.png", "step_000006.png"]
     rows = out.losses.read_text().splitlines()
-    assert rows[0] == "step,content,style,tv,loss" and len(rows) == 8
+    assert rows[0] == "step,content,style,smoothness,loss" and len(rows) == 8
     assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(7))  # step 0: the starting image
     losses = [float(r.split(",")[-1]) for r in rows[1:]]
     assert losses[-1] < losses[0]

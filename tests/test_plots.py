@@ -47,7 +47,7 @@ def test_contact_sheet_places_results_by_row_and_column(tmp_path):
 
 def test_loss_curve_draws_a_history_with_an_all_zero_term_and_stage_lines(tmp_path):
     csv = tmp_path / "losses.csv"
-    csv.write_text("step,content,style,tv,loss\n" + "".join(f"{i},{1 / i},{10 / i},0,{11 / i}\n" for i in range(1, 30)))
+    csv.write_text("step,content,style,smoothness,loss\n" + "".join(f"{i},{1 / i},{10 / i},0,{11 / i}\n" for i in range(1, 30)))
     assert read_image(loss_curve(csv, tmp_path / "curve.png", stage_starts=[10])).shape[-2:] == (400, 640)
 
 

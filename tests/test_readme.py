@@ -30,9 +30,9 @@ def test_readme_python_examples_run_from_any_directory_and_print_what_they_promi
     assert all((tmp_path / "runs" / "batch" / name).is_file() for name in names)
 
     [terms] = [out for code, out in printed.items() if "module()" in code]
-    assert set(terms) == {"content", "style", "tv", "loss"}
-    assert terms["style"] > 0 and terms["content"] > 0 and terms["tv"] > 0  # the default colour smoothness
-    assert terms["loss"] == pytest.approx(terms["content"] + terms["style"] + terms["tv"], abs=3e-4)
+    assert set(terms) == {"content", "style", "smoothness", "loss"}
+    assert terms["style"] > 0 and terms["content"] > 0 and terms["smoothness"] > 0  # the default colour smoothness
+    assert terms["loss"] == pytest.approx(terms["content"] + terms["style"] + terms["smoothness"], abs=3e-4)
     assert (tmp_path / "runs" / "py" / "final.png").is_file()
     logs = tmp_path / "runs" / "csv" / "lightning_logs" / "version_0"
     with (logs / "metrics.csv").open(newline="") as fh:

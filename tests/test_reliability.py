@@ -236,7 +236,22 @@ def test_reading_a_history_keeps_every_valid_row(tmp_path):
     history = read_history(path)
     assert [r["step"] for r in history.rows] == [1, 2, 3]
     assert history.dropped == [4, 5, 7]
-    assert history.rows[1] == {"step": 2, "content": 0.5, "style": 1.0, "tv": 0.0, "loss": 1.5}
+    assert history.rows[1] == {"step": 2, "content": 0.5, "style": 1.0, "smoothness": 0.0, "loss": 1.5}
+
+
+def test_a_history_written_with_the_old_tv_column_is_read_and_a_resume_rewrites_it_with_the_smoothness_column(
+    finished_run, tmp_path
+):
+    run = _copy(finished_run, tmp_path)
+    rows = (run / "losses.csv").read_text().splitlines()
+    assert rows[0] == "step,content,style,smoothness,loss"
+    (run / "losses.csv").write_text("\n".join(["step,content,style,tv,loss", *rows[1:]]) + "\n")
+    assert [r["smoothness"] for r in read_history(run / "losses.csv").rows] == [float(r.split(",")[3]) for r in rows[1:]]
+    result = invoke(*_fit_args(run, 6), "--resume", "last")
+    assert result.exit_code == 0 and "warning" not in result.stderr, result.output
+    resumed = (run / "losses.csv").read_text().splitlines()
+    assert resumed[0] == "step,content,style,smoothness,loss" and resumed[1:5] == rows[1:5]
+    assert _steps(run / "losses.csv") == list(range(0, 7)) and not (run / "losses.damaged.csv").exists()
 
 
 # --- write failures: one line, exit 2, nothing good removed ---------------------------------------------------

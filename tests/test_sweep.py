@@ -74,7 +74,7 @@ def test_a_sweep_runs_every_cell_on_one_network_and_one_set_of_targets(tmp_path,
     sheet = read_image(out.sheet)
     assert sheet.shape[-1] > 2 * 160 and sheet.shape[-2] > 3 * 160  # header + two rows of two 160 px cells
     rows = out.summary.read_text().splitlines()
-    assert rows[0] == "cell,loss.style_weight,loss.content_weight,content,style,tv,loss,final"
+    assert rows[0] == "cell,loss.style_weight,loss.content_weight,content,style,smoothness,loss,final"
     assert [r.split(",")[1:3] for r in rows[1:]] == [["0", "1"], ["0", "0"], ["1e3", "1"], ["1e3", "0"]]
 
     with pytest.raises(ConfigError, match="holds a previous sweep"):
@@ -102,7 +102,7 @@ def test_a_sweep_summarises_the_cells_it_ran_from_memory_and_reads_only_cells_fi
     rows = [r.split(",") for r in out.summary.read_text().splitlines()[1:]]
     for row, cell in zip(rows, out.cells):  # the figures in memory are the ones the cell's files hold
         last = {k: v[-1] for k, v in real_read_losses(cell / "losses.csv").items()}
-        assert float(row[3]) == pytest.approx(last["style"], rel=1e-4) and float(row[4]) == pytest.approx(last["tv"], abs=1e-9)
+        assert float(row[3]) == pytest.approx(last["style"], rel=1e-4) and float(row[4]) == pytest.approx(last["smoothness"], abs=1e-9)
 
     read["images"].clear()
     again = sweep(base, parse_grid(["loss.style_weight=0,1e3"]), resume=True, progress=False)  # both finished before

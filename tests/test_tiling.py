@@ -39,7 +39,7 @@ def _agreement(module: StyleTransferModule, tile: int) -> tuple[float, float]:
     whole = module.loss_terms(x)
     whole["loss"].sum().backward()
     terms, grad = tiling.tiled_terms(module.network, module.criteria, x.detach(), tile, module.with_margin)
-    for name in ("content", "style", "tv"):
+    for name in ("content", "style", "smoothness"):
         assert torch.allclose(terms[name], whole[name].detach(), rtol=1e-5, atol=0), name
     loss_error = ((terms["loss"] - whole["loss"].detach()).abs() / whole["loss"].detach().abs()).max().item()
     return loss_error, ((grad - x.grad).norm() / x.grad.norm()).item()

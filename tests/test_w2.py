@@ -281,7 +281,7 @@ def test_crowsonkb_config_computes_the_peers_loss():
     style_term = sum(w * _peer_w2(fx[n], fs[n]) for w, n in zip(weights, DEFAULT_STYLE_LAYERS))
     assert float(got["content"]) == pytest.approx(float(content_term), rel=1e-4)
     assert float(got["style"]) == pytest.approx(float(style_term), rel=1e-3)  # the peer's 1e-4 I is all that differs
-    assert float(got["tv"]) == pytest.approx(float(2 * _peer_tv(image)), rel=1e-5)
+    assert float(got["smoothness"]) == pytest.approx(float(2 * _peer_tv(image)), rel=1e-5)
 
 
 def test_a_cuda_graph_of_w2_steps_is_refused_by_name():

@@ -134,7 +134,8 @@ def test_cli_batch_writes_each_pair_reports_failures_with_exit_1_and_reruns_skip
 
     (tmp_path / "frames" / "broken.jpg").unlink()
     resumed = CliRunner().invoke(app, [*args, "-q", "--resume", "last"])
-    assert resumed.exit_code == 2 and "rerun a batch as it was" in resumed.output
+    assert resumed.exit_code == 0, resumed.output  # --resume last continues a folder as a rerun does
+    assert "3 images: 0 written, 3 already complete (skipped), 0 failed" in resumed.output
 
 
 def test_overwrite_redoes_finished_pairs(tmp_path):

@@ -171,7 +171,8 @@ def test_a_graph_exported_with_replicate_padding_is_accepted_by_a_run_with_that_
     assert api.fit(config, progress=False).final.is_file()
 
 
-def test_fit_validates_the_graph_and_computes_the_targets_with_it(exported, tiny_config, monkeypatch):
+def graph_inputs(monkeypatch) -> list[tuple[int, ...]]:
+    """The shapes of the images every ONNX graph is run on from now on, in order (the graph still runs)."""
     seen: list[tuple[int, ...]] = []
     run_graph = OnnxFeatures.__call__
 
@@ -180,6 +181,11 @@ def test_fit_validates_the_graph_and_computes_the_targets_with_it(exported, tiny
         return run_graph(self, image)
 
     monkeypatch.setattr(OnnxFeatures, "__call__", spy)
+    return seen
+
+
+def test_fit_validates_the_graph_and_computes_the_targets_with_it(exported, tiny_config, monkeypatch):
+    seen = graph_inputs(monkeypatch)
     config = tiny_config(steps=2, **{"features.onnx": exported[0], "features.validate_onnx": "true"})
     outputs = api.fit(config, progress=False)
     assert outputs.final.is_file()
@@ -271,14 +277,7 @@ def test_a_clip_computes_every_frames_targets_with_the_graph_opened_once_and_ref
     from .test_video import pan, write_clip
 
     clip = write_clip(tmp_path / "a.mp4", pan(3))
-    seen: list[tuple[int, ...]] = []
-    run_graph = OnnxFeatures.__call__
-
-    def spy(self, image):
-        seen.append(tuple(image.shape))
-        return run_graph(self, image)
-
-    monkeypatch.setattr(OnnxFeatures, "__call__", spy)
+    seen = graph_inputs(monkeypatch)
     config = tiny_config(steps=1, content=clip, **{"features.onnx": exported[0], "features.validate_onnx": "true"})
     with caplog.at_level("INFO", logger="nst_lightning"):
         outputs = api.run(config, progress=False)

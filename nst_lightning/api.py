@@ -101,10 +101,9 @@ def check_folder_resume(config: RunConfig, resume: str, overwrite: bool) -> None
             'continues with resume="last" (or by running it again: finished ones are skipped)'
         )
     if overwrite:
-        raise ConfigError(
-            'resume= continues the run and overwrite=True replaces it; give resume="last" to continue it or '
-            "overwrite=True to start again, not both"
-        )
+        from .rundir import RESUME_AND_OVERWRITE
+
+        raise ConfigError(RESUME_AND_OVERWRITE)
     if held_kind(Path(config.output)) != config.kind:
         raise CheckpointError(f"no folder of {unit} to resume in {config.output}; run without resume= to start it")
 
@@ -151,25 +150,15 @@ def estimate(config: RunConfig) -> str:
             config, shape, [read_size(s) for s in config.styles]
         )
     pairs = expand_pairs(config, clips=kind == "clips")
-    largest = largest_pair(pairs) if kind == "folder" else max(pairs, key=lambda p: _frame_pixels(p.content))
-    shape = read_size(largest.content) if kind == "folder" else frame_size([largest.content])
+    size = read_size if kind == "folder" else lambda clip: frame_size([clip])
+    largest = largest_pair(pairs, size)
+    shape = size(largest.content)
     batch = min(images_per_device(config), len(pairs)) if kind == "folder" else 1
     unit = "images" if kind == "folder" else "clips"
     together = f", optimised {batch} at a time" if batch > 1 else ""
     return f"{len(pairs)} {unit}; the largest is {largest.content} ({shape[1]}x{shape[0]}){together}\n" + summary(
         config, shape, [read_size(s) for s in largest.styles], batch=batch
     )
-
-
-def _frame_pixels(path: str) -> int:
-    """A clip's frame area by its header, none when unreadable (that clip is reported when its turn comes)."""
-    from .videoio import frame_size
-
-    try:
-        height, width = frame_size([path])
-    except NSTError:
-        return 0
-    return height * width
 
 
 def sidecar(graph: Path) -> Path:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -54,25 +54,31 @@ class StopSignal(KeyboardInterrupt):
 
 
 @contextmanager
-def stopping_on_signals() -> Iterator[None]:
-    """While the block runs, SIGINT and SIGTERM raise ``StopSignal`` wherever the run is (main thread only); a fit
-    routes them to its ``GracefulStop`` instead, and puts this back after. Without it SIGTERM outside a fit would end
-    the process with no word and no clean-up."""
+def routing_signals(handler: Callable[[int, FrameType | None], Any]) -> Iterator[None]:
+    """Route SIGINT and SIGTERM to ``handler`` while the block runs (main thread only: elsewhere Python cannot set
+    handlers), then put back the handlers they had."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s in STOP_SIGNALS:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+def stopping_on_signals() -> AbstractContextManager[None]:
+    """While the block runs, SIGINT and SIGTERM raise ``StopSignal`` wherever the run is; a fit routes them to its
+    ``GracefulStop`` instead, and puts this back after. Without it SIGTERM outside a fit would end the process with
+    no word and no clean-up."""
 
     def stop(signum: int, frame: FrameType | None) -> None:
         raise StopSignal(signum)
 
-    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    for s in STOP_SIGNALS:
-        signal.signal(s, stop)
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    return routing_signals(stop)
 
 
 class _StopRequested(Exception):
@@ -96,20 +102,9 @@ class GracefulStop(Callback):
         self.saved: list[Path] = []
         self._announce = False
 
-    @contextmanager
-    def handling_signals(self) -> Iterator[None]:
+    def handling_signals(self) -> AbstractContextManager[None]:
         """Route SIGINT and SIGTERM to this callback while the block runs (main thread only), then restore."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-        for s in STOP_SIGNALS:
-            signal.signal(s, self._on_signal)
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        return routing_signals(self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None:

@@ -12,7 +12,7 @@ what every rank produced.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,9 +143,10 @@ def images_per_device(config: RunConfig) -> int:
     return config.batch.images_per_device if config.optim.line_search == "none" else 1
 
 
-def largest_pair(pairs: Sequence[Any]) -> Any:
-    """The pair whose content has the most pixels (by its header; unreadable ones count as none): it sets the memory."""
-    return max(pairs, key=lambda p: _pixels(p.content))
+def largest_pair(pairs: Sequence[Any], size: Callable[[str], tuple[int, int]] = read_size) -> Any:
+    """The pair whose content has the most pixels by ``size`` (its header: an image's, or a clip's frames with
+    ``videoio.frame_size``; unreadable ones count as none, reported when their turn comes): it sets the memory."""
+    return max(pairs, key=lambda p: _pixels(p.content, size))
 
 
 def plan_folder_memory(config: RunConfig, pairs: Sequence[Any], per_device: int) -> int:
@@ -161,9 +162,9 @@ def plan_folder_memory(config: RunConfig, pairs: Sequence[Any], per_device: int)
     return blocks
 
 
-def _pixels(path: str) -> int:
+def _pixels(path: str, size: Callable[[str], tuple[int, int]] = read_size) -> int:
     try:
-        h, w = read_size(path)
+        h, w = size(path)
     except NSTError:
         return 0
     return h * w

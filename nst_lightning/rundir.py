@@ -241,15 +241,18 @@ def check_inputs_outside(inputs: Sequence[str | Path], root: Path, written: Sequ
             )
 
 
+RESUME_AND_OVERWRITE = (
+    "resume= continues the run and overwrite=True replaces it; give resume= to continue it or overwrite=True to start "
+    "again, not both"
+)
+
+
 def check_output(config: RunConfig, outputs: RunOutputs, resuming: bool, overwrite: bool) -> None:
     """Refuse an output directory that would overwrite or delete an input, or clobber a previous run."""
     written = [outputs.root / name for name in (*RUN_FILES, *RUN_DIRS)]
     check_inputs_outside(input_paths(config), outputs.root, written, "the run writes its outputs (final.png, snapshots/, ...)")
     if resuming and overwrite:
-        raise ConfigError(
-            "resume= continues the run and overwrite=True replaces it; give resume= to continue it or overwrite=True to "
-            "start again, not both"
-        )
+        raise ConfigError(RESUME_AND_OVERWRITE)
     if holds_run(outputs) and not resuming and not overwrite:
         if not has_checkpoint(outputs):
             raise ConfigError(

@@ -111,6 +111,8 @@ class FeaturesConfig(Section):
     @field_validator("tile", mode="before")
     @classmethod
     def _tile(cls, value: object) -> object:
+        if value is False:  # YAML 1.1 reads a bare `off` as false
+            return "off"
         if value in ("auto", "off") or (isinstance(value, int) and not isinstance(value, bool) and value >= MIN_TILE):
             return value
         raise ValueError(f"must be auto, off or a tile side of at least {MIN_TILE} px, got {value!r}")

@@ -62,6 +62,14 @@ def test_set_overrides_parse_yaml_values_and_nested_keys():
     assert (cfg.trainer.devices, cfg.trainer.strategy, cfg.trainer.num_nodes) == (2, "ddp", 2)
 
 
+def test_a_bare_off_for_features_tile_is_off_though_yaml_reads_it_as_false(tmp_path):
+    """`--set features.tile=off`, as the README writes it, was refused as "got False"."""
+    assert load_config(None, ["features.tile=off"]).features.tile == "off"
+    (tmp_path / "c.yaml").write_text("features:\n  tile: off\n")
+    assert load_config(tmp_path / "c.yaml").features.tile == "off"
+    assert load_config(None, ["features.tile=auto"]).features.tile == "auto"
+
+
 def test_yaml_input_paths_are_relative_to_the_file(tmp_path):
     (tmp_path / "cfg").mkdir()
     f = tmp_path / "cfg" / "run.yaml"

@@ -63,7 +63,7 @@ def worker(size: int, tile: int, precision: str, device: str) -> dict[str, float
 def estimate(size: int, tile: int, precision: str) -> int:
     """The package's memory estimate for the configuration, in bytes."""
     from nst_lightning.config import DEFAULT_STYLE_LAYERS
-    from nst_lightning.resources import estimate_memory
+    from nst_lightning.memory import estimate_memory
 
     shape = (size * 3 // 4, size)
     style = (size * 5 // 8, size)  # starry_night.jpg is 512x320
@@ -84,7 +84,7 @@ def main() -> None:
         print(json.dumps(worker(*args.worker, args.precision, args.device)))
         return
 
-    from nst_lightning.resources import available_cpu_memory
+    from nst_lightning.free_memory import available_cpu_memory
 
     modes = args.modes.split(",")
     print(f"| size | evaluation | targets s | s/eval | peak RSS GiB | estimate GiB |{' GPU reserved GiB |' if args.device == 'cuda' else ''}")

@@ -134,7 +134,7 @@ def estimate(config: RunConfig) -> str:
     """A run's peak memory estimate from the image or video headers (nothing decoded) and the largest size that fits;
     for a folder of images or clips, that of its largest content (with a group of images as large as a device takes)."""
     from .images import read_size
-    from .resources import refuse_tiling, summary
+    from .resources import summary
 
     kind = config.kind
     if kind == "image":
@@ -143,7 +143,6 @@ def estimate(config: RunConfig) -> str:
     from .pairs import expand_pairs
     from .videoio import frame_size
 
-    refuse_tiling(config, "clips" if kind in ("clip", "clips") else "folder runs")
     if kind == "clip":
         shape = frame_size(config.contents)
         return f"clip {config.contents[0]}: frames {shape[1]}x{shape[0]}\n" + summary(

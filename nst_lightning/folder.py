@@ -28,7 +28,7 @@ from .errors import ConfigError, NSTError
 from .groups import FOLDER_STRATEGIES, ShardedStrategy, check_folder_strategy, gather_results
 from .images import read_size
 from .kinds import FOLDER_SUMMARY
-from .resources import check_fits, refuse_tiling
+from .resources import Plan, plan_run
 
 SUMMARY_FILE = FOLDER_SUMMARY
 UNSUPPORTED_KEYS = {
@@ -149,17 +149,17 @@ def largest_pair(pairs: Sequence[Any], size: Callable[[str], tuple[int, int]] = 
     return max(pairs, key=lambda p: _pixels(p.content, size))
 
 
-def plan_folder_memory(config: RunConfig, pairs: Sequence[Any], per_device: int) -> int:
-    """The VGG blocks to checkpoint so the largest group fits; ResourceError when even that does not fit."""
-    refuse_tiling(config, "folder runs")
+def plan_folder_memory(config: RunConfig, pairs: Sequence[Any], per_device: int) -> Plan | None:
+    """The memory plan (checkpointed blocks, tile, L-BFGS history) every group runs with, set by the largest
+    group: ``per_device`` images of the largest content; ResourceError when even that does not fit, None when
+    no content can be read (each pair is then reported failed as its turn comes)."""
     largest = largest_pair(pairs)
     try:
         content = read_size(largest.content)
         styles = [read_size(s) for s in largest.styles]
-    except NSTError:  # unreadable images are reported per pair; plan with what can be read
-        return 0 if config.features.checkpoint_blocks == "auto" else config.features.checkpoint_blocks
-    blocks, _ = check_fits(config, content, styles, batch=min(per_device, len(pairs)))
-    return blocks
+    except NSTError:
+        return None
+    return plan_run(config, content, styles, batch=min(per_device, len(pairs)))
 
 
 def _pixels(path: str, size: Callable[[str], tuple[int, int]] = read_size) -> int:

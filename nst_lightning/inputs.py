@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .config import INIT_KEYWORDS, FeaturesConfig, RunConfig
+from .config import INIT_KEYWORDS, FeaturesConfig, OptimConfig, RunConfig
 from .errors import ConfigError
 from .features import VGGFeatures
 from .images import Loading, frame_count, load_image, load_style, read_image, read_size, style_side, target_shape
@@ -101,16 +101,18 @@ def build_module(
     extractor: VGGFeatures | None = None,
     target_cache: MutableMapping[str, Any] | None = None,
     features: FeaturesConfig | None = None,
+    optim: OptimConfig | None = None,
     temporal: TemporalTarget | None = None,
 ) -> StyleTransferModule:
-    """The LightningModule for ``config`` and already loaded images (``init`` and ``features`` override the config's);
+    """The LightningModule for ``config`` and already loaded images (``init``, ``features`` and ``optim``, as a
+    memory plan resolves them, override the config's);
     without images, a module for a folder run, fed by ``StylePairsDataModule``. ``temporal`` adds the temporal
     term of a clip's frame."""
     return StyleTransferModule(
         content,
         styles,
         loss=config.loss,
-        optim=config.optim,
+        optim=optim or config.optim,
         features=features or config.features,
         init=init_input(config) if init is None else init,
         style_blend=config.style_blend,

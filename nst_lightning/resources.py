@@ -1,181 +1,26 @@
-"""Memory: what a run of a given size needs, what the machine has, and the advice when it does not fit.
-
-The estimate follows the network layer by layer (what autograd keeps for the backward pass), adds the
-optimiser's copies of the image and the frozen weights. Arithmetic only: nothing is allocated to find out.
+"""The memory plan: what a run of a given config needs (``nst_lightning.memory``'s arithmetic), what the machine
+has free, the checkpointed blocks, tile and L-BFGS history that make it fit, and the advice when nothing does.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-from .config import MAX_CHECKPOINT_BLOCKS, MAX_IMAGE_SIZE, RunConfig, all_layers
-from .errors import ConfigError, ResourceError
-from .hardware import cuda_run, nvml_device, resolve_precision
+from .config import MAX_CHECKPOINT_BLOCKS, MAX_IMAGE_SIZE, FeaturesConfig, OptimConfig, RunConfig, all_layers
+from .errors import ResourceError
+from .free_memory import available_cpu_memory, available_cuda_memory, cuda_indices
+from .hardware import cuda_run, resolve_precision
 from .images import Loading, style_shape, target_shape
-from .layers import LAYER_NAMES, LAYER_INDEX, aligned_tile, halo
+from .memory import GiB, MemoryEstimate, Shape, estimate_memory
 
-Shape = tuple[int, int]
-"""An image's ``(H, W)``."""
-GiB = 1024**3
-CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
-"""Output channels of the convolutions in each VGG19 block."""
-VGG19_WEIGHT_BYTES = 80_130_000
-"""All 16 convolutions' weights in fp32: the state dict built when the network is loaded."""
-SLACK = 1.15
-"""Allocator fragmentation and small temporaries not followed one by one."""
-LOAD_BYTES_PER_PIXEL = 27
-"""Decoding a source image: Pillow's 8-bit RGB, then two float32 copies (array and NCHW tensor)."""
 TILE_CHOICES = (4096, 2048, 1024, 512, 256, 128, 64)
 """Tile sides ``features.tile=auto`` tries, largest (least halo overhead) first."""
-TILED_IMAGE_COPIES = 10
-"""Whole-image fp32 copies a tiled evaluation holds besides the tile's pass: the input, what VGG sees, its
-gradient, the image's gradient and the pixel terms' autograd (total variation, chroma, border)."""
+MIN_HISTORY = 5
+"""The shortest L-BFGS history the plan lowers ``optim.history_size`` to when nothing else makes a run fit."""
 
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Peak memory of a run in bytes, by what holds it."""
-
-    weights: int
-    """The frozen network, and the full weight file while it loads."""
-    activations: int
-    """Layer outputs kept for the backward pass plus its working set, or the style pass if larger."""
-    optimizer: int
-    """The image, its gradient, the last good copy and the optimiser's state (L-BFGS history)."""
-    targets: int
-    """Content and style images, content features and style Grams."""
-    loading: int = 0
-    """Decoding the largest source image at full size, before the run (a separate, earlier peak)."""
-    tile: int = 0
-    """The tile side of a tiled evaluation (``features.tile``), 0 for the whole image at once."""
-
-    @property
-    def total(self) -> int:
-        """The whole peak, with slack for the allocator."""
-        running = self.weights + self.activations + self.optimizer + self.targets
-        return round(max(running, self.loading) * SLACK)
-
-    def describe(self) -> str:
-        """One line: the total and its largest parts."""
-        tiled = f", tiled by {self.tile} px" if self.tile else ""
-        return (
-            f"about {self.total / GiB:.1f} GiB (activations {self.activations / GiB:.2f}, optimizer "
-            f"{self.optimizer / GiB:.2f}, targets {self.targets / GiB:.2f}, weights {self.weights / GiB:.2f} GiB{tiled})"
-        )
-
-
-def _walk(height: int, width: int, deepest: int) -> list[tuple[str, int, int]]:
-    """``(layer, channels, pixels)`` for every layer up to ``deepest``: each layer's output size."""
-    out = []
-    h, w, channels = height, width, 3
-    for name in LAYER_NAMES[: deepest + 1]:
-        if name.startswith("pool"):
-            h, w = h // 2, w // 2
-        else:
-            channels = CHANNELS[int(name[4])]
-        out.append((name, channels, h * w))
-    return out
-
-
-def activation_bytes(
-    height: int,
-    width: int,
-    layers: Sequence[str],
-    precision: str = "32-true",
-    pooling: str = "max",
-    checkpoint_blocks: int = 0,
-) -> int:
-    """Peak bytes of one forward and backward pass through VGG19 for a ``height x width`` image.
-
-    Autograd keeps every ReLU and pooling output (max pooling also its int64 indices) in the network's
-    dtype; a convolution's output lives only until its ReLU, and the Grams keep no fp32 copies. The peak
-    comes as the backward starts: all of that plus the gradients of the loss layers. A checkpointed block
-    keeps only its loss layers and its pooled output; the backward recomputes it, holding it again with
-    the gradient of its largest layer (a second, usually smaller peak). Within -6%..+23% of one step's
-    peak measured on the CPU at 512 and 1024 px, fp32 and bf16, 0, 2 and 4 blocks.
-    """
-    size = 2 if precision in ("bf16-mixed", "16-mixed") else 4
-    deepest = max(LAYER_INDEX[n] for n in layers)
-    walk = _walk(height, width, deepest)
-    recomputed = min(checkpoint_blocks, sum(1 for name, _, _ in walk if name.startswith("pool")))
-    image = 4 * 3 * height * width * 4  # the image in 0..1, flipped, normalised and its cast
-    kept = 0  # what autograd keeps through the forward pass
-    loss_grads = 0  # gradients of the loss layers (cast to the network's dtype), waiting for the backward
-    block = {b: [0, 0] for b in range(1, 6)}  # per recomputed block: what it holds again, its largest layer
-    for name, channels, pixels in walk:
-        layer = channels * pixels * size
-        held = layer if name.startswith(("relu", "pool")) else 0
-        if name.startswith("pool") and pooling == "max":
-            held += channels * pixels * 8
-        if name in layers:
-            loss_grads += layer
-        number = int(name[4])
-        if number <= recomputed:
-            block[number][0] += held
-            block[number][1] = max(block[number][1], layer)
-            kept += layer if name in layers or name.startswith("pool") else 0
-        else:
-            kept += held
-    forward = image + kept + loss_grads
-    recompute = max(image + again + largest for again, largest in block.values())
-    return max(forward, recompute)
-
-
-def target_pass_bytes(height: int, width: int, layers: Sequence[str]) -> int:
-    """Peak bytes of the gradient-free pass computing an image's targets (style Grams, content features): its
-    kept layers and two more, in fp32 whatever the run's precision (targets come from the fp32 extractor)."""
-    size = 4
-    deepest = max(LAYER_INDEX[n] for n in layers)
-    walk = _walk(height, width, deepest)
-    kept = sum(c * p * size for name, c, p in walk if name in layers)
-    return kept + 2 * max(c * p * size for _, c, p in walk)
-
-
-def estimate_memory(
-    shape: Shape,
-    style_shapes: Sequence[Shape],
-    layers: Sequence[str],
-    content_layers: Sequence[str] = ("relu4_2",),
-    *,
-    precision: str = "32-true",
-    optimizer: str = "lbfgs",
-    history_size: int = 20,
-    pooling: str = "max",
-    source_pixels: int = 0,
-    checkpoint_blocks: int = 0,
-    tile: int = 0,
-) -> MemoryEstimate:
-    """Peak memory of a run producing an ``(H, W)`` image from styles of ``style_shapes``.
-
-    ``layers``: every loss layer; ``content_layers``: those whose content features are kept as targets;
-    ``source_pixels``: the largest input image's pixel count at full size; ``checkpoint_blocks``: VGG blocks
-    recomputed in the backward pass (``features.checkpoint_blocks``); ``tile``: the tile side of a tiled
-    evaluation (the network then sees one tile and its halo at a time, targets included; no checkpointing).
-    """
-    height, width = shape
-    image = 3 * height * width * 4
-    # image, gradient, last good copy; L-BFGS adds 2 * history_size flat copies and ~4 work vectors, Adam 2 moments
-    copies = 3 + (2 * history_size + 4 if optimizer == "lbfgs" else 3)
-    if tile:
-        side = aligned_tile(tile, layers) + 2 * halo(layers)
-        network = activation_bytes(min(height, side), min(width, side), layers, precision, pooling) + TILED_IMAGE_COPIES * image
-        target_pass = max(target_pass_bytes(min(h, side), min(w, side), layers) for h, w in [shape, *style_shapes])
-    else:
-        network = activation_bytes(height, width, layers, precision, pooling, checkpoint_blocks)
-        target_pass = max(target_pass_bytes(h, w, layers) for h, w in [shape, *style_shapes])
-    deepest = max(LAYER_INDEX[n] for n in layers)
-    content_features = sum(c * p * 4 for name, c, p in _walk(height, width, deepest) if name in content_layers)
-    grams = sum(CHANNELS[int(n[4])] ** 2 * 4 for n in layers)
-    return MemoryEstimate(
-        weights=VGG19_WEIGHT_BYTES * 2,
-        activations=max(network, target_pass),
-        optimizer=copies * image,
-        targets=image + sum(3 * h * w * 4 for h, w in style_shapes) + content_features + grams,
-        loading=source_pixels * LOAD_BYTES_PER_PIXEL,
-        tile=tile,
-    )
+log = logging.getLogger(__name__)
 
 
 def run_shapes(
@@ -219,12 +64,14 @@ def estimate_for(
     checkpoint_blocks: int | None = None,
     batch: int = 1,
     tile: int | None = None,
+    history_size: int | None = None,
 ) -> MemoryEstimate:
     """The estimate for ``config`` and source images of these shapes (at ``size`` instead of ``image.size`` if given).
 
     ``checkpoint_blocks`` and ``tile`` default to the most memory-saving values the config allows (see
     ``checkpoint_choices`` and ``tile_choices``); a tiled evaluation checkpoints nothing. ``batch`` images
-    optimised together multiply everything but the shared weights.
+    optimised together multiply everything but the shared weights. ``history_size`` (default the config's) is
+    the L-BFGS history counted.
     """
     shape, styles = run_shapes(config, content_shape, style_shapes, size or config.image.size)
     tile = tile_choices(config, shape)[-1] if tile is None else tile
@@ -237,7 +84,7 @@ def estimate_for(
         config.loss.content_layers,
         precision=run_precision(config),
         optimizer=config.optim.name,
-        history_size=config.optim.history_size,
+        history_size=config.optim.history_size if history_size is None else history_size,
         pooling=config.features.pooling,
         source_pixels=max(h * w for h, w in [content_shape, *style_shapes]),
         checkpoint_blocks=checkpoint_choices(config)[-1] if checkpoint_blocks is None else checkpoint_blocks,
@@ -253,8 +100,13 @@ def plan_memory(
     ``tile`` says whether, and by which tiles, the evaluation must be tiled).
 
     Checkpointing costs a second forward of the blocks it covers and tiling the halo and a second pass, so
-    they are used only as far as memory requires: untiled with the fewest blocks, then the largest tile. When
-    nothing fits (or the free memory is unknown: then nothing is traded) the last choice is returned.
+    they are used only as far as memory requires: untiled with the fewest blocks, then the largest tile.
+
+    At print size the L-BFGS history (two image copies per step of history) can outweigh any tile: when nothing
+    fits with the configured history, it is lowered (the estimate's ``history_size``, never below ``MIN_HISTORY``)
+    with the cheapest choice that keeps at least half of it, else with the cheapest that fits at all: a small
+    tile's halo costs more time than a shorter history costs steps. When nothing fits even so (or the free memory
+    is unknown: then nothing is traded) the last choice is returned.
     """
     shape, _ = run_shapes(config, content_shape, style_shapes, config.image.size)
     choices = [(blocks, 0) for blocks in checkpoint_choices(config)] if tile_choices(config, shape)[0] == 0 else []
@@ -265,7 +117,35 @@ def plan_memory(
         estimate = estimate_for(config, content_shape, style_shapes, checkpoint_blocks=blocks, batch=batch, tile=tile)
         if available is None or estimate.total <= available:
             return blocks, estimate
-    return blocks, estimate
+    if available is None or config.optim.name != "lbfgs":
+        return blocks, estimate
+    kept = [(_longest_history(config, content_shape, style_shapes, available, batch, b, t), b, t) for b, t in choices]
+    usable = [choice for choice in kept if choice[0]]
+    if not usable:
+        return blocks, estimate
+    enough = [choice for choice in usable if 2 * choice[0] >= config.optim.history_size]
+    history, blocks, tile = (enough or usable)[0]
+    plan = estimate_for(config, content_shape, style_shapes, checkpoint_blocks=blocks, batch=batch, tile=tile, history_size=history)
+    return blocks, plan
+
+
+def _longest_history(
+    config: RunConfig, content_shape: Shape, style_shapes: Sequence[Shape], available: int, batch: int, blocks: int, tile: int
+) -> int:
+    """The longest L-BFGS history below the configured one, at least ``MIN_HISTORY``, that fits; 0 if none does."""
+    def fits(history: int) -> bool:
+        estimate = estimate_for(
+            config, content_shape, style_shapes, checkpoint_blocks=blocks, batch=batch, tile=tile, history_size=history
+        )
+        return estimate.total <= available
+
+    low, high = MIN_HISTORY, config.optim.history_size - 1
+    if high < low or not fits(low):
+        return 0
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
 
 
 def largest_size(
@@ -288,59 +168,6 @@ def largest_size(
         else:
             high = mid - 1
     return low
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().split()[0]
-    except (OSError, IndexError):
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def available_cpu_memory() -> int | None:
-    """Bytes this process can still allocate: MemAvailable, or less when a cgroup limit is lower; None if unknown."""
-    found = []
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                found.append(int(line.split()[1]) * 1024)
-    except OSError:
-        pass
-    for limit, usage in [("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")]:
-        cap, used = _read_int(Path("/sys/fs/cgroup") / limit), _read_int(Path("/sys/fs/cgroup") / usage)
-        if cap is not None and used is not None and cap < 1 << 60:
-            found.append(max(0, cap - used))
-    return min(found) if found else None
-
-
-CUDA_CONTEXT_BYTES = GiB
-"""What the run's own CUDA context (with cuBLAS and cuDNN handles) will take: NVML's free memory, read before
-the context exists, does not count it yet (torch's ``mem_get_info`` afterwards would). An allowance, not a
-measurement: gpu_check.py's peak figures are the check."""
-
-
-def available_cuda_memory(index: int = 0) -> int:
-    """Free bytes on CUDA device ``index`` for the run, asked through NVML so the launching process does not
-    initialise CUDA (less the context the run will create)."""
-    device = nvml_device(index)
-    if device is not None:
-        return max(0, device.free_bytes - CUDA_CONTEXT_BYTES)
-    import torch
-
-    free, _ = torch.cuda.mem_get_info(index)  # no NVML, or CUDA already initialised
-    return int(free)
-
-
-def cuda_indices(devices: int | str | list[int], count: int) -> list[int]:
-    """The CUDA devices a Trainer with ``trainer.devices`` uses out of ``count`` visible ones (all for ``auto``/-1)."""
-    if isinstance(devices, list):
-        return list(devices)
-    if isinstance(devices, int) and devices > 0:
-        return list(range(min(devices, count)))
-    if isinstance(devices, str) and devices.strip().isdigit() and int(devices) > 0:
-        return list(range(min(int(devices), count)))
-    return list(range(count))
 
 
 def target_device(config: RunConfig) -> tuple[str, int | None]:
@@ -383,15 +210,6 @@ def advice(config: RunConfig, content_shape: Shape, style_shapes: Sequence[Shape
     return "; ".join(tips)
 
 
-def refuse_tiling(config: RunConfig, runs: str) -> None:
-    """ConfigError for ``features.tile`` in a kind of run that does not tile (folder runs, clips)."""
-    if config.features.tile != "off":
-        raise ConfigError(
-            f"features.tile={config.features.tile} is for single and staged runs; {runs} evaluate whole images, "
-            "so set features.tile=off (or lower image.size)"
-        )
-
-
 def check_fits(
     config: RunConfig, content_shape: Shape, style_shapes: Sequence[Shape], batch: int = 1
 ) -> tuple[int, MemoryEstimate]:
@@ -408,6 +226,37 @@ def check_fits(
             f"{available / GiB:.1f} GiB free; {advice(config, content_shape, style_shapes, available)}"
         )
     return blocks, estimate
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a run fits in memory: the sections it runs with (checkpointed VGG blocks, tile and L-BFGS history
+    resolved from ``auto`` and the free memory) and the estimate they give."""
+
+    features: FeaturesConfig
+    optim: OptimConfig
+    estimate: MemoryEstimate
+
+
+def plan_run(
+    config: RunConfig, content_shape: Shape, style_shapes: Sequence[Shape], batch: int = 1, size: int | None = None
+) -> Plan:
+    """The plan for ``batch`` images of these shapes at ``size`` (a stage's; default ``image.size``: an earlier,
+    smaller stage of a tiled run may fit whole); ResourceError when even the most recomputation, the smallest
+    tile and the shortest history do not fit. A lowered L-BFGS history is said in a warning."""
+    if size is not None:
+        config = config.model_copy(update={"image": config.image.model_copy(update={"size": size})})
+    blocks, estimate = check_fits(config, content_shape, style_shapes, batch=batch)
+    features = config.features.model_copy(update={"checkpoint_blocks": blocks, "tile": estimate.tile or "off"})
+    optim = config.optim
+    if estimate.history_size and estimate.history_size < optim.history_size:
+        log.warning(
+            "image.size=%d: optim.history_size lowered from %d to %d so the L-BFGS history fits (%s); set "
+            "optim.history_size=%d to choose it yourself, or free memory",
+            config.image.size, optim.history_size, estimate.history_size, estimate.describe(), estimate.history_size,
+        )
+        optim = optim.model_copy(update={"history_size": estimate.history_size})
+    return Plan(features, optim, estimate)
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -433,7 +282,10 @@ def summary(config: RunConfig, content_shape: Shape, style_shapes: Sequence[Shap
     (h, w), styles = run_shapes(config, content_shape, style_shapes, config.image.size)
     device, available = target_device(config)
     blocks, estimate = plan_memory(config, content_shape, style_shapes, available, batch=batch)
-    optimizer = config.optim.name + (f" (history {config.optim.history_size})" if config.optim.name == "lbfgs" else "")
+    optimizer = config.optim.name
+    if config.optim.name == "lbfgs":
+        lowered = estimate.history_size < config.optim.history_size
+        optimizer += f" (history {config.optim.history_size}" + (f", lowered to {estimate.history_size} to fit)" if lowered else ")")
     lines = [
         f"image {w}x{h}, styles {', '.join(f'{sw}x{sh}' for sh, sw in styles)}; {run_precision(config)}, {optimizer}",
         f"needs {estimate.describe()}" + (f" with {blocks} VGG blocks checkpointed" if blocks else ""),

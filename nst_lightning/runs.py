@@ -32,7 +32,7 @@ from .groups import FolderGroups, GroupStop, check_folder_strategy, distributed_
 from .images import read_size, resize, save_image
 from .inputs import build_module, init_input, input_warnings, load_images, load_masks, load_styles, loading
 from .pairs import Pair, expand_pairs, pending
-from .resources import out_of_memory_message, refuse_tiling
+from .resources import out_of_memory_message, plan_run
 from .rundir import (
     RunOutputs,
     Stage,
@@ -43,7 +43,7 @@ from .rundir import (
     read_checkpoint,
     resume_point,
 )
-from .session import RERUN_CLIPS, RERUN_FOLDER, Failure, build_trainer, fit, interrupted, plan_features, seed, session
+from .session import RERUN_CLIPS, RERUN_FOLDER, Failure, build_trainer, fit, interrupted, seed, session
 from .video import (
     ClipOutputs,
     Flows,
@@ -97,7 +97,7 @@ def run_image(
         stages = plan_stages(config, outputs)
         start, ckpt_path = resume_point(config, resume, stages)
         shapes = (read_size(config.content), [read_size(p) for p in config.styles])
-        plans = {stage.size: plan_features(config, *shapes, size=stage.size) for stage in stages[start:]}
+        plans = {stage.size: plan_run(config, *shapes, size=stage.size) for stage in stages[start:]}
         for line in input_warnings(config):  # once the run is known to go ahead
             log.warning("%s", line)
         masks = load_masks(config)
@@ -113,7 +113,7 @@ def run_image(
             trainer = build_trainer(config, outputs, progress, [stop, *(callbacks or [])], stage=stage, shown=(content, styles))
             module = build_module(
                 config, content, styles, masks=masks, init=init, extractor=extractor, target_cache=target_cache,
-                features=plans[stage.size],
+                features=plans[stage.size].features, optim=plans[stage.size].optim,
             )
             extractor = module.extractor
             first = stage.index == start
@@ -198,14 +198,16 @@ def run_folder(
             report.save(config)
             return report
         per_device = images_per_device(config)
-        blocks = plan_folder_memory(config, todo, per_device)
+        plan = plan_folder_memory(config, todo, per_device)
         check_writable(output)  # after every refusal, before any work: a read-only or full disk is said at once
-        features = config.features.model_copy(update={"checkpoint_blocks": blocks})
         groups = FolderGroups()
         stop = GroupStop(groups)
         bars = [ImagesProgressBar()] if progress else []
         trainer = build_trainer(config, output, progress=False, callbacks=[*bars, stop, *(callbacks or []), groups], folder=True)
-        module = build_module(config, None, None, masks=load_masks(config), init=init_input(config), features=features)
+        module = build_module(
+            config, None, None, masks=load_masks(config), init=init_input(config),
+            features=plan.features if plan else None, optim=plan.optim if plan else None,
+        )
         data = StylePairsDataModule.from_config(config, todo, images_per_device=per_device)
         checkpoints = output / "checkpoints"
         output.mkdir(parents=True, exist_ok=True)
@@ -264,14 +266,13 @@ def run_clip(
             check_record(outputs, record)
         styles = load_styles(config, clip.shape)
         shapes = (clip.shape, [tuple(s.shape[-2:]) for s in styles])
-        refuse_tiling(config, "clips")
-        features = plan_features(config, *shapes)
+        plan = plan_run(config, *shapes)
         masks = load_masks(config)
         require_opencv()
         seed(config)
         # the first frame's cold-start scale serves every frame (also when resuming mid-clip); a features.onnx graph
         # is opened and validated on that frame, before anything is written, then computes every frame's targets
-        first = build_module(config, clip.frame(0), styles, masks=masks, extractor=extractor, features=features)
+        first = build_module(config, clip.frame(0), styles, masks=masks, extractor=extractor, features=plan.features, optim=plan.optim)
         extractor = first.extractor
         graph = onnx_targets(config, first) if config.features.onnx else None
         scale = first.starting_objective_scale()
@@ -286,7 +287,8 @@ def run_clip(
             redo = True  # every later frame depends on this one
             init, temporal = frame_start(config, outputs, flows, p, i, neighbour)
             module = build_module(
-                config, clip.frame(i), styles, masks=masks, init=init, extractor=extractor, features=features, temporal=temporal
+                config, clip.frame(i), styles, masks=masks, init=init, extractor=extractor, features=plan.features,
+                optim=plan.optim, temporal=temporal,
             )
             if graph is not None:
                 onnx_targets(config, module, graph)

@@ -7,7 +7,7 @@ the seed, the Trainer, signals and the translation of a failure into one user-fa
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +20,14 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from .atomic import is_write_failure, write_failure
 from .callbacks import FinalImage, ImageSnapshots, LossHistory, RunPlots, StepCheckpoint, StepProgressBar
-from .config import FeaturesConfig, RunConfig
+from .config import RunConfig
 from .errors import ConfigError, NSTError, NumericalError, ResourceError, RunInterrupted
 from .faults import AtomicCheckpointIO, GracefulStop, StopSignal, stopping_on_signals
 from .groups import folder_strategy
 from .hardware import cuda_run, resolve_precision
 from .lock import FolderLock
 from .quiet import lightning_quiet
-from .resources import Shape, check_fits, is_out_of_memory
+from .resources import is_out_of_memory
 from .kinds import CLIP_RECORD, RunKind, held_kind
 from .rundir import RunOutputs, Stage, check_run_kind, checkpoint_step, has_checkpoint, plan_stages
 
@@ -75,18 +75,6 @@ def stopped_between_steps(output: Path, kind: RunKind, signum: int) -> RunInterr
     if not resumable and held_kind(output) is None:
         err.hint = NOTHING_WRITTEN
     return err
-
-
-def plan_features(
-    config: RunConfig, content: Shape, styles: Sequence[Shape], batch: int = 1, size: int | None = None
-) -> FeaturesConfig:
-    """The ``features`` section with ``checkpoint_blocks`` and ``tile`` resolved so ``batch`` images of these
-    shapes fit at ``size`` (a stage's; default ``image.size``: an earlier, smaller stage of a tiled run may fit
-    whole); ResourceError when even the most recomputation or the smallest tile does not."""
-    if size is not None:
-        config = config.model_copy(update={"image": config.image.model_copy(update={"size": size})})
-    blocks, estimate = check_fits(config, content, styles, batch=batch)
-    return config.features.model_copy(update={"checkpoint_blocks": blocks, "tile": estimate.tile or "off"})
 
 
 def seed(config: RunConfig) -> None:

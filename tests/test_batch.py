@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -208,6 +209,51 @@ def test_folder_memory_is_planned_for_the_images_a_group_holds(tmp_path, monkeyp
     with pytest.raises(ResourceError, match=r"\(4 images together; lower batch.images_per_device\)"):
         fit_batch(cfg, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+class _SeenTile(Callback):
+    """Records the tile side the running module evaluates with."""
+
+    tile = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.tile = pl_module.tile
+
+
+def test_a_folder_run_the_plan_says_does_not_fit_whole_is_tiled_and_writes_what_an_untiled_run_writes(tmp_path, monkeypatch):
+    """Folder runs refused features.tile; now a group too large to evaluate whole is evaluated tile by tile (the
+    same loss and gradient), so its images match an untiled run's."""
+    from dataclasses import replace
+
+    from nst_lightning import resources
+    from nst_lightning.config import EXAMPLE_STYLE
+    from nst_lightning.images import read_size
+
+    names = make_frames(tmp_path / "frames", 2, side=96)
+    settings = [f"content={tmp_path / 'frames'}", "image.size=96", "trainer.max_steps=8", "trainer.accelerator=cpu",
+                "trainer.precision=32-true", "batch.images_per_device=2", "loss.content_layers=[relu3_1]",
+                "loss.style_layers=[relu1_1, relu2_1, relu3_1]"]  # a 16 px halo: the 64 px tiles are real cuts
+    untiled = fit_batch(load_config(None, [*settings, f"output={tmp_path / 'whole'}"]), progress=False)
+    tiled_config = load_config(None, [*settings, f"output={tmp_path / 'tiled'}", "features.tile=auto"])
+    real = resources.estimate_for
+
+    def whole_images_are_huge(*args, tile=None, **kw):  # as if the images were too large to evaluate at once
+        estimate = real(*args, tile=tile, **kw)
+        return replace(estimate, activations=estimate.activations * 1000) if estimate.tile == 0 else estimate
+
+    shapes = ((96, 96), [read_size(EXAMPLE_STYLE)])
+    monkeypatch.setattr(resources, "estimate_for", whole_images_are_huge)
+    monkeypatch.setattr(resources, "available_cpu_memory", lambda: real(tiled_config, *shapes, tile=64, batch=2).total + 1)
+    seen = _SeenTile()
+    tiled = fit_batch(tiled_config, progress=False, callbacks=[seen])
+    assert seen.tile == 64 and len(tiled.done) == len(untiled.done) == 2
+    whole_loss = {r.name: r.loss for r in untiled.done}
+    for r in tiled.done:  # L-BFGS amplifies the last bits the tiles sum in another order: losses agree, pixels nearly
+        assert r.loss == pytest.approx(whole_loss[r.name], rel=5e-3)
+    for name in names:
+        a, b = read_image(tmp_path / "tiled" / name), read_image(tmp_path / "whole" / name)
+        assert (a - b).abs().mean() < 2 / 255
+        assert (a - load_image(tmp_path / "frames" / f"{name.split('__')[0]}.png", 96)).abs().mean() > 0.02  # it moved
 
 
 def _out_of_memory_in_groups_with(monkeypatch, first_pair: str) -> None:

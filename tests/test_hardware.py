@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from nst_lightning import hardware, resources
+from nst_lightning import free_memory, hardware, resources
 from nst_lightning.api import fit
 from nst_lightning.errors import ConfigError
 
@@ -69,7 +69,7 @@ def fake_cuda_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda.memory, "_lazy_init", lazy_init)
     device = lambda index: hardware.NvmlDevice((8, 0), free[index], 40 * GiB)  # noqa: E731
     monkeypatch.setattr(hardware, "nvml_device", device)
-    monkeypatch.setattr(resources, "nvml_device", device)
+    monkeypatch.setattr(free_memory, "nvml_device", device)
     return inits
 
 
@@ -100,7 +100,7 @@ def test_nothing_initialises_cuda_before_the_trainer_fits(fake_cuda_machine, mon
 @pytest.mark.parametrize(("devices", "free"), [(1, 20), ([1], 30), (2, 20), ("auto", 20)])
 def test_the_memory_check_reads_the_least_free_device_the_run_uses_through_nvml(fake_cuda_machine, tiny_config, devices, free):
     config = tiny_config(**{"trainer.accelerator": "gpu", "trainer.devices": devices})
-    assert resources.target_device(config) == ("cuda", free * GiB - resources.CUDA_CONTEXT_BYTES)
+    assert resources.target_device(config) == ("cuda", free * GiB - free_memory.CUDA_CONTEXT_BYTES)
     assert fake_cuda_machine == []
 
 

@@ -18,7 +18,7 @@ LAYERS = [
     ("ground", {"errors", "allocator", "kinds", "layers", "atomic"}),
     ("config", {"sections", "config"}),
     ("images", {"images"}),
-    ("core", {"features", "objective", "gram", "wasserstein", "smoothness", "losses", "tiling", "optim", "cudagraph", "color", "flow", "judge", "hardware", "onnx_graph"}),
+    ("core", {"features", "objective", "gram", "wasserstein", "smoothness", "losses", "tiling", "optim", "cudagraph", "color", "flow", "judge", "hardware", "free_memory", "memory", "onnx_graph"}),
     ("pieces", {"problem", "checkpointing", "targets", "guards", "resources", "pairs", "data", "videoio", "lock", "quiet", "history", "plots", "callbacks", "faults", "image_logging", "groups"}),
     ("module", {"module"}),
     ("session", {"session", "rundir", "inputs", "export", "folder", "video"}),

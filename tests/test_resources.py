@@ -17,15 +17,9 @@ from nst_lightning.api import fit
 from nst_lightning.config import DEFAULT_STYLE_LAYERS, EXAMPLE_STYLE, all_layers, load_config
 from nst_lightning.errors import ResourceError
 from nst_lightning.images import read_size
-from nst_lightning.resources import (
-    activation_bytes,
-    available_cpu_memory,
-    estimate_for,
-    estimate_memory,
-    is_out_of_memory,
-    largest_size,
-    target_pass_bytes,
-)
+from nst_lightning.free_memory import available_cpu_memory
+from nst_lightning.memory import GiB, TILED_IMAGE_COPIES, activation_bytes, estimate_memory, target_pass_bytes
+from nst_lightning.resources import estimate_for, is_out_of_memory, largest_size
 
 LAYERS = [*DEFAULT_STYLE_LAYERS, "relu4_2"]
 
@@ -214,7 +208,7 @@ def test_a_tiled_evaluation_needs_memory_set_by_the_tile_not_the_image():
     image = lambda size: 3 * size * size * 4
     tiled = {s: estimate_memory((s, s), [(256, 256)], LAYERS, tile=512) for s in (2048, 4096)}
     whole = {s: estimate_memory((s, s), [(256, 256)], LAYERS) for s in (2048, 4096)}
-    network = {s: tiled[s].activations - resources.TILED_IMAGE_COPIES * image(s) for s in tiled}
+    network = {s: tiled[s].activations - TILED_IMAGE_COPIES * image(s) for s in tiled}
     assert network[2048] == network[4096]  # the tile's pass; only the image's own copies grow
     assert whole[4096].activations > 3.5 * whole[2048].activations
     assert tiled[4096].total < 0.6 * whole[4096].total and tiled[4096].tile == 512
@@ -242,12 +236,50 @@ def test_a_run_too_large_untiled_is_told_to_tile_when_tiles_would_fit(tiny_confi
         resources.check_fits(cfg, *sources)
 
 
-def test_folder_runs_and_clips_refuse_features_tile_by_name(tiny_config):
-    from nst_lightning.errors import ConfigError
+def test_at_print_size_the_lbfgs_history_is_lowered_where_no_tile_fits_and_with_the_cheapest_tile_that_then_does(tiny_config):
+    """At 4096 px twenty pairs of L-BFGS history are 8.8 GiB: no tile alone fits 8 GiB."""
+    cfg = tiny_config(**{"image.size": 4096, "features.tile": "auto"})
+    sources = _sources(cfg)
+    need = lambda tile, history: estimate_for(cfg, *sources, tile=tile, history_size=history).total
+    assert estimate_for(cfg, *sources).optimizer > 8 * GiB and need(64, 20) > need(512, 5)
+    _, plan = resources.plan_memory(cfg, *sources, available=need(512, 5) + 1)
+    assert (plan.tile, plan.history_size) == (512, 5)  # the 512 px tile's halo costs far less than a 64 px one's
+    _, plan = resources.plan_memory(cfg, *sources, available=need(1024, 10) + 1)
+    assert (plan.tile, plan.history_size) == (1024, 10)  # half the history kept with the largest tile that allows it
+    assert resources.plan_memory(cfg, *sources, available=need(64, resources.MIN_HISTORY) - 1)[1].history_size == 20
+    adam = tiny_config(**{"image.size": 4096, "features.tile": "auto", "optim.name": "adam"})
+    assert resources.plan_memory(adam, *sources, available=need(512, 5) + 1)[1].history_size == 0
 
-    with pytest.raises(ConfigError, match="features.tile=64 is for single and staged runs; folder runs evaluate"):
-        resources.refuse_tiling(tiny_config(**{"features.tile": 64}), "folder runs")
-    resources.refuse_tiling(tiny_config(), "clips")
+
+def test_fit_runs_with_the_lowered_history_says_so_and_estimate_shows_it(tiny_config, monkeypatch, caplog):
+    from dataclasses import replace
+
+    from .test_cli import invoke, sets
+
+    cfg = tiny_config(steps=2, **{"image.size": 96})
+    real = resources.estimate_for
+
+    def a_huge_history(*args, **kw):  # as if each of the image's copies were print-size
+        estimate = real(*args, **kw)
+        return replace(estimate, optimizer=estimate.optimizer * 10_000)
+
+    monkeypatch.setattr(resources, "estimate_for", a_huge_history)
+    available = a_huge_history(cfg, *_sources(cfg), checkpoint_blocks=0, history_size=8).total + 1
+    monkeypatch.setattr(resources, "available_cpu_memory", lambda: available)
+    seen = _SeenHistory()
+    with caplog.at_level("WARNING"):
+        fit(cfg, progress=False, callbacks=[seen])
+    assert seen.history == 8 and (Path(cfg.output) / "final.png").is_file()
+    assert "optim.history_size lowered from 20 to 8 so the L-BFGS history fits" in caplog.text
+    r = invoke("estimate", *sets([f"content={cfg.content}", "image.size=96", "trainer.accelerator=cpu", "trainer.precision=32-true"]))
+    assert r.exit_code == 0 and "lbfgs (history 20, lowered to 8 to fit)" in r.stdout, r.output
+
+
+class _SeenHistory(Callback):
+    """Records the L-BFGS history the running optimiser keeps."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.history = trainer.optimizers[0].param_groups[0]["history_size"]
 
 
 def test_fit_tiles_a_run_the_memory_plan_says_does_not_fit_whole(tiny_config, monkeypatch):

@@ -216,6 +216,31 @@ def test_the_temporal_term_makes_frames_follow_the_motion(tmp_path):
     assert error["temporal"] < 0.5 * error["independent"], error
 
 
+class _Tiles(Callback):
+    """The tile side each optimised frame evaluates with."""
+
+    def __init__(self) -> None:
+        self.tiles: list[int] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.tiles.append(pl_module.tile)
+
+
+def test_a_tiled_clip_writes_the_frames_an_untiled_one_writes(tmp_path):
+    """Clips refused features.tile; now every frame, its temporal term included, is evaluated tile by tile."""
+    clip = write_clip(tmp_path / "clip.mp4", pan(3, 96, 64))
+    shallow = {"loss.content_layers": "[relu3_1]", "loss.style_layers": "[relu1_1, relu2_1, relu3_1]",
+               "image.size": 96, "trainer.max_steps": 5}  # a 16 px halo: the 32 px tiles are real cuts
+    fit_clip(clip_config(clip, tmp_path / "whole", **shallow), progress=False)
+    tiles = _Tiles()
+    fit_clip(clip_config(clip, tmp_path / "tiled", **shallow, **{"features.tile": 32}), progress=False, callbacks=[tiles])
+    assert tiles.tiles == [32, 32, 32]
+    for i in range(1, 4):
+        a, b = (read_image(tmp_path / run / "frames" / f"{i:06d}.png") for run in ("tiled", "whole"))
+        assert (a - b).abs().mean() < 2 / 255, i
+    assert video_info(tmp_path / "tiled" / "stylised.mp4")[0] == 3
+
+
 def _corrupt(tmp: Path) -> list[str]:
     bad = tmp / "bad.mp4"
     bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(4000))

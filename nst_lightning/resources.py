@@ -283,8 +283,8 @@ def summary(config: RunConfig, content_shape: Shape, style_shapes: Sequence[Shap
     device, available = target_device(config)
     blocks, estimate = plan_memory(config, content_shape, style_shapes, available, batch=batch)
     optimizer = config.optim.name
+    lowered = config.optim.name == "lbfgs" and estimate.history_size < config.optim.history_size
     if config.optim.name == "lbfgs":
-        lowered = estimate.history_size < config.optim.history_size
         optimizer += f" (history {config.optim.history_size}" + (f", lowered to {estimate.history_size} to fit)" if lowered else ")")
     lines = [
         f"image {w}x{h}, styles {', '.join(f'{sw}x{sh}' for sh, sw in styles)}; {run_precision(config)}, {optimizer}",
@@ -294,5 +294,6 @@ def summary(config: RunConfig, content_shape: Shape, style_shapes: Sequence[Shap
         lines.append(f"free memory on {device} is unknown")
     else:
         size = largest_size(config, content_shape, style_shapes, available, upper=MAX_IMAGE_SIZE, batch=batch)
-        lines.append(f"{device} has {available / GiB:.1f} GiB free; largest image.size that fits: {size or 'none'}")
+        kept = f" with history {config.optim.history_size}" if lowered else ""
+        lines.append(f"{device} has {available / GiB:.1f} GiB free; largest image.size that fits{kept}: {size or 'none'}")
     return "\n".join(lines)

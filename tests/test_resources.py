@@ -273,6 +273,7 @@ def test_fit_runs_with_the_lowered_history_says_so_and_estimate_shows_it(tiny_co
     assert "optim.history_size lowered from 20 to 8 so the L-BFGS history fits" in caplog.text
     r = invoke("estimate", *sets([f"content={cfg.content}", "image.size=96", "trainer.accelerator=cpu", "trainer.precision=32-true"]))
     assert r.exit_code == 0 and "lbfgs (history 20, lowered to 8 to fit)" in r.stdout, r.output
+    assert "largest image.size that fits with history 20: " in r.stdout  # as configured, without the lowering
 
 
 class _SeenHistory(Callback):

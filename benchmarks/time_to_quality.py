@@ -31,6 +31,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 EXAMPLE = ROOT / "configs" / "example.yaml"
 
+C2F_128_224_DETAIL = ["scales=[128, 224, 320]", "scale_steps=[200, 60, 50]", "scale_init=detail"]
+"""The three-scale ``scale_init=detail`` recipe; the content-weight variants are it plus one item."""
+
 RECIPES: dict[str, list[str]] = {
     "baseline": [],
     "short-110": ["trainer.max_steps=110"],
@@ -40,11 +43,9 @@ RECIPES: dict[str, list[str]] = {
     "c2f-160-90": ["scales=[160, 320]", "scale_steps=[90, 80]"],
     "c2f-160-90-h100": ["scales=[160, 320]", "scale_steps=[90, 80]", "optim.history_size=100"],
     "c2f-160-detail": ["scales=[160, 320]", "scale_steps=[200, 70]", "scale_init=detail"],
-    "c2f-128-224-detail": ["scales=[128, 224, 320]", "scale_steps=[200, 60, 50]", "scale_init=detail"],
-    "c2f-128-224-detail-cw12": ["scales=[128, 224, 320]", "scale_steps=[200, 60, 50]", "scale_init=detail",
-                                "loss.content_weight=1.2"],
-    "c2f-128-224-detail-cw14": ["scales=[128, 224, 320]", "scale_steps=[200, 60, 50]", "scale_init=detail",
-                                "loss.content_weight=1.4"],
+    "c2f-128-224-detail": C2F_128_224_DETAIL,
+    "c2f-128-224-detail-cw12": [*C2F_128_224_DETAIL, "loss.content_weight=1.2"],
+    "c2f-128-224-detail-cw14": [*C2F_128_224_DETAIL, "loss.content_weight=1.4"],
     "c2f-128-224-detail-s100-60-70": ["scales=[128, 224, 320]", "scale_steps=[100, 60, 70]", "scale_init=detail"],
     "c2f-224-detail-s80-70": ["scales=[224, 320]", "scale_steps=[80, 70]", "scale_init=detail"],
     "c2f-224-detail-s60-80": ["scales=[224, 320]", "scale_steps=[60, 80]", "scale_init=detail"],

@@ -50,6 +50,7 @@ RECIPES: dict[str, list[str]] = {
     "c2f-224-detail-s80-70": ["scales=[224, 320]", "scale_steps=[80, 70]", "scale_init=detail"],
     "c2f-224-detail-s60-80": ["scales=[224, 320]", "scale_steps=[60, 80]", "scale_init=detail"],
     "wolfe-90": ["optim.line_search=strong_wolfe", "trainer.max_steps=90"],
+    "precondition-5-100": ["optim.precondition_levels=5", "trainer.max_steps=100"],
     "baseline-rerun": [],
 }
 """Recipe name -> ``--set`` items over configs/example.yaml (320 px, 300 L-BFGS steps, history 20)."""

@@ -103,6 +103,7 @@ def content_32(content_small):
 OPTIMISERS = {
     "lbfgs-static": {"name": "lbfgs", "history_size": 2, "cuda_graph": True},
     "lbfgs-ring": {"name": "lbfgs", "history_size": 2, "cuda_graph": False},
+    "lbfgs-preconditioned": {"name": "lbfgs", "history_size": 2, "cuda_graph": True, "precondition_levels": 3},
     "adam": {"name": "adam", "lr": 2.0, "cuda_graph": True},
 }
 
@@ -176,7 +177,7 @@ class DotAudit(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("optimiser", ["lbfgs-static", "lbfgs-ring", "adam"])
+@pytest.mark.parametrize("optimiser", ["lbfgs-static", "lbfgs-ring", "lbfgs-preconditioned", "adam"])
 def test_under_bf16_mixed_the_optimiser_state_and_its_dot_products_stay_fp32(
     content_32, style_small, extractor, monkeypatch, optimiser
 ):
@@ -247,6 +248,17 @@ def test_on_a_fake_cuda_device_flow_warping_and_its_weights_stay_there():
         with audit:
             warped, weights = warp(image, flow), consistency_weights(flow, reverse)
     assert set(audit.devices) == {"cuda"} and warped.device.type == weights.device.type == "cuda"
+
+
+def test_on_a_fake_cuda_device_the_preconditioner_is_built_and_applied_there():
+    audit = DeviceAudit()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        shape = torch.Size((2, 3, 24, 32))
+        preconditioner = optim_module.SmoothingPreconditioner(3, 2.0, torch.device("cuda"))
+        with audit:
+            out = preconditioner(torch.rand(2, shape.numel() // 2, device="cuda"), shape)
+    assert {k.device.type for _, k in preconditioner.blurs} == {"cuda"}, "kernels made once, on the device"
+    assert set(audit.devices) == {"cuda"} and out.device.type == "cuda"
 
 
 class ScalarAudit(TorchDispatchMode):

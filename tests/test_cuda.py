@@ -39,7 +39,8 @@ def _fit(content, style, extractor, steps: int, precision: str = "32-true", **op
 
 
 @pytest.mark.parametrize(("precision", "optim"), [("32-true", {"max_iter": 3}), ("bf16-mixed", {"max_iter": 2}),
-                                                  ("32-true", {"name": "adam"})])
+                                                  ("32-true", {"name": "adam"}),
+                                                  ("bf16-mixed", {"precondition_levels": 5})])
 def test_the_captured_step_computes_what_the_eager_step_computes(content_small, style_small, extractor, precision, optim):
     steps = 12
     eager, _ = _fit(content_small, style_small, extractor, steps, precision, cuda_graph=False, **optim)

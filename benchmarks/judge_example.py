@@ -31,7 +31,7 @@ def run(tree: Path, steps: int, output: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", action="append", required=True, help="NAME=PATH of a source tree (repeatable)")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=None, help="default: the example's trainer.max_steps")
     args = parser.parse_args()
 
     from nst_lightning.config import load_config
@@ -39,6 +39,7 @@ def main() -> None:
     from nst_lightning.judge import Judge
 
     config = load_config(ROOT / "configs" / "example.yaml")
+    args.steps = args.steps or config.trainer.max_steps
     content, style = load_image(config.content, config.image.size), load_image(config.styles[0], config.image.size)
     judge = Judge()
     print(f"| tree ({config.image.size} px, {args.steps} steps) | style | style (sw) | content |")

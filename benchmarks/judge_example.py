@@ -39,15 +39,15 @@ def main() -> None:
     from nst_lightning.judge import Judge
 
     config = load_config(ROOT / "configs" / "example.yaml")
-    args.steps = args.steps or config.trainer.max_steps
+    steps = args.steps or config.trainer.max_steps
     content, style = load_image(config.content, config.image.size), load_image(config.styles[0], config.image.size)
     judge = Judge()
-    print(f"| tree ({config.image.size} px, {args.steps} steps) | style | style (sw) | content |")
+    print(f"| tree ({config.image.size} px, {steps} steps) | style | style (sw) | content |")
     print("|---|---|---|---|")
     for item in args.tree:
         name, path = item.split("=", 1)
         with tempfile.TemporaryDirectory() as tmp:
-            run(Path(path), args.steps, Path(tmp) / "run")
+            run(Path(path), steps, Path(tmp) / "run")
             quality = judge(read_image(Path(tmp) / "run" / "final.png"), content, style)
         print(f"| {name} | {quality.style:.4f} | {quality.style_sw:.4f} | {quality.content:.4f} |", flush=True)
 

@@ -114,7 +114,8 @@ def test_one_batched_evaluation_gives_each_image_its_own_loss_and_gradient(style
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
 @pytest.mark.parametrize(
     ("optim", "steps"),
-    [({"name": "adam"}, 3), ({"name": "lbfgs", "history_size": 5}, 3), ({"name": "lbfgs", "max_iter": 3}, 1)],
+    [({"name": "adam"}, 3), ({"name": "lbfgs", "history_size": 5}, 3), ({"name": "lbfgs", "max_iter": 3}, 1),
+     ({"name": "lbfgs", "history_size": 5, "precondition_levels": 3}, 3)],
 )
 def test_a_batch_of_images_is_optimised_as_each_one_alone(style_small, extractor, optim, steps):
     # Kernels partition their sums differently for batch sizes 1 and 2 (oneDNN far more than the reference

@@ -189,6 +189,11 @@ def main() -> None:
         help="more nst-lightning precisions to run at each size, to show which default is best on this machine "
         "(default: 32-true where the compared precision is bf16; a precision equal to the compared one is not rerun)",
     )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="another nst-lightning setting for each of its runs (optim.precondition_levels=0: plain L-BFGS, as the "
+        "README's table was measured)",
+    )
     p.add_argument("--big", type=int, default=2048, help="size of the memory line (0: skip)")
     p.add_argument("--big-evals", type=int, default=5)
     p.add_argument("--no-peer", action="store_true", help="skip pastiche")
@@ -205,18 +210,19 @@ def main() -> None:
     print(f"nst-lightning: trainer.precision={args.precision} -> {compared}; also {also or 'nothing'}; "
           f"pastiche: 32-true (fp32 only)", flush=True)
     judge = Judge()
+    settings = [arg for item in args.set for arg in ("--set", item)]
     rows: list[Row] = []
     for size in args.sizes:
         common = ["--content", str(args.content), "--style", str(args.style), "--size", str(size),
                   "--evals", str(args.evals), "--snapshot-every", str(args.snapshot_every)]
         out = args.workdir / f"ours_{size}"
-        ours = run_worker("nst-lightning", "run_ours.py", [*common, "--output", str(out), "--set", f"trainer.precision={args.precision}"], size, args.evals, out)
+        ours = run_worker("nst-lightning", "run_ours.py", [*common, "--output", str(out), "--set", f"trainer.precision={args.precision}", *settings], size, args.evals, out)
         judge_run(ours, judge, args.content, args.style)
         ran(ours)
         others = []
         for precision in also:
             out = args.workdir / f"ours_{size}_{precision}"
-            other = run_worker(f"nst-lightning {precision}", "run_ours.py", [*common, "--output", str(out), "--set", f"trainer.precision={precision}"], size, args.evals, out)
+            other = run_worker(f"nst-lightning {precision}", "run_ours.py", [*common, "--output", str(out), "--set", f"trainer.precision={precision}", *settings], size, args.evals, out)
             judge_run(other, judge, args.content, args.style)
             ran(other)
             others.append(other)
@@ -233,7 +239,7 @@ def main() -> None:
         out = args.workdir / f"ours_{args.big}"
         big = run_worker("nst-lightning", "run_ours.py", ["--content", str(args.content), "--style", str(args.style),
                          "--size", str(args.big), "--evals", str(args.big_evals), "--output", str(out),
-                         "--set", f"trainer.precision={args.precision}"], args.big, args.big_evals, out)
+                         "--set", f"trainer.precision={args.precision}", *settings], args.big, args.big_evals, out)
         ran(big)
     report = render(rows, big, help_seconds(), args)
     args.results.write_text(report)
@@ -254,7 +260,8 @@ def render(rows: list[Row], big: Run | None, help_s: float, args: argparse.Names
         f"Machine: {machine()}.",
         f"Pair: {args.content.name} x {args.style.name}; {args.evals} L-BFGS evaluations per run, one evaluation",
         "per step for both systems (nst-lightning `optim.max_iter=1`, pastiche's L-BFGS `max_iter=1`), so step",
-        f"counts compare. nst-lightning: `trainer.precision={args.precision}` (ran as {rows[0].ours.precision if rows else '-'}), L-BFGS history 20, default",
+        f"counts compare. nst-lightning: `trainer.precision={args.precision}` (ran as {rows[0].ours.precision if rows else '-'}), L-BFGS history 20 "
+        f"({'preconditioned, the default' if not args.set else 'settings ' + ', '.join(args.set)}), default",
         "(relative) losses; pastiche 1.6: its defaults (history 100). Quality: nst_lightning.judge on the saved",
         "images (style = mean relative Gram distance relu1_1..relu5_1, style (sw) = relative sliced Wasserstein distance of "
         "the same layers, content = relative relu4_2 distance; lower is better).",

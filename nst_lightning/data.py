@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .config import RunConfig
+from .sections import DEFAULT_STEPS
 from .errors import ConfigError, NSTError
 from .images import Loading, load_image, load_style, read_size, target_shape
 from .pairs import Pair, expand_pairs, pending
@@ -245,7 +246,7 @@ class StylePairsDataModule(L.LightningDataModule):
         style: str | list[str] | None = None,
         output: str | None = None,
         overwrite: bool = False,
-        steps: int = 300,
+        steps: int = DEFAULT_STEPS,
         size: int = 512,
         fit: Literal["long", "height", "width"] = "long",
         style_scale: float | Sequence[float] = 1.0,

@@ -334,8 +334,8 @@ def build_optimizer(
     if cfg.name == "adam":
         return BatchedAdam([image], **common)
     preconditioner = None
-    if cfg.precondition_levels:
-        preconditioner = SmoothingPreconditioner(cfg.precondition_levels, cfg.precondition_gain, image.device)
+    if cfg.preconditioner_levels:
+        preconditioner = SmoothingPreconditioner(cfg.preconditioner_levels, cfg.precondition_gain, image.device)
     return BatchedLBFGS(
         [image], history_size=cfg.history_size, skip_first_pair=skip_first_pair, preconditioner=preconditioner, **common
     )

@@ -1,4 +1,4 @@
-"""The smoothing preconditioner of L-BFGS: symmetric positive definite, off by default, refused where it cannot apply."""
+"""The smoothing preconditioner of L-BFGS: symmetric positive definite, on by default for the batched L-BFGS, refused where it cannot apply."""
 
 from collections.abc import Callable
 
@@ -21,8 +21,11 @@ def test_the_preconditioner_is_symmetric_positive_definite_and_boosts_low_freque
     assert torch.allclose(centre, torch.full_like(centre, 1 + 2 + 4 + 8), rtol=1e-3)  # a constant gets 1 + gain + ...
 
 
-def test_precondition_is_off_by_default_and_refused_with_adam_or_a_line_search():
-    assert OptimConfig().precondition_levels == 0
+def test_precondition_is_on_by_default_for_the_batched_lbfgs_only_and_refused_with_adam_or_a_line_search():
+    assert OptimConfig().preconditioner_levels == 5
+    assert OptimConfig(precondition_levels=0).preconditioner_levels == 0
+    assert OptimConfig(name="adam").preconditioner_levels == 0
+    assert OptimConfig(line_search="strong_wolfe").preconditioner_levels == 0
     for bad in ({"name": "adam"}, {"line_search": "strong_wolfe"}):
         with pytest.raises(ValueError, match="precondition_levels"):
             OptimConfig(precondition_levels=3, **bad)

@@ -24,6 +24,8 @@ LOAD_BYTES_PER_PIXEL = 27
 TILED_IMAGE_COPIES = 10
 """Whole-image fp32 copies a tiled evaluation holds besides the tile's pass: the input, what VGG sees, its
 gradient, the image's gradient and the pixel terms' autograd (total variation, chroma, border)."""
+PRECONDITIONER_COPIES = 3
+"""Image-sized fp32 copies while L-BFGS applies the smoothing preconditioner: ``P v`` and one blur's two passes."""
 
 
 @dataclass(frozen=True)
@@ -140,18 +142,22 @@ def estimate_memory(
     source_pixels: int = 0,
     checkpoint_blocks: int = 0,
     tile: int = 0,
+    preconditioned: bool = False,
 ) -> MemoryEstimate:
     """Peak memory of a run producing an ``(H, W)`` image from styles of ``style_shapes``.
 
     ``layers``: every loss layer; ``content_layers``: those whose content features are kept as targets;
     ``source_pixels``: the largest input image's pixel count at full size; ``checkpoint_blocks``: VGG blocks
     recomputed in the backward pass (``features.checkpoint_blocks``); ``tile``: the tile side of a tiled
-    evaluation (the network then sees one tile and its halo at a time, targets included; no checkpointing).
+    evaluation (the network then sees one tile and its halo at a time, targets included; no checkpointing);
+    ``preconditioned``: L-BFGS applies ``optim.SmoothingPreconditioner`` (its result and two blur passes).
     """
     height, width = shape
     image = 3 * height * width * 4
     # image, gradient, last good copy; L-BFGS adds 2 * history_size flat copies and ~4 work vectors, Adam 2 moments
     copies = 3 + (2 * history_size + 4 if optimizer == "lbfgs" else 3)
+    if preconditioned and optimizer == "lbfgs":
+        copies += PRECONDITIONER_COPIES
     if tile:
         side = aligned_tile(tile, layers) + 2 * halo(layers)
         network = activation_bytes(min(height, side), min(width, side), layers, precision, pooling) + TILED_IMAGE_COPIES * image

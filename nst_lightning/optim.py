@@ -60,8 +60,9 @@ class SmoothingPreconditioner:
         for weight, kernel in self.blurs:
             r = (kernel.numel() - 1) // 2
             kernel = kernel.to(planes.dtype)
-            blurred = F.conv2d(F.conv2d(planes, kernel.view(1, 1, 1, -1), padding=(0, r)), kernel.view(1, 1, -1, 1), padding=(r, 0))
-            out.add_(blurred.reshape(b, -1), alpha=weight)
+            rows = F.conv2d(planes, kernel.view(1, 1, 1, -1), padding=(0, r))
+            out.add_(F.conv2d(rows, kernel.view(1, 1, -1, 1), padding=(r, 0)).reshape(b, -1), alpha=weight)
+            del rows  # at most three image-sized temporaries at once (memory.PRECONDITIONER_COPIES)
         return out
 
 

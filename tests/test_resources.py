@@ -18,7 +18,7 @@ from nst_lightning.config import DEFAULT_STYLE_LAYERS, EXAMPLE_STYLE, all_layers
 from nst_lightning.errors import ResourceError
 from nst_lightning.images import read_size
 from nst_lightning.free_memory import available_cpu_memory
-from nst_lightning.memory import GiB, TILED_IMAGE_COPIES, activation_bytes, estimate_memory, target_pass_bytes
+from nst_lightning.memory import PRECONDITIONER_COPIES, GiB, TILED_IMAGE_COPIES, activation_bytes, estimate_memory, target_pass_bytes
 from nst_lightning.resources import estimate_for, is_out_of_memory, largest_size
 
 LAYERS = [*DEFAULT_STYLE_LAYERS, "relu4_2"]
@@ -36,6 +36,17 @@ def test_estimate_grows_with_size_history_and_falls_with_bf16():
     assert _total(512, optimizer="adam") < _total(512, optimizer="lbfgs", history_size=20)
     shallow = estimate_memory((512, 512), [(512, 512)], ["relu1_1", "relu2_1"], ["relu2_1"]).activations
     assert shallow < estimate_memory((512, 512), [(512, 512)], LAYERS).activations
+
+
+def test_the_estimate_counts_the_preconditioner_where_the_config_applies_it(tiny_config):
+    image = 3 * 400 * 300 * 4
+    sources = (600, 800), [(1000, 1000)]
+    preconditioned = estimate_for(tiny_config(), *sources, size=400).optimizer
+    assert preconditioned - estimate_for(tiny_config(**{"optim.precondition_levels": 0}), *sources, size=400).optimizer \
+        == PRECONDITIONER_COPIES * image
+    adam = {"optim.name": "adam"}
+    assert estimate_for(tiny_config(**adam), *sources, size=400).optimizer == estimate_memory(
+        (300, 400), [(400, 400)], LAYERS, optimizer="adam", preconditioned=True).optimizer  # nothing to precondition
 
 
 def test_checkpointing_more_blocks_lowers_the_estimate_until_the_blocks_run_out():

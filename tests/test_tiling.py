@@ -111,8 +111,18 @@ def test_tiled_targets_equal_the_whole_images(content, styles, extractor):
             assert torch.allclose(got[name], value, rtol=1e-5, atol=1e-6 * value.abs().max()), name
 
 
-@pytest.mark.parametrize("optim", [{"name": "lbfgs"}, {"name": "adam", "average": 0.9, "lr": 2.0}], ids=["lbfgs", "adam-average"])
-def test_a_tiled_run_follows_the_untiled_one_over_20_steps(content, styles, extractor, optim):
+FOLLOWING = [
+    # (optimiser, largest mean and max pixel difference after 20 steps, 0..1 units)
+    ({"name": "lbfgs", "precondition_levels": 0}, 1e-3, 2e-2),
+    # the default, preconditioned L-BFGS takes larger steps, so the tiles' other summation order grows further
+    # (measured 0.0019-0.0025 mean, 0.017-0.031 max on 1 and 2 threads) while the losses agree as closely
+    ({"name": "lbfgs"}, 6e-3, 8e-2),
+    ({"name": "adam", "average": 0.9, "lr": 2.0}, 1e-3, 2e-2),
+]
+
+
+@pytest.mark.parametrize(("optim", "mean", "most"), FOLLOWING, ids=["lbfgs-plain", "lbfgs-preconditioned", "adam-average"])
+def test_a_tiled_run_follows_the_untiled_one_over_20_steps(content, styles, extractor, optim, mean, most):
     import lightning as L
 
     small = content[..., :64, :96].contiguous()
@@ -130,7 +140,7 @@ def test_a_tiled_run_follows_the_untiled_one_over_20_steps(content, styles, extr
     start = StyleTransferModule(small, styles[0], loss=loss, extractor=extractor).loss_terms()["loss"].item()
     assert tiled_loss < 0.7 * start  # it really optimised
     assert abs(tiled_loss - untiled_loss) < 1e-3 * untiled_loss
-    assert (tiled - untiled).abs().mean().item() < 1e-3 and (tiled - untiled).abs().max().item() < 2e-2
+    assert (tiled - untiled).abs().mean().item() < mean and (tiled - untiled).abs().max().item() < most
 
 
 def test_a_style_loss_of_other_positions_than_the_gram_is_refused_by_name():

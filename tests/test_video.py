@@ -201,7 +201,10 @@ def _clip_warping_error(clip: Path, frames: Path) -> float:
 
 
 def test_the_temporal_term_makes_frames_follow_the_motion(tmp_path):
-    """Same steps from the same start: the term alone, and with the warped start, cut the flicker of independent frames."""
+    """Same steps from the same start: the term alone, and with the warped start, cut the flicker of independent frames.
+
+    12 steps: the default, preconditioned L-BFGS first moves every frame's low frequencies, and the term alone only
+    takes hold after that (flicker 0.90 of the independent frames' at step 8, 0.22 at 12; plain L-BFGS 0.27 at 8)."""
     clip = write_clip(tmp_path / "clip.mp4", pan(4, step=3))
     runs = {
         "independent": {"video.temporal_weight": 0, "video.init": "content"},
@@ -210,7 +213,7 @@ def test_the_temporal_term_makes_frames_follow_the_motion(tmp_path):
     }
     error = {}
     for name, extra in runs.items():
-        fit_clip(clip_config(clip, tmp_path / name, **{"trainer.max_steps": 8, **extra}), progress=False)
+        fit_clip(clip_config(clip, tmp_path / name, **{"trainer.max_steps": 12, **extra}), progress=False)
         error[name] = _clip_warping_error(clip, tmp_path / name / "frames")
     assert error["term"] < 0.5 * error["independent"], error
     assert error["temporal"] < 0.5 * error["independent"], error

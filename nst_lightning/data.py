@@ -20,10 +20,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .config import RunConfig
-from .sections import DEFAULT_STEPS
 from .errors import ConfigError, NSTError
 from .images import Loading, load_image, load_style, read_size, target_shape
 from .pairs import Pair, expand_pairs, pending
+from .sections import DEFAULT_STEPS
 
 @dataclass
 class PairResult:

@@ -334,9 +334,8 @@ def build_optimizer(
     common = {"lr": cfg.learning_rate, "max_iter": cfg.max_iter, "after_update": clamp, "graph": graph}
     if cfg.name == "adam":
         return BatchedAdam([image], **common)
-    preconditioner = None
-    if cfg.preconditioner_levels:
-        preconditioner = SmoothingPreconditioner(cfg.preconditioner_levels, cfg.precondition_gain, image.device)
+    levels = cfg.resolved_precondition_levels
+    preconditioner = SmoothingPreconditioner(levels, cfg.precondition_gain, image.device) if levels else None
     return BatchedLBFGS(
         [image], history_size=cfg.history_size, skip_first_pair=skip_first_pair, preconditioner=preconditioner, **common
     )

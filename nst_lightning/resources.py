@@ -89,7 +89,7 @@ def estimate_for(
         source_pixels=max(h * w for h, w in [content_shape, *style_shapes]),
         checkpoint_blocks=checkpoint_choices(config)[-1] if checkpoint_blocks is None else checkpoint_blocks,
         tile=tile,
-        preconditioned=bool(config.optim.preconditioner_levels),
+        preconditioned=bool(config.optim.resolved_precondition_levels),
     )
     return replace(one, activations=one.activations * batch, optimizer=one.optimizer * batch, targets=one.targets * batch)
 

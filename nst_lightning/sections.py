@@ -250,7 +250,7 @@ class OptimConfig(Section):
         return self
 
     @property
-    def preconditioner_levels(self) -> int:
+    def resolved_precondition_levels(self) -> int:
         """The configured blur levels, or the default: 5 for the batched L-BFGS (100 steps then match 300 plain
         ones, README "Time to quality"), 0 where no preconditioner applies."""
         if self.precondition_levels is not None:

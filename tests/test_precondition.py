@@ -27,10 +27,10 @@ def test_the_preconditioner_is_symmetric_positive_definite_and_boosts_low_freque
 
 
 def test_precondition_is_on_by_default_for_the_batched_lbfgs_only_and_refused_with_adam_or_a_line_search():
-    assert OptimConfig().preconditioner_levels == 5
-    assert OptimConfig(precondition_levels=0).preconditioner_levels == 0
-    assert OptimConfig(name="adam").preconditioner_levels == 0
-    assert OptimConfig(line_search="strong_wolfe").preconditioner_levels == 0
+    assert OptimConfig().resolved_precondition_levels == 5
+    assert OptimConfig(precondition_levels=0).resolved_precondition_levels == 0
+    assert OptimConfig(name="adam").resolved_precondition_levels == 0
+    assert OptimConfig(line_search="strong_wolfe").resolved_precondition_levels == 0
     for bad in ({"name": "adam"}, {"line_search": "strong_wolfe"}):
         with pytest.raises(ValueError, match="precondition_levels"):
             OptimConfig(precondition_levels=3, **bad)

@@ -48,7 +48,7 @@ def test_step0_loss_matches_the_seed_formula(config, reference):
 
 @pytest.mark.parametrize("config", [*(c for c, _ in SEEDS), "gatys2015.yaml", "crowsonkb.yaml"])
 def test_seed_configs_optimise_as_their_seeds_without_the_default_preconditioner(config):
-    assert load_config(CONFIGS / config).optim.preconditioner_levels == 0
+    assert load_config(CONFIGS / config).optim.resolved_precondition_levels == 0
 
 
 def test_keras_loading_truncates_the_width_and_stretches_the_style():
